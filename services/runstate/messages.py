@@ -1,0 +1,148 @@
+"""Wire contracts: what travels on runstate's Kafka topics.
+
+Every command shares one topic and is keyed by the id of the stream it addresses
+(task-run id or flow-run id), so all commands of one run land in one partition
+and are decided in order. The ``kind`` field selects the command type.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from runstate.domain import (
+    EmpiricalPolicy,
+    OrchestrationResult,
+    SetStateRequest,
+    SetStateStatus,
+    State,
+    StateCreate,
+    StateType,
+)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateTaskRunCommand(_Message):
+    """Register a task run; its optional initial state is applied as Prefect's
+    POST /task_runs does (forced, PENDING when absent)."""
+
+    kind: Literal["create_task_run"] = "create_task_run"
+    command_id: UUID | None = None
+    id: UUID
+    name: str = ""
+    flow_run_id: UUID | None = None
+    task_key: str = ""
+    dynamic_key: str = ""
+    tags: list[str] = Field(default_factory=list)
+    cache_key: str | None = None
+    cache_expiration: datetime | None = None
+    empirical_policy: EmpiricalPolicy = Field(default_factory=EmpiricalPolicy)
+    state: StateCreate | None = None
+
+
+class SetStateCommand(_Message):
+    """Prefect's set_state request body plus the run it addresses."""
+
+    kind: Literal["set_task_run_state"] = "set_task_run_state"
+    command_id: UUID | None = None
+    task_run_id: UUID
+    state: StateCreate
+    force: bool = False
+
+    def request(self) -> SetStateRequest:
+        return SetStateRequest(state=self.state, force=self.force)
+
+
+class CreateFlowRunCommand(_Message):
+    kind: Literal["create_flow_run"] = "create_flow_run"
+    command_id: UUID | None = None
+    id: UUID
+    name: str = ""
+    flow_id: UUID | None = None
+    state: StateCreate | None = None
+
+
+class SetFlowRunStateCommand(_Message):
+    """A flow run's state change, recorded so the stopped-flow rule (R3) and the
+    retry rename (R2) see the enclosing flow run. runstate does not orchestrate
+    flow runs: every such change is recorded as given."""
+
+    kind: Literal["set_flow_run_state"] = "set_flow_run_state"
+    command_id: UUID | None = None
+    flow_run_id: UUID
+    state: StateCreate
+
+
+Command = Annotated[
+    CreateTaskRunCommand | SetStateCommand | CreateFlowRunCommand | SetFlowRunStateCommand,
+    Field(discriminator="kind"),
+]
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def stream_id_of(command: Command) -> UUID:
+    """The id the command is keyed by: the run whose history it extends."""
+    if isinstance(command, SetStateCommand):
+        return command.task_run_id
+    if isinstance(command, SetFlowRunStateCommand):
+        return command.flow_run_id
+    return command.id
+
+
+class ErrorInfo(BaseModel):
+    code: Literal["invalid_command", "unknown_run", "too_large", "already_exists"]
+    message: str
+
+
+class OrchestrationResultEvent(BaseModel):
+    """One per decided command, keyed by the stream id. Redeliveries re-publish
+    the stored event unchanged, so consumers may see it more than once."""
+
+    command_id: UUID
+    command_kind: str
+    stream_id: UUID | None
+    transition_id: UUID | None = None
+    seq: int | None = Field(None, description="sequence number of the recorded decision event")
+    status: SetStateStatus | None = None
+    result: OrchestrationResult | None = None
+    state_appended: bool = Field(
+        False, description="a state was written (Prefect answers 201 then, 200 otherwise)"
+    )
+    error: ErrorInfo | None = None
+    decided_at: datetime | None = None
+
+
+class StateRef(BaseModel):
+    type: StateType
+    name: str
+    id: UUID
+
+
+class StateChangeEvent(BaseModel):
+    """An appended state (accepted, or a rule's replacement such as AwaitingRetry).
+    ``seq`` is gapless per run among all recorded decisions, so downstream
+    consumers de-duplicate on (task_run_id, seq)."""
+
+    task_run_id: UUID
+    flow_run_id: UUID | None
+    seq: int
+    from_state: StateRef | None
+    to_state: State
+    status: SetStateStatus
+    transition_id: UUID | None
+    timestamp: datetime
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every message, written to schemas/ and checked for drift."""
+    return {
+        "command": COMMAND_ADAPTER.json_schema(),
+        "orchestration-result": OrchestrationResultEvent.model_json_schema(),
+        "state-change": StateChangeEvent.model_json_schema(),
+    }

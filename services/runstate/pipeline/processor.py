@@ -1,0 +1,604 @@
+"""Deciding a batch of Kafka records in memory.
+
+`decide_batch` turns records plus a snapshot of what the store knew when the
+batch began into everything the batch must write and publish. It does no I/O;
+the clock and id source are injected so the consumer and the tests drive it
+the same way. Commands of one stream are decided in record order, each against
+the state the previous one left, so a batch holding several commands of one run
+needs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from runstate.domain import (
+    CacheEntry,
+    Decision,
+    FlowRunView,
+    Lease,
+    OrchestrationContext,
+    OrchestrationSettings,
+    SetStateStatus,
+    State,
+    StateCreate,
+    StateType,
+    TagLimit,
+    TaskRunView,
+    apply_initial_state,
+    decide,
+)
+from runstate.messages import (
+    COMMAND_ADAPTER,
+    Command,
+    CreateFlowRunCommand,
+    CreateTaskRunCommand,
+    ErrorInfo,
+    OrchestrationResultEvent,
+    SetFlowRunStateCommand,
+    SetStateCommand,
+    StateChangeEvent,
+    StateRef,
+    stream_id_of,
+)
+
+RECORD_NAMESPACE = UUID("5d1f6a0e-8f1c-4c7e-9a57-2c4f1b7d0e11")
+FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetStateStatus.ABORT})
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    def derived_id(self) -> UUID:
+        """Stable id of this record: a redelivery gets the same one."""
+        return uuid.uuid5(RECORD_NAMESPACE, f"{self.topic}/{self.partition}/{self.offset}")
+
+
+@dataclass(slots=True)
+class StreamHead:
+    view: Any  # TaskRunView or FlowRunView
+    last_seq: int
+
+
+@dataclass(slots=True)
+class StoredOutcome:
+    """What was published for an already-decided command, to publish again."""
+
+    result_event: str
+    state_change: str | None
+    key: bytes
+
+
+@dataclass
+class StoreSnapshot:
+    task_runs: dict[UUID, StreamHead] = field(default_factory=dict)
+    flow_runs: dict[UUID, StreamHead] = field(default_factory=dict)
+    by_source: dict[tuple[int, int], StoredOutcome] = field(default_factory=dict)
+    by_transition: dict[tuple[UUID, UUID], StoredOutcome] = field(default_factory=dict)
+    cache: dict[str, list[CacheEntry]] = field(default_factory=dict)
+    tag_limits: dict[str, TagLimit] = field(default_factory=dict)
+    leases: dict[UUID, list[Lease]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EventRow:
+    stream_id: UUID
+    seq: int
+    stream_type: str
+    event_type: str
+    command_id: UUID
+    transition_id: UUID | None
+    status: str | None
+    state_type: str | None
+    state_name: str | None
+    payload: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+
+@dataclass(slots=True)
+class Publication:
+    key: bytes
+    value: str
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    record: IncomingRecord
+    error: ErrorInfo
+
+
+@dataclass
+class BatchOutcome:
+    events: list[EventRow] = field(default_factory=list)
+    task_run_heads: dict[UUID, StreamHead] = field(default_factory=dict)
+    flow_run_heads: dict[UUID, StreamHead] = field(default_factory=dict)
+    cache_rows: list[CacheEntry] = field(default_factory=list)
+    leases_added: list[Lease] = field(default_factory=list)
+    leases_removed: list[UUID] = field(default_factory=list)
+    slot_deltas: dict[str, int] = field(default_factory=dict)
+    results: list[Publication] = field(default_factory=list)
+    state_changes: list[Publication] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+
+
+@dataclass(slots=True)
+class ParsedCommand:
+    record: IncomingRecord
+    command: Command
+    command_id: UUID
+    stream_id: UUID
+
+
+@dataclass(slots=True)
+class BadRecord:
+    record: IncomingRecord
+    error: ErrorInfo
+    stream_id: UUID | None
+    command_kind: str
+
+
+def parse_record(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
+    """Validate one record; bad input is described, never raised."""
+    value = record.value or b""
+    stream_id = _stream_id_from_key(record.key)
+    if len(value) > max_bytes:
+        return BadRecord(
+            record,
+            ErrorInfo(code="too_large", message=f"command is {len(value)} bytes; the limit is {max_bytes}"),
+            stream_id,
+            "unknown",
+        )
+    try:
+        command = COMMAND_ADAPTER.validate_json(value)
+    except ValidationError as exc:
+        return BadRecord(record, ErrorInfo(code="invalid_command", message=_describe(exc)), stream_id, _kind_of(value))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return BadRecord(record, ErrorInfo(code="invalid_command", message=f"not JSON: {exc}"), stream_id, "unknown")
+    return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id_of(command))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "<body>"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _kind_of(value: bytes) -> str:
+    try:
+        kind = json.loads(value).get("kind")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return "unknown"
+    return kind if isinstance(kind, str) and len(kind) < 64 else "unknown"
+
+
+def _stream_id_from_key(key: bytes | None) -> UUID | None:
+    if not key:
+        return None
+    try:
+        return UUID(key.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def uuid7(now: datetime) -> UUID:
+    """Time-ordered id (RFC 9562 v7), as Prefect mints state ids."""
+    millis = int(now.timestamp() * 1000)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= (rand >> 62 & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return UUID(int=value)
+
+
+def draw_for(command_id: UUID) -> float:
+    """The one uniform draw a decision may use, fixed by the command so that a
+    recorded decision replays identically."""
+    digest = hashlib.sha256(command_id.bytes).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+class BatchDecider:
+    """Folds one batch of commands into a BatchOutcome."""
+
+    def __init__(
+        self,
+        snapshot: StoreSnapshot,
+        settings: OrchestrationSettings,
+        clock: Callable[[], datetime] = system_clock,
+    ) -> None:
+        self.snapshot = snapshot
+        self.settings = settings
+        self.clock = clock
+        self.out = BatchOutcome()
+
+    # -- entry point ------------------------------------------------------
+    def run(self, items: Sequence[ParsedCommand | BadRecord]) -> BatchOutcome:
+        for item in items:
+            if isinstance(item, BadRecord):
+                self._reject(item.record, item.error, item.stream_id, item.command_kind, dead_letter=True)
+                continue
+            prior = self.snapshot.by_source.get((item.record.partition, item.record.offset))
+            if prior is not None:
+                self._republish(prior)
+                continue
+            command = item.command
+            if isinstance(command, SetStateCommand):
+                self._set_task_run_state(item, command)
+            elif isinstance(command, CreateTaskRunCommand):
+                self._create_task_run(item, command)
+            elif isinstance(command, CreateFlowRunCommand):
+                self._create_flow_run(item, command)
+            else:
+                self._set_flow_run_state(item, command)
+        return self.out
+
+    # -- task runs --------------------------------------------------------
+    def _set_task_run_state(self, item: ParsedCommand, command: SetStateCommand) -> None:
+        head = self.snapshot.task_runs.get(command.task_run_id)
+        if head is None:
+            self._reject(
+                item.record,
+                ErrorInfo(code="unknown_run", message=f"Task run with id {command.task_run_id} not found"),
+                command.task_run_id,
+                command.kind,
+                dead_letter=True,
+                command_id=item.command_id,
+            )
+            return
+        transition_id = command.state.state_details.transition_id or item.command_id
+        prior = self.snapshot.by_transition.get((command.task_run_id, transition_id))
+        if prior is not None:
+            self._republish(prior)
+            return
+        if command.state.state_details.transition_id is None:
+            details = command.state.state_details.model_copy(update={"transition_id": transition_id})
+            command = command.model_copy(update={"state": command.state.model_copy(update={"state_details": details})})
+        run: TaskRunView = head.view
+        ctx = self._context(run, command.state, item.command_id)
+        decision = decide(run, command.request(), ctx)
+        self._record_task_decision(item, command, head, ctx, decision, transition_id, "transition_decided")
+
+    def _create_task_run(self, item: ParsedCommand, command: CreateTaskRunCommand) -> None:
+        if command.id in self.snapshot.task_runs:
+            self._reject(
+                item.record,
+                ErrorInfo(code="already_exists", message=f"Task run with id {command.id} already exists"),
+                command.id,
+                command.kind,
+                dead_letter=False,
+                command_id=item.command_id,
+            )
+            return
+        run = TaskRunView(
+            id=command.id,
+            name=command.name,
+            flow_run_id=command.flow_run_id,
+            task_key=command.task_key,
+            dynamic_key=command.dynamic_key,
+            tags=command.tags,
+            cache_key=command.cache_key,
+            empirical_policy=command.empirical_policy,
+        )
+        initial = command.state or StateCreate(type=StateType.PENDING)
+        transition_id = initial.state_details.transition_id
+        ctx = self._context(run, initial, item.command_id)
+        decision = apply_initial_state(run, initial, ctx)
+        head = StreamHead(view=run, last_seq=0)
+        self.snapshot.task_runs[command.id] = head
+        self._record_task_decision(item, command, head, ctx, decision, transition_id, "task_run_created")
+
+    def _context(self, run: TaskRunView, proposed: StateCreate, command_id: UUID) -> OrchestrationContext:
+        now = self.clock()
+        # States of one run get strictly increasing timestamps, as Prefect's
+        # (task_run_id, timestamp) uniqueness demands, even within a batch.
+        if run.state is not None and now <= run.state.timestamp:
+            now = run.state.timestamp + ONE_MICROSECOND
+        cache_key = proposed.state_details.cache_key
+        flow = None
+        if run.flow_run_id is not None:
+            flow_head = self.snapshot.flow_runs.get(run.flow_run_id)
+            flow = flow_head.view if flow_head else None
+        needs_tags = bool(run.tags)
+        return OrchestrationContext(
+            now=now,
+            new_state_id=uuid7(now),
+            new_lease_id=uuid7(now),
+            random=draw_for(command_id),
+            flow_run=flow,
+            cache_entries=self.snapshot.cache.get(cache_key, []) if cache_key and proposed.type == StateType.RUNNING else [],
+            tag_limits={t: self.snapshot.tag_limits[t] for t in run.tags if t in self.snapshot.tag_limits} if needs_tags else {},
+            leases=self.snapshot.leases.get(run.id, []) if needs_tags else [],
+            settings=self.settings,
+        )
+
+    def _record_task_decision(
+        self,
+        item: ParsedCommand,
+        command: SetStateCommand | CreateTaskRunCommand,
+        head: StreamHead,
+        ctx: OrchestrationContext,
+        decision: Decision,
+        transition_id: UUID | None,
+        event_type: str,
+    ) -> None:
+        previous: TaskRunView = head.view
+        seq = head.last_seq + 1
+        run_id = previous.id
+        key = str(run_id).encode()
+        appended = decision.appended_state
+        result_event = OrchestrationResultEvent(
+            command_id=item.command_id,
+            command_kind=command.kind,
+            stream_id=run_id,
+            transition_id=transition_id,
+            seq=seq,
+            status=decision.result.status,
+            result=decision.result,
+            state_appended=appended is not None,
+            decided_at=ctx.now,
+        )
+        result_json = result_event.model_dump_json()
+        change_json = None
+        if appended is not None:
+            from_state = previous.state if event_type != "task_run_created" else None
+            change_json = StateChangeEvent(
+                task_run_id=run_id,
+                flow_run_id=previous.flow_run_id,
+                seq=seq,
+                from_state=StateRef(type=from_state.type, name=from_state.name, id=from_state.id) if from_state else None,
+                to_state=appended,
+                status=decision.result.status,
+                transition_id=transition_id,
+                timestamp=appended.timestamp,
+            ).model_dump_json()
+        payload = (
+            '{"command":' + command.model_dump_json()
+            + ',"context":' + ctx.model_dump_json()
+            + ',"decision":' + decision.model_dump_json()
+            + ',"result_event":' + result_json
+            + ',"state_change":' + (change_json or "null")
+            + "}"
+        )
+        self.out.events.append(
+            EventRow(
+                stream_id=run_id,
+                seq=seq,
+                stream_type="task_run",
+                event_type=event_type,
+                command_id=item.command_id,
+                transition_id=transition_id,
+                status=decision.result.status.value,
+                state_type=appended.type.value if appended else None,
+                state_name=appended.name if appended else None,
+                payload=payload,
+                source_topic=item.record.topic,
+                source_partition=item.record.partition,
+                source_offset=item.record.offset,
+            )
+        )
+        head.view = decision.run
+        head.last_seq = seq
+        self.out.task_run_heads[run_id] = head
+        self.out.results.append(Publication(key, result_json))
+        if change_json is not None:
+            self.out.state_changes.append(Publication(key, change_json))
+        stored = StoredOutcome(result_json, change_json, key)
+        if transition_id is not None and decision.result.status in FINAL_STATUSES:
+            self.snapshot.by_transition[(run_id, transition_id)] = stored
+        self._apply_effects(decision, run_id)
+
+    def _apply_effects(self, decision: Decision, run_id: UUID) -> None:
+        for effect in decision.effects:
+            kind = effect.kind
+            if kind == "cache_inserted":
+                state = decision.appended_state
+                entry = CacheEntry(
+                    cache_key=effect.cache_key,
+                    cache_expiration=effect.cache_expiration,
+                    created=state.timestamp,
+                    state=state,
+                )
+                self.snapshot.cache.setdefault(effect.cache_key, []).append(entry)
+                self.out.cache_rows.append(entry)
+            elif kind == "slots_taken":
+                lease = Lease(id=effect.lease_id, tags=list(effect.tags), slots=1, holder_run_id=run_id)
+                self.snapshot.leases.setdefault(run_id, []).append(lease)
+                self.out.leases_added.append(lease)
+                for tag in effect.tags:
+                    self._shift_slots(tag, +1)
+            elif kind == "slots_released":
+                held = {lease.id: lease for lease in self.snapshot.leases.get(run_id, [])}
+                for lease_id in effect.lease_ids:
+                    lease = held.pop(lease_id, None)
+                    if lease is None:
+                        continue
+                    for tag in lease.tags:
+                        self._shift_slots(tag, -lease.slots)
+                    if lease in self.out.leases_added:
+                        self.out.leases_added.remove(lease)
+                    else:
+                        self.out.leases_removed.append(lease_id)
+                self.snapshot.leases[run_id] = list(held.values())
+            # TaskScheduled is carried by the recorded decision and its state change.
+
+    def _shift_slots(self, tag: str, delta: int) -> None:
+        limit = self.snapshot.tag_limits.get(tag)
+        if limit is None:
+            return
+        self.snapshot.tag_limits[tag] = limit.model_copy(
+            update={"active_slots": max(0, limit.active_slots + delta)}
+        )
+        self.out.slot_deltas[tag] = self.out.slot_deltas.get(tag, 0) + delta
+
+    # -- flow runs (recorded as given; they are context for task rules) --------
+    def _create_flow_run(self, item: ParsedCommand, command: CreateFlowRunCommand) -> None:
+        if command.id in self.snapshot.flow_runs:
+            self._reject(
+                item.record,
+                ErrorInfo(code="already_exists", message=f"Flow run with id {command.id} already exists"),
+                command.id,
+                command.kind,
+                dead_letter=False,
+                command_id=item.command_id,
+            )
+            return
+        head = StreamHead(view=FlowRunView(id=command.id), last_seq=0)
+        self.snapshot.flow_runs[command.id] = head
+        self._record_flow_state(item, command, head, command.state, "flow_run_created")
+
+    def _set_flow_run_state(self, item: ParsedCommand, command: SetFlowRunStateCommand) -> None:
+        head = self.snapshot.flow_runs.get(command.flow_run_id)
+        if head is None:
+            self._reject(
+                item.record,
+                ErrorInfo(code="unknown_run", message=f"Flow run with id {command.flow_run_id} not found"),
+                command.flow_run_id,
+                command.kind,
+                dead_letter=True,
+                command_id=item.command_id,
+            )
+            return
+        self._record_flow_state(item, command, head, command.state, "flow_run_state_set")
+
+    def _record_flow_state(
+        self,
+        item: ParsedCommand,
+        command: CreateFlowRunCommand | SetFlowRunStateCommand,
+        head: StreamHead,
+        proposed: StateCreate | None,
+        event_type: str,
+    ) -> None:
+        flow: FlowRunView = head.view
+        now = self.clock()
+        state = None
+        if proposed is not None:
+            details = proposed.state_details
+            if proposed.type == StateType.SCHEDULED and details.scheduled_time is None:
+                details = details.model_copy(update={"scheduled_time": now})
+            details = details.model_copy(update={"flow_run_id": flow.id})
+            state = State(
+                id=uuid7(now),
+                type=proposed.type,
+                name=proposed.name,
+                timestamp=now,
+                message=proposed.message,
+                data=proposed.data,
+                state_details=details,
+            )
+            flow = flow.model_copy(
+                update={
+                    "state_type": state.type,
+                    "state_name": state.name,
+                    "run_count": flow.run_count + (1 if state.type == StateType.RUNNING else 0),
+                    "pause_timeout": details.pause_timeout,
+                    "pause_reschedule": bool(details.pause_reschedule),
+                }
+            )
+        seq = head.last_seq + 1
+        key = str(flow.id).encode()
+        result_event = OrchestrationResultEvent(
+            command_id=item.command_id,
+            command_kind=command.kind,
+            stream_id=flow.id,
+            transition_id=state.state_details.transition_id if state else None,
+            seq=seq,
+            status=SetStateStatus.ACCEPT,
+            state_appended=state is not None,
+            decided_at=now,
+        )
+        result_json = result_event.model_dump_json()
+        payload = (
+            '{"command":' + command.model_dump_json()
+            + ',"state":' + (state.model_dump_json() if state else "null")
+            + ',"flow_run":' + flow.model_dump_json()
+            + ',"result_event":' + result_json
+            + ',"state_change":null}'
+        )
+        self.out.events.append(
+            EventRow(
+                stream_id=flow.id,
+                seq=seq,
+                stream_type="flow_run",
+                event_type=event_type,
+                command_id=item.command_id,
+                transition_id=None,
+                status="ACCEPT",
+                state_type=state.type.value if state else None,
+                state_name=state.name if state else None,
+                payload=payload,
+                source_topic=item.record.topic,
+                source_partition=item.record.partition,
+                source_offset=item.record.offset,
+            )
+        )
+        head.view = flow
+        head.last_seq = seq
+        self.out.flow_run_heads[flow.id] = head
+        self.out.results.append(Publication(key, result_json))
+
+    # -- answers without a new event --------------------------------------
+    def _republish(self, prior: StoredOutcome) -> None:
+        self.out.duplicates += 1
+        self.out.results.append(Publication(prior.key, prior.result_event))
+        if prior.state_change is not None:
+            self.out.state_changes.append(Publication(prior.key, prior.state_change))
+
+    def _reject(
+        self,
+        record: IncomingRecord,
+        error: ErrorInfo,
+        stream_id: UUID | None,
+        command_kind: str,
+        *,
+        dead_letter: bool,
+        command_id: UUID | None = None,
+    ) -> None:
+        if dead_letter:
+            self.out.dead_letters.append(DeadLetter(record, error))
+        event = OrchestrationResultEvent(
+            command_id=command_id or record.derived_id(),
+            command_kind=command_kind,
+            stream_id=stream_id,
+            error=error,
+        )
+        key = str(stream_id).encode() if stream_id else (record.key or b"")
+        self.out.results.append(Publication(key, event.model_dump_json()))
+
+
+def decide_batch(
+    items: Sequence[ParsedCommand | BadRecord],
+    snapshot: StoreSnapshot,
+    settings: OrchestrationSettings,
+    clock: Callable[[], datetime] = system_clock,
+) -> BatchOutcome:
+    return BatchDecider(snapshot, settings, clock).run(items)

@@ -1,0 +1,198 @@
+"""The consumer service: a FastStream app over the command topic.
+
+Delivery contract, per batch:
+  1. decide every command in memory against one snapshot read in the same
+     PostgreSQL transaction that appends the events;
+  2. commit that transaction;
+  3. publish results, state changes and dead letters, and wait for the broker's
+     acknowledgement (idempotent producer, acks=all);
+  4. only then commit the consumer offsets (FastStream NACK_ON_ERROR: success
+     acks, any exception seeks back to the batch's first record).
+A crash anywhere before 4 redelivers the batch; the store recognises every
+record already decided and its stored outcome is published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from faststream import AckPolicy, Context, FastStream
+from faststream.kafka import KafkaBroker
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from runstate.config import Settings
+from runstate.domain import OrchestrationSettings
+from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.pipeline.processor import BatchOutcome, IncomingRecord, ParsedCommand, decide_batch, parse_record
+from runstate.store.event_store import EventStore, make_engine
+
+log = logging.getLogger("runstate.service")
+
+MAX_CONFLICT_RETRIES = 20
+MAX_TRANSIENT_WAIT_S = 30.0
+
+
+class OrchestrationService:
+    """Decides batches of command records and publishes what they produced."""
+
+    def __init__(self, settings: Settings, store: EventStore, broker: KafkaBroker) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.rules_settings = OrchestrationSettings()
+        self.decided = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+
+    async def handle_records(self, raw_records: Sequence[object]) -> BatchOutcome:
+        records = [
+            IncomingRecord(r.topic, r.partition, r.offset, r.key, r.value)  # type: ignore[attr-defined]
+            for r in raw_records
+        ]
+        items = [parse_record(r, self.settings.max_command_bytes) for r in records]
+        parsed = [i for i in items if isinstance(i, ParsedCommand)]
+        outcome = await self._decide_and_store(items, parsed)
+        await self._publish(outcome)
+        self.decided += len(outcome.events)
+        self.duplicates += outcome.duplicates
+        self.dead_lettered += len(outcome.dead_letters)
+        return outcome
+
+    async def _decide_and_store(self, items, parsed) -> BatchOutcome:
+        waited = 0.0
+        conflicts = 0
+        while True:
+            try:
+                async with self.store.engine.begin() as conn:
+                    now = datetime.now(UTC)
+                    snapshot = await self.store.load_snapshot(conn, parsed, self.settings.command_topic, now)
+                    outcome = decide_batch(items, snapshot, self.rules_settings)
+                    await self.store.write(conn, outcome)
+                return outcome
+            except IntegrityError as exc:
+                # Another member (a zombie, or the new owner after a rebalance)
+                # wrote this history first: decide again against what it wrote.
+                conflicts += 1
+                if conflicts > MAX_CONFLICT_RETRIES:
+                    raise
+                log.warning("append conflict, retrying against fresh state: %s", exc.orig)
+                await asyncio.sleep(min(0.05 * conflicts, 1.0))
+            except DBAPIError as exc:
+                if waited >= MAX_TRANSIENT_WAIT_S:
+                    raise
+                delay = min(1.0 + waited / 4, 5.0)
+                log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+
+    async def _publish(self, outcome: BatchOutcome) -> None:
+        s = self.settings
+        sends = []
+        for pub in outcome.results:
+            sends.append(await self.broker.publish(pub.value.encode(), s.result_topic, key=pub.key, no_confirm=True))
+        for pub in outcome.state_changes:
+            sends.append(
+                await self.broker.publish(pub.value.encode(), s.state_change_topic, key=pub.key, no_confirm=True)
+            )
+        for dead in outcome.dead_letters:
+            rec = dead.record
+            sends.append(
+                await self.broker.publish(
+                    rec.value or b"",
+                    s.dead_letter_topic,
+                    key=rec.key,
+                    headers={
+                        "x-error-code": dead.error.code,
+                        "x-error": dead.error.message[:4000],
+                        "x-source-topic": rec.topic,
+                        "x-source-partition": str(rec.partition),
+                        "x-source-offset": str(rec.offset),
+                    },
+                    no_confirm=True,
+                )
+            )
+        if sends:
+            await asyncio.gather(*sends)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create runstate's topics when missing (existing ones are left as they are)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            settings.command_topic,
+            settings.result_topic,
+            settings.state_change_topic,
+            settings.dead_letter_topic,
+        ]
+        missing = [NewTopic(t, settings.partitions, 1) for t in wanted if t not in existing]
+        if missing:
+            await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or Settings.load()
+    broker = KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        enable_idempotence=True,
+        linger_ms=2,
+        client_id="runstate-service",
+    )
+    store = EventStore(make_engine(settings.database_url))
+    service = OrchestrationService(settings, store, broker)
+
+    # Declared for the AsyncAPI document; the service publishes through the
+    # broker directly so one batch's sends are in flight together.
+    broker.publisher(
+        settings.result_topic,
+        title="orchestration-results",
+        description="One orchestration result per decided command, keyed by run id.",
+        schema=OrchestrationResultEvent,
+    )
+    broker.publisher(
+        settings.state_change_topic,
+        title="state-changes",
+        description="Every appended state, keyed by task-run id, in per-run sequence order.",
+        schema=StateChangeEvent,
+    )
+    broker.publisher(
+        settings.dead_letter_topic,
+        title="dead-letter",
+        description="Commands that could not be decided: the original bytes, with x-error headers.",
+        schema=bytes,
+    )
+
+    @broker.subscriber(
+        settings.command_topic,
+        group_id=settings.consumer_group,
+        batch=True,
+        max_records=settings.max_batch,
+        batch_timeout_ms=settings.batch_timeout_ms,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="commands",
+        description="create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id.",
+    )
+    async def on_commands(body: list[bytes], message=Context("message")) -> None:  # noqa: B008
+        await service.handle_records(message.raw_message)
+
+    app = FastStream(broker, title="runstate", version="0.1.0")
+
+    @app.on_startup
+    async def create_topics() -> None:
+        await ensure_topics(settings)
+
+    @app.after_shutdown
+    async def dispose() -> None:
+        await store.engine.dispose()
+
+    app.state_service = service  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,55 @@
+"""Wire contracts as documents: JSON Schema of every message and the AsyncAPI
+document of the service, written to the repo's schemas/ folder and checked for
+drift by a test (`python -m runstate.schemas` rewrites them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from runstate.config import Settings
+from runstate.messages import json_schemas
+
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+
+# Documents describe the default topic names, not whatever the local env says.
+DOCUMENT_SETTINGS = Settings(
+    kafka_bootstrap_servers="localhost:9092",
+    database_url="postgresql+psycopg://runstate_app@localhost/runstate",
+    admin_database_url="postgresql+psycopg://runstate_owner@localhost/runstate",
+)
+
+
+def asyncapi_document() -> str:
+    from faststream.specification import AsyncAPI
+
+    from runstate.pipeline.service import build_app
+
+    app = build_app(DOCUMENT_SETTINGS)
+    spec = AsyncAPI(app.broker, title="runstate", version="0.1.0", description=__doc__)
+    return json.dumps(spec.to_specification().to_jsonable(), indent=2, sort_keys=True) + "\n"
+
+
+def documents() -> dict[str, str]:
+    docs = {
+        f"{name}.schema.json": json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        for name, schema in json_schemas().items()
+    }
+    docs["asyncapi.json"] = asyncapi_document()
+    return docs
+
+
+def write(folder: Path = SCHEMAS_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in documents().items():
+        path = folder / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMAS_DIR):
+        print(path)

@@ -1,0 +1,320 @@
+"""PostgreSQL adapter: the append-only event log and the projections kept
+beside it.
+
+A batch is one transaction: load what the batch's commands need (tag rows with
+FOR UPDATE, because slots are shared by every partition), let the pure core
+decide, then write every event with one multi-row INSERT and every projection
+with one upsert. The primary key (stream_id, seq) makes a second writer of the
+same history fail instead of forking it; the caller retries against fresh state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from runstate.domain import CacheEntry, FlowRunView, Lease, State, StateType, TagLimit, TaskRunView
+from runstate.messages import CreateTaskRunCommand, SetStateCommand
+from runstate.pipeline.processor import BatchOutcome, ParsedCommand, StoredOutcome, StoreSnapshot, StreamHead
+
+TASK_KINDS = ("set_task_run_state", "create_task_run")
+
+
+def make_engine(url: str, pool_size: int = 4) -> AsyncEngine:
+    return create_async_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
+
+
+class EventStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- reading what a batch needs ------------------------------------------
+    async def load_snapshot(
+        self, conn: AsyncConnection, parsed: Sequence[ParsedCommand], topic: str, now: datetime
+    ) -> StoreSnapshot:
+        snap = StoreSnapshot()
+        task_ids = {p.stream_id for p in parsed if p.command.kind in TASK_KINDS}
+        flow_ids = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS}
+
+        if task_ids:
+            rows = await conn.execute(
+                text("SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)"),
+                {"ids": list(task_ids)},
+            )
+            for row in rows:
+                snap.task_runs[row.id] = StreamHead(TaskRunView.model_validate(row.view), row.last_seq)
+        for head in snap.task_runs.values():
+            if head.view.flow_run_id is not None:
+                flow_ids.add(head.view.flow_run_id)
+        for p in parsed:
+            if isinstance(p.command, CreateTaskRunCommand) and p.command.flow_run_id:
+                flow_ids.add(p.command.flow_run_id)
+        if flow_ids:
+            rows = await conn.execute(
+                text("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)"),
+                {"ids": list(flow_ids)},
+            )
+            for row in rows:
+                snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate(row.view), row.last_seq)
+
+        if parsed:
+            rows = await conn.execute(
+                text(
+                    "SELECT e.source_partition, e.source_offset, e.stream_id,"
+                    " (e.payload->'result_event')::text AS result_event,"
+                    " (e.payload->'state_change')::text AS state_change"
+                    " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
+                    " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
+                    " WHERE e.source_topic = :topic"
+                ),
+                {
+                    "topic": topic,
+                    "parts": [p.record.partition for p in parsed],
+                    "offs": [p.record.offset for p in parsed],
+                },
+            )
+            for row in rows:
+                snap.by_source[(row.source_partition, row.source_offset)] = _stored(row)
+
+        client_transitions = [
+            (p.stream_id, p.command.state.state_details.transition_id)
+            for p in parsed
+            if isinstance(p.command, SetStateCommand) and p.command.state.state_details.transition_id
+        ]
+        if client_transitions:
+            rows = await conn.execute(
+                text(
+                    "SELECT e.stream_id, e.transition_id,"
+                    " (e.payload->'result_event')::text AS result_event,"
+                    " (e.payload->'state_change')::text AS state_change"
+                    " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
+                    " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
+                    " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')"
+                ),
+                {"sids": [s for s, _ in client_transitions], "tids": [t for _, t in client_transitions]},
+            )
+            for row in rows:
+                snap.by_transition[(row.stream_id, row.transition_id)] = _stored(row)
+
+        cache_keys = {
+            p.command.state.state_details.cache_key
+            for p in parsed
+            if isinstance(p.command, SetStateCommand)
+            and p.command.state.type == StateType.RUNNING
+            and p.command.state.state_details.cache_key
+        }
+        if cache_keys:
+            rows = await conn.execute(
+                text(
+                    "SELECT DISTINCT ON (cache_key) cache_key, cache_expiration, created, state"
+                    " FROM task_cache WHERE cache_key = ANY(:keys)"
+                    " AND (cache_expiration IS NULL OR cache_expiration > :now)"
+                    " ORDER BY cache_key, created DESC"
+                ),
+                {"keys": list(cache_keys), "now": now},
+            )
+            for row in rows:
+                snap.cache.setdefault(row.cache_key, []).append(
+                    CacheEntry(
+                        cache_key=row.cache_key,
+                        cache_expiration=row.cache_expiration,
+                        created=row.created,
+                        state=State.model_validate(row.state),
+                    )
+                )
+
+        tags: set[str] = set()
+        tagged_runs: list[UUID] = []
+        for head in snap.task_runs.values():
+            if head.view.tags:
+                tags.update(head.view.tags)
+                tagged_runs.append(head.view.id)
+        for p in parsed:
+            if isinstance(p.command, CreateTaskRunCommand):
+                tags.update(p.command.tags)
+        if tags:
+            rows = await conn.execute(
+                text(
+                    'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
+                    " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE"
+                ),
+                {"tags": sorted(tags)},
+            )
+            for row in rows:
+                snap.tag_limits[row.tag] = TagLimit(
+                    tag=row.tag,
+                    limit=row.limit,
+                    active=row.active,
+                    active_slots=row.active_slots,
+                    avg_slot_occupancy_seconds=row.avg_slot_occupancy_seconds,
+                )
+        if tagged_runs:
+            rows = await conn.execute(
+                text("SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)"),
+                {"ids": tagged_runs},
+            )
+            for row in rows:
+                snap.leases.setdefault(row.task_run_id, []).append(
+                    Lease(id=row.id, tags=list(row.tags), slots=row.slots, holder_run_id=row.task_run_id)
+                )
+        return snap
+
+    # -- writing a decided batch ---------------------------------------------
+    async def write(self, conn: AsyncConnection, out: BatchOutcome) -> None:
+        if out.events:
+            ev = out.events
+            await conn.execute(
+                text(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
+                    " transition_id, status, state_type, state_name, payload,"
+                    " source_topic, source_partition, source_offset)"
+                    " SELECT s, q, st, et, c, t, stt, sty, sn, CAST(p AS jsonb), tp, pa, o FROM unnest("
+                    " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
+                    " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
+                    " CAST(:sn AS text[]), CAST(:p AS text[]), CAST(:tp AS text[]), CAST(:pa AS integer[]),"
+                    " CAST(:o AS bigint[])) AS x(s, q, st, et, c, t, stt, sty, sn, p, tp, pa, o)"
+                ),
+                {
+                    "s": [e.stream_id for e in ev],
+                    "q": [e.seq for e in ev],
+                    "st": [e.stream_type for e in ev],
+                    "et": [e.event_type for e in ev],
+                    "c": [e.command_id for e in ev],
+                    "t": [e.transition_id for e in ev],
+                    "stt": [e.status for e in ev],
+                    "sty": [e.state_type for e in ev],
+                    "sn": [e.state_name for e in ev],
+                    "p": [e.payload for e in ev],
+                    "tp": [e.source_topic for e in ev],
+                    "pa": [e.source_partition for e in ev],
+                    "o": [e.source_offset for e in ev],
+                },
+            )
+        if out.task_run_heads:
+            heads = list(out.task_run_heads.values())
+            await conn.execute(
+                text(
+                    "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)"
+                    " SELECT i, q, f, t, n, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]),"
+                    " CAST(:q AS bigint[]), CAST(:f AS uuid[]), CAST(:t AS text[]), CAST(:n AS text[]),"
+                    " CAST(:v AS text[])) AS x(i, q, f, t, n, v)"
+                    " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
+                    " state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name,"
+                    " view = EXCLUDED.view, updated_at = clock_timestamp()"
+                ),
+                {
+                    "i": [h.view.id for h in heads],
+                    "q": [h.last_seq for h in heads],
+                    "f": [h.view.flow_run_id for h in heads],
+                    "t": [h.view.state.type.value if h.view.state else None for h in heads],
+                    "n": [h.view.state.name if h.view.state else None for h in heads],
+                    "v": [h.view.model_dump_json() for h in heads],
+                },
+            )
+        if out.flow_run_heads:
+            heads = list(out.flow_run_heads.values())
+            await conn.execute(
+                text(
+                    "INSERT INTO flow_runs (id, last_seq, state_type, view)"
+                    " SELECT i, q, t, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]), CAST(:q AS bigint[]),"
+                    " CAST(:t AS text[]), CAST(:v AS text[])) AS x(i, q, t, v)"
+                    " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
+                    " state_type = EXCLUDED.state_type, view = EXCLUDED.view, updated_at = clock_timestamp()"
+                ),
+                {
+                    "i": [h.view.id for h in heads],
+                    "q": [h.last_seq for h in heads],
+                    "t": [h.view.state_type.value if h.view.state_type else None for h in heads],
+                    "v": [h.view.model_dump_json() for h in heads],
+                },
+            )
+        await self._write_side_tables(conn, out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
+
+    async def _write_side_tables(
+        self,
+        conn: AsyncConnection,
+        cache_rows: Sequence[CacheEntry],
+        leases_added: Sequence[Lease],
+        leases_removed: Sequence[UUID],
+        slot_deltas: dict[str, int],
+    ) -> None:
+        if cache_rows:
+            await conn.execute(
+                text(
+                    "INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)"
+                    " SELECT k, e, i, CAST(s AS jsonb), c FROM unnest(CAST(:k AS text[]),"
+                    " CAST(:e AS timestamptz[]), CAST(:i AS uuid[]), CAST(:s AS text[]),"
+                    " CAST(:c AS timestamptz[])) AS x(k, e, i, s, c)"
+                ),
+                {
+                    "k": [r.cache_key for r in cache_rows],
+                    "e": [r.cache_expiration for r in cache_rows],
+                    "i": [r.state.id for r in cache_rows],
+                    "s": [r.state.model_dump_json() for r in cache_rows],
+                    "c": [r.created for r in cache_rows],
+                },
+            )
+        if leases_added:
+            await conn.execute(
+                text(
+                    "INSERT INTO tag_leases (id, task_run_id, tags, slots)"
+                    " SELECT i, r, string_to_array(t, chr(31)), s FROM unnest(CAST(:i AS uuid[]),"
+                    " CAST(:r AS uuid[]), CAST(:t AS text[]), CAST(:s AS integer[])) AS x(i, r, t, s)"
+                ),
+                {
+                    "i": [lease.id for lease in leases_added],
+                    "r": [lease.holder_run_id for lease in leases_added],
+                    "t": [chr(31).join(lease.tags) for lease in leases_added],
+                    "s": [lease.slots for lease in leases_added],
+                },
+            )
+        if leases_removed:
+            await conn.execute(
+                text("DELETE FROM tag_leases WHERE id = ANY(:ids)"), {"ids": list(leases_removed)}
+            )
+        changed = {tag: d for tag, d in slot_deltas.items() if d}
+        if changed:
+            await conn.execute(
+                text(
+                    "UPDATE tag_concurrency_limits l SET active_slots = GREATEST(0, l.active_slots + d.delta),"
+                    " updated_at = clock_timestamp()"
+                    " FROM unnest(CAST(:tags AS text[]), CAST(:deltas AS integer[])) AS d(tag, delta)"
+                    " WHERE l.tag = d.tag"
+                ),
+                {"tags": list(changed), "deltas": list(changed.values())},
+            )
+
+    # -- reads for the gateway, CLI and tests --------------------------------
+    async def history(self, stream_id: UUID) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT seq, event_type, command_id, transition_id, status, state_type, state_name,"
+                    " payload, source_topic, source_partition, source_offset, recorded_at"
+                    " FROM events WHERE stream_id = :id ORDER BY seq"
+                ),
+                {"id": stream_id},
+            )
+            return [dict(row._mapping) for row in rows]
+
+    async def task_run(self, run_id: UUID) -> tuple[TaskRunView, int] | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(text("SELECT view, last_seq FROM task_runs WHERE id = :id"), {"id": run_id})
+            ).first()
+        return (TaskRunView.model_validate(row.view), row.last_seq) if row else None
+
+
+def _stored(row: Any) -> StoredOutcome:
+    state_change = row.state_change if row.state_change not in (None, "null") else None
+    return StoredOutcome(row.result_event, state_change, str(row.stream_id).encode())
+
+
+def dumps(value: Iterable[Any]) -> str:
+    return json.dumps(list(value))

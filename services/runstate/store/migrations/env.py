@@ -1,0 +1,19 @@
+"""Alembic environment: migrations run as the owner role; the service's role
+(the user in DATABASE_URL) only receives the grants the migrations give it."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    with engine.connect() as connection:
+        context.configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+run_migrations_online()
