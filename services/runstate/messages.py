@@ -96,7 +96,7 @@ def stream_id_of(command: Command) -> UUID:
 
 
 class ErrorInfo(BaseModel):
-    code: Literal["invalid_command", "unknown_run", "too_large", "already_exists"]
+    code: Literal["invalid_command", "unknown_run", "too_large", "already_exists", "orchestration_failed"]
     message: str
 
 

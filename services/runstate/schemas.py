@@ -22,13 +22,11 @@ DOCUMENT_SETTINGS = Settings(
 
 
 def asyncapi_document() -> str:
-    from faststream.specification import AsyncAPI
-
     from runstate.pipeline.service import build_app
 
     app = build_app(DOCUMENT_SETTINGS)
-    spec = AsyncAPI(app.broker, title="runstate", version="0.1.0", description=__doc__)
-    return json.dumps(spec.to_specification().to_jsonable(), indent=2, sort_keys=True) + "\n"
+    document = app.schema.to_specification().to_jsonable()  # type: ignore[attr-defined]
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
 def documents() -> dict[str, str]:

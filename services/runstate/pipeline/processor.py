@@ -28,6 +28,7 @@ from runstate.domain import (
     FlowRunView,
     Lease,
     OrchestrationContext,
+    OrchestrationFailure,
     OrchestrationSettings,
     SetStateStatus,
     State,
@@ -285,7 +286,15 @@ class BatchDecider:
             command = command.model_copy(update={"state": command.state.model_copy(update={"state_details": details})})
         run: TaskRunView = head.view
         ctx = self._context(run, command.state, item.command_id)
-        decision = decide(run, command.request(), ctx)
+        try:
+            decision = decide(run, command.request(), ctx)
+        except OrchestrationFailure as exc:
+            # Prefect answers these with an HTTP error and writes nothing; here
+            # the command is answered with the error and parked, not retried.
+            code = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
+            self._reject(item.record, ErrorInfo(code=code, message=str(exc)), command.task_run_id,
+                         command.kind, dead_letter=True, command_id=item.command_id)
+            return
         self._record_task_decision(item, command, head, ctx, decision, transition_id, "transition_decided")
 
     def _create_task_run(self, item: ParsedCommand, command: CreateTaskRunCommand) -> None:
@@ -431,11 +440,11 @@ class BatchDecider:
                 self.snapshot.cache.setdefault(effect.cache_key, []).append(entry)
                 self.out.cache_rows.append(entry)
             elif kind == "slots_taken":
-                lease = Lease(id=effect.lease_id, tags=list(effect.tags), slots=1, holder_run_id=run_id)
+                lease = Lease(id=effect.lease_id, tags=list(effect.tags), slots=effect.slots, holder_run_id=run_id)
                 self.snapshot.leases.setdefault(run_id, []).append(lease)
                 self.out.leases_added.append(lease)
                 for tag in effect.tags:
-                    self._shift_slots(tag, +1)
+                    self._shift_slots(tag, effect.slots)
             elif kind == "slots_released":
                 held = {lease.id: lease for lease in self.snapshot.leases.get(run_id, [])}
                 for lease_id in effect.lease_ids:

@@ -22,17 +22,21 @@ from datetime import UTC, datetime
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream import AckPolicy, Context, FastStream
 from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from runstate import __version__
 from runstate.config import Settings
 from runstate.domain import OrchestrationSettings
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.pipeline.faults import CrashPoint
 from runstate.pipeline.processor import BatchOutcome, IncomingRecord, ParsedCommand, decide_batch, parse_record
 from runstate.store.event_store import EventStore, make_engine
 
 log = logging.getLogger("runstate.service")
 
 MAX_CONFLICT_RETRIES = 20
+DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
 MAX_TRANSIENT_WAIT_S = 30.0
 
 
@@ -47,6 +51,7 @@ class OrchestrationService:
         self.decided = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.crash = CrashPoint()
 
     async def handle_records(self, raw_records: Sequence[object]) -> BatchOutcome:
         records = [
@@ -56,7 +61,9 @@ class OrchestrationService:
         items = [parse_record(r, self.settings.max_command_bytes) for r in records]
         parsed = [i for i in items if isinstance(i, ParsedCommand)]
         outcome = await self._decide_and_store(items, parsed)
+        self.crash.reached("after_db_commit")
         await self._publish(outcome)
+        self.crash.reached("after_publish")
         self.decided += len(outcome.events)
         self.duplicates += outcome.duplicates
         self.dead_lettered += len(outcome.dead_letters)
@@ -72,6 +79,7 @@ class OrchestrationService:
                     snapshot = await self.store.load_snapshot(conn, parsed, self.settings.command_topic, now)
                     outcome = decide_batch(items, snapshot, self.rules_settings)
                     await self.store.write(conn, outcome)
+                    self.crash.reached("before_db_commit")
                 return outcome
             except IntegrityError as exc:
                 # Another member (a zombie, or the new owner after a rebalance)
@@ -131,11 +139,22 @@ async def ensure_topics(settings: Settings) -> None:
             settings.state_change_topic,
             settings.dead_letter_topic,
         ]
-        missing = [NewTopic(t, settings.partitions, 1) for t in wanted if t not in existing]
+        # The dead-letter topic takes records larger than any command topic
+        # accepts, so parking an oversized command can never fail.
+        configs = {settings.dead_letter_topic: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}}
+        missing = [
+            NewTopic(t, settings.partitions, 1, topic_configs=configs.get(t, {}))
+            for t in wanted
+            if t not in existing
+        ]
         if missing:
             await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+async def _undecoded(message: object) -> None:
+    return None
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
@@ -144,6 +163,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
         settings.kafka_bootstrap_servers,
         enable_idempotence=True,
         linger_ms=2,
+        max_request_size=DEAD_LETTER_MAX_BYTES,
         client_id="runstate-service",
     )
     store = EventStore(make_engine(settings.database_url))
@@ -178,13 +198,19 @@ def build_app(settings: Settings | None = None) -> FastStream:
         batch_timeout_ms=settings.batch_timeout_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_undecoded,
         title="commands",
         description="create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id.",
     )
-    async def on_commands(body: list[bytes], message=Context("message")) -> None:  # noqa: B008
+    async def on_commands(message=Context("message")) -> None:  # noqa: B008
+        # The records are parsed by the service itself, so that a malformed one
+        # becomes a dead letter instead of failing the whole batch.
         await service.handle_records(message.raw_message)
 
-    app = FastStream(broker, title="runstate", version="0.1.0")
+    app = FastStream(
+        broker,
+        specification=AsyncAPI(broker, title="runstate", version=__version__, description=__doc__),
+    )
 
     @app.on_startup
     async def create_topics() -> None:

@@ -1,0 +1,92 @@
+"""Crashes and rebalances of real consumer processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+
+import pytest
+
+from runstate.client import state
+from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+from runstate.store.event_store import EventStore, make_engine
+
+from .harness import ServiceProcess, isolated_settings, produce, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+def lifecycle(run_id: uuid.UUID) -> list[tuple[bytes, bytes, uuid.UUID]]:
+    key = str(run_id).encode()
+    commands = [CreateTaskRunCommand(command_id=uuid.uuid4(), id=run_id)] + [
+        SetStateCommand(command_id=uuid.uuid4(), task_run_id=run_id, state=state(t))
+        for t in ("RUNNING", "COMPLETED")
+    ]
+    return [(key, c.model_dump_json().encode(), c.command_id) for c in commands]
+
+
+async def histories(settings, run_ids):
+    store = EventStore(make_engine(settings.database_url))
+    try:
+        return {run_id: await store.history(run_id) for run_id in run_ids}
+    finally:
+        await store.engine.dispose()
+
+
+async def wait_exit(service: ServiceProcess, timeout: float = 60) -> int:
+    return await asyncio.to_thread(service.wait, timeout)
+
+
+async def test_sigkill_between_db_commit_and_offset_commit_loses_and_duplicates_nothing(base_settings, tmp_path):
+    settings = isolated_settings(base_settings, partitions=1)
+    run_id = uuid.uuid4()
+    sent = lifecycle(run_id)
+    await produce(settings, [(k, v) for k, v, _ in sent])
+
+    crashing = ServiceProcess(settings, tmp_path / "crash.log", RUNSTATE_FAULT_POINT="after_db_commit").start()
+    try:
+        assert await wait_exit(crashing) == -signal.SIGKILL
+    finally:
+        crashing.stop()
+    before = (await histories(settings, [run_id]))[run_id]
+    assert len(before) == 3, "the batch was committed to the database before the kill"
+    assert await read_topic(settings, settings.result_topic, 1, timeout=2) == []
+
+    restarted = ServiceProcess(settings, tmp_path / "restart.log").start()
+    try:
+        results = await read_topic(settings, settings.result_topic, 3)
+    finally:
+        restarted.stop()
+    after = (await histories(settings, [run_id]))[run_id]
+    assert [row["seq"] for row in after] == [1, 2, 3]
+    assert [row["command_id"] for row in after] == [row["command_id"] for row in before]
+    answered = [OrchestrationResultEvent.model_validate_json(r.value) for r in results]
+    assert [a.command_id for a in answered] == [c for _, _, c in sent]
+    assert [a.seq for a in answered] == [1, 2, 3]
+
+
+async def test_two_consumers_one_killed_mid_stream_keep_every_history_gapless(base_settings, tmp_path):
+    settings = isolated_settings(base_settings, partitions=4, max_batch=20)
+    run_ids = [uuid.uuid4() for _ in range(60)]
+    waves = [lifecycle(r) for r in run_ids]
+    first = ServiceProcess(settings, tmp_path / "a.log").start()
+    second = ServiceProcess(settings, tmp_path / "b.log").start()
+    try:
+        # First half while both run, then one member dies, then the rest.
+        await produce(settings, [(k, v) for w in waves[:30] for k, v, _ in w])
+        await read_topic(settings, settings.result_topic, 45, timeout=60)
+        second.signal(signal.SIGKILL)
+        await produce(settings, [(k, v) for w in waves[30:] for k, v, _ in w])
+        results = await read_topic(settings, settings.result_topic, 180, timeout=120)
+    finally:
+        first.stop()
+        second.stop()
+    answered = Counter(OrchestrationResultEvent.model_validate_json(r.value).command_id for r in results)
+    expected = [c for w in waves for _, _, c in w]
+    assert [c for c in expected if c not in answered] == []
+    logged = await histories(settings, run_ids)
+    for run_id, rows in logged.items():
+        assert [row["seq"] for row in rows] == [1, 2, 3], run_id
+        assert [row["state_type"] for row in rows] == ["PENDING", "RUNNING", "COMPLETED"], run_id
