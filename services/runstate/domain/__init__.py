@@ -1,0 +1,79 @@
+"""Pure task-run orchestration core: Prefect 3.9.1's set_state rules, with no I/O and no clock.
+
+Entry point: `decide(run, request, ctx) -> Decision`. See policies.py (and COMPATIBILITY.md)
+for where runstate deliberately answers differently from Prefect.
+"""
+
+from .context import CacheEntry, Lease, OrchestrationContext, OrchestrationSettings, TagLimit
+from .decision import Decision, apply_initial_state, decide, proposed_state
+from .effects import CacheInserted, Effect, SlotsReleased, SlotsTaken, TaskScheduled
+from .errors import FlowRunNotFound, OrchestrationFailure
+from .policies import (
+    BACKGROUND_TASK_POLICY,
+    CORE_TASK_POLICY,
+    MINIMAL_TASK_POLICY,
+    Policy,
+    select_policy,
+)
+from .results import (
+    AbortDetails,
+    AcceptDetails,
+    OrchestrationResult,
+    RejectDetails,
+    SetStateRequest,
+    SetStateStatus,
+    WaitDetails,
+)
+from .run import EmpiricalPolicy, FlowRunView, TaskRunView
+from .states import (
+    TERMINAL_TYPES,
+    State,
+    StateCreate,
+    StateDetails,
+    StateType,
+    data_as_returned,
+    holds_persisted_result,
+    stored_data,
+)
+
+__all__ = [
+    "AbortDetails",
+    "AcceptDetails",
+    "BACKGROUND_TASK_POLICY",
+    "CORE_TASK_POLICY",
+    "CacheEntry",
+    "CacheInserted",
+    "Decision",
+    "Effect",
+    "EmpiricalPolicy",
+    "FlowRunNotFound",
+    "FlowRunView",
+    "Lease",
+    "MINIMAL_TASK_POLICY",
+    "OrchestrationContext",
+    "OrchestrationFailure",
+    "OrchestrationResult",
+    "OrchestrationSettings",
+    "Policy",
+    "RejectDetails",
+    "SetStateRequest",
+    "SetStateStatus",
+    "SlotsReleased",
+    "SlotsTaken",
+    "State",
+    "StateCreate",
+    "StateDetails",
+    "StateType",
+    "TERMINAL_TYPES",
+    "TagLimit",
+    "TaskRunView",
+    "TaskScheduled",
+    "WaitDetails",
+    "apply_initial_state",
+    "data_as_returned",
+    "decide",
+    "holds_persisted_result",
+    "proposed_state",
+    "select_policy",
+    "stored_data",
+]

@@ -10,13 +10,13 @@ same history fail instead of forking it; the caller retries against fresh state.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import text
+from psycopg.rows import namedtuple_row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from runstate.domain import CacheEntry, FlowRunView, Lease, State, StateType, TagLimit, TaskRunView
@@ -24,6 +24,24 @@ from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.pipeline.processor import BatchOutcome, ParsedCommand, StoredOutcome, StoreSnapshot, StreamHead
 
 TASK_KINDS = ("set_task_run_state", "create_task_run")
+
+
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def binary_sql(query: str) -> str:
+    """Turn `:name` placeholders into psycopg's binary `%(name)b`: text-format
+    arrays escape every element in Python, which dominated a batch's cost."""
+    return _PARAM.sub(r"%(\1)b", query)
+
+
+async def run_sql(conn: AsyncConnection, query: str, params: dict[str, Any]) -> list[Any]:
+    """Execute on the psycopg connection under SQLAlchemy's transaction."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    async with driver.cursor(row_factory=namedtuple_row) as cur:
+        await cur.execute(binary_sql(query), params, prepare=False)
+        return await cur.fetchall() if cur.description else []
 
 
 def make_engine(url: str, pool_size: int = 4) -> AsyncEngine:
@@ -43,8 +61,7 @@ class EventStore:
         flow_ids = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS}
 
         if task_ids:
-            rows = await conn.execute(
-                text("SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)"),
+            rows = await run_sql(conn, ("SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)"),
                 {"ids": list(task_ids)},
             )
             for row in rows:
@@ -56,16 +73,14 @@ class EventStore:
             if isinstance(p.command, CreateTaskRunCommand) and p.command.flow_run_id:
                 flow_ids.add(p.command.flow_run_id)
         if flow_ids:
-            rows = await conn.execute(
-                text("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)"),
+            rows = await run_sql(conn, ("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)"),
                 {"ids": list(flow_ids)},
             )
             for row in rows:
                 snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate(row.view), row.last_seq)
 
         if parsed:
-            rows = await conn.execute(
-                text(
+            rows = await run_sql(conn, (
                     "SELECT e.source_partition, e.source_offset, e.stream_id,"
                     " (e.payload->'result_event')::text AS result_event,"
                     " (e.payload->'state_change')::text AS state_change"
@@ -88,8 +103,7 @@ class EventStore:
             if isinstance(p.command, SetStateCommand) and p.command.state.state_details.transition_id
         ]
         if client_transitions:
-            rows = await conn.execute(
-                text(
+            rows = await run_sql(conn, (
                     "SELECT e.stream_id, e.transition_id,"
                     " (e.payload->'result_event')::text AS result_event,"
                     " (e.payload->'state_change')::text AS state_change"
@@ -110,8 +124,7 @@ class EventStore:
             and p.command.state.state_details.cache_key
         }
         if cache_keys:
-            rows = await conn.execute(
-                text(
+            rows = await run_sql(conn, (
                     "SELECT DISTINCT ON (cache_key) cache_key, cache_expiration, created, state"
                     " FROM task_cache WHERE cache_key = ANY(:keys)"
                     " AND (cache_expiration IS NULL OR cache_expiration > :now)"
@@ -139,8 +152,7 @@ class EventStore:
             if isinstance(p.command, CreateTaskRunCommand):
                 tags.update(p.command.tags)
         if tags:
-            rows = await conn.execute(
-                text(
+            rows = await run_sql(conn, (
                     'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
                     " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE"
                 ),
@@ -155,8 +167,7 @@ class EventStore:
                     avg_slot_occupancy_seconds=row.avg_slot_occupancy_seconds,
                 )
         if tagged_runs:
-            rows = await conn.execute(
-                text("SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)"),
+            rows = await run_sql(conn, ("SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)"),
                 {"ids": tagged_runs},
             )
             for row in rows:
@@ -169,8 +180,7 @@ class EventStore:
     async def write(self, conn: AsyncConnection, out: BatchOutcome) -> None:
         if out.events:
             ev = out.events
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
                     " transition_id, status, state_type, state_name, payload,"
                     " source_topic, source_partition, source_offset)"
@@ -198,8 +208,7 @@ class EventStore:
             )
         if out.task_run_heads:
             heads = list(out.task_run_heads.values())
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)"
                     " SELECT i, q, f, t, n, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]),"
                     " CAST(:q AS bigint[]), CAST(:f AS uuid[]), CAST(:t AS text[]), CAST(:n AS text[]),"
@@ -219,8 +228,7 @@ class EventStore:
             )
         if out.flow_run_heads:
             heads = list(out.flow_run_heads.values())
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "INSERT INTO flow_runs (id, last_seq, state_type, view)"
                     " SELECT i, q, t, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]), CAST(:q AS bigint[]),"
                     " CAST(:t AS text[]), CAST(:v AS text[])) AS x(i, q, t, v)"
@@ -245,8 +253,7 @@ class EventStore:
         slot_deltas: dict[str, int],
     ) -> None:
         if cache_rows:
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)"
                     " SELECT k, e, i, CAST(s AS jsonb), c FROM unnest(CAST(:k AS text[]),"
                     " CAST(:e AS timestamptz[]), CAST(:i AS uuid[]), CAST(:s AS text[]),"
@@ -261,8 +268,7 @@ class EventStore:
                 },
             )
         if leases_added:
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "INSERT INTO tag_leases (id, task_run_id, tags, slots)"
                     " SELECT i, r, string_to_array(t, chr(31)), s FROM unnest(CAST(:i AS uuid[]),"
                     " CAST(:r AS uuid[]), CAST(:t AS text[]), CAST(:s AS integer[])) AS x(i, r, t, s)"
@@ -275,13 +281,11 @@ class EventStore:
                 },
             )
         if leases_removed:
-            await conn.execute(
-                text("DELETE FROM tag_leases WHERE id = ANY(:ids)"), {"ids": list(leases_removed)}
+            await run_sql(conn, ("DELETE FROM tag_leases WHERE id = ANY(:ids)"), {"ids": list(leases_removed)}
             )
         changed = {tag: d for tag, d in slot_deltas.items() if d}
         if changed:
-            await conn.execute(
-                text(
+            await run_sql(conn, (
                     "UPDATE tag_concurrency_limits l SET active_slots = GREATEST(0, l.active_slots + d.delta),"
                     " updated_at = clock_timestamp()"
                     " FROM unnest(CAST(:tags AS text[]), CAST(:deltas AS integer[])) AS d(tag, delta)"
@@ -293,28 +297,22 @@ class EventStore:
     # -- reads for the gateway, CLI and tests --------------------------------
     async def history(self, stream_id: UUID) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
+            rows = await run_sql(conn, (
                     "SELECT seq, event_type, command_id, transition_id, status, state_type, state_name,"
                     " payload, source_topic, source_partition, source_offset, recorded_at"
                     " FROM events WHERE stream_id = :id ORDER BY seq"
                 ),
                 {"id": stream_id},
             )
-            return [dict(row._mapping) for row in rows]
+            return [row._asdict() for row in rows]
 
     async def task_run(self, run_id: UUID) -> tuple[TaskRunView, int] | None:
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(text("SELECT view, last_seq FROM task_runs WHERE id = :id"), {"id": run_id})
-            ).first()
+            rows = await run_sql(conn, "SELECT view, last_seq FROM task_runs WHERE id = :id", {"id": run_id})
+            row = rows[0] if rows else None
         return (TaskRunView.model_validate(row.view), row.last_seq) if row else None
 
 
 def _stored(row: Any) -> StoredOutcome:
     state_change = row.state_change if row.state_change not in (None, "null") else None
     return StoredOutcome(row.result_event, state_change, str(row.stream_id).encode())
-
-
-def dumps(value: Iterable[Any]) -> str:
-    return json.dumps(list(value))

@@ -1,0 +1,65 @@
+"""Request body and response of `POST /api/task_runs/{id}/set_state` (spec §2)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .states import State, StateCreate
+
+
+class SetStateStatus(str, Enum):
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    ABORT = "ABORT"
+    WAIT = "WAIT"
+
+
+class _Details(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AcceptDetails(_Details):
+    type: Literal["accept_details"] = "accept_details"
+
+
+class RejectDetails(_Details):
+    type: Literal["reject_details"] = "reject_details"
+    reason: str | None = None
+
+
+class AbortDetails(_Details):
+    type: Literal["abort_details"] = "abort_details"
+    reason: str | None = None
+
+
+class WaitDetails(_Details):
+    type: Literal["wait_details"] = "wait_details"
+    delay_seconds: int
+    reason: str | None = None
+
+
+ResultDetails = Annotated[
+    Union[AcceptDetails, RejectDetails, AbortDetails, WaitDetails],
+    Field(discriminator="type"),
+]
+
+
+class OrchestrationResult(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    state: State | None
+    status: SetStateStatus
+    details: ResultDetails
+
+
+class SetStateRequest(BaseModel):
+    """The body. Unknown top-level keys are ignored (Prefect does the same); the state
+    itself is strict (see StateCreate)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    state: StateCreate
+    force: bool = False

@@ -1,0 +1,34 @@
+"""UTC datetimes that serialise the way Prefect's API does.
+
+Prefect answers with `2023-11-07T05:31:56Z` (no fraction when it is zero) and
+`2023-11-07T05:31:56.120000Z` otherwise. Replaying a recorded decision bit for bit
+needs the microseconds, so they are always kept when present.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from pydantic import AfterValidator, PlainSerializer
+
+UTC = timezone.utc
+
+
+def as_utc(value: datetime) -> datetime:
+    # Naive datetimes come from clients that mean UTC; aware ones are converted so that
+    # equality and ordering never depend on the offset a writer happened to use.
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def format_utc(value: datetime) -> str:
+    return as_utc(value).replace(tzinfo=None).isoformat() + "Z"
+
+
+UtcDateTime = Annotated[
+    datetime,
+    AfterValidator(as_utc),
+    PlainSerializer(format_utc, return_type=str, when_used="json"),
+]
