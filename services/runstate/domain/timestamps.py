@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated
 
-from pydantic import AfterValidator, PlainSerializer
+from pydantic import AfterValidator
 
 UTC = timezone.utc
 
@@ -23,12 +23,7 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def format_utc(value: datetime) -> str:
-    return as_utc(value).replace(tzinfo=None).isoformat() + "Z"
-
-
-UtcDateTime = Annotated[
-    datetime,
-    AfterValidator(as_utc),
-    PlainSerializer(format_utc, return_type=str, when_used="json"),
-]
+# Validated values are always UTC, and pydantic's own JSON serialiser writes UTC
+# as `Z` with the fraction only when non-zero, as Prefect does, at native
+# speed (a Python serializer here cost a third of a decision's time).
+UtcDateTime = Annotated[datetime, AfterValidator(as_utc)]
