@@ -46,6 +46,7 @@ class Settings:
     max_batch: int = 1000
     batch_timeout_ms: int = 5
     max_command_bytes: int = 1_048_576
+    lanes: int = 1
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -77,6 +78,7 @@ class Settings:
             max_batch=int(get("RUNSTATE_MAX_BATCH", str(cls.max_batch))),
             batch_timeout_ms=int(get("RUNSTATE_BATCH_TIMEOUT_MS", str(cls.batch_timeout_ms))),
             max_command_bytes=int(get("RUNSTATE_MAX_COMMAND_BYTES", str(cls.max_command_bytes))),
+            lanes=int(get("RUNSTATE_LANES", str(cls.lanes))),
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -193,22 +193,30 @@ def build_app(settings: Settings | None = None) -> FastStream:
         schema=bytes,
     )
 
-    @broker.subscriber(
-        settings.command_topic,
-        group_id=settings.consumer_group,
-        batch=True,
-        max_records=settings.max_batch,
-        batch_timeout_ms=settings.batch_timeout_ms,
-        auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_undecoded,
-        title="commands",
-        description="create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id.",
-    )
     async def on_commands(message=Context("message")) -> None:  # noqa: B008
         # The records are parsed by the service itself, so that a malformed one
         # becomes a dead letter instead of failing the whole batch.
         await service.handle_records(message.raw_message)
+
+    # Each lane is one more member of the consumer group, with partitions of
+    # its own: while one lane waits on PostgreSQL or the broker, another
+    # decides, so one process keeps its core busy.
+    for lane in range(settings.lanes):
+        broker.subscriber(
+            settings.command_topic,
+            group_id=settings.consumer_group,
+            batch=True,
+            max_records=settings.max_batch,
+            batch_timeout_ms=settings.batch_timeout_ms,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            decoder=_undecoded,
+            title="commands",
+            description=(
+                "create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id."
+            ),
+            include_in_schema=lane == 0,
+        )(on_commands)
 
     app = FastStream(
         broker,
