@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from runstate.config import Settings
-from runstate.messages import json_schemas
+from runstate.messages import COMMAND_ADAPTER, json_schemas
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -26,6 +26,17 @@ def asyncapi_document() -> str:
 
     app = build_app(DOCUMENT_SETTINGS)
     document = app.schema.to_specification().to_jsonable()  # type: ignore[attr-defined]
+    # The command handler takes raw records (it validates them itself, so that
+    # a bad one is dead-lettered rather than failing its batch); FastStream
+    # therefore sees no payload type, and the Command union is filled in here.
+    command = COMMAND_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
+    schemas = document["components"]["schemas"]
+    schemas.update(command.pop("$defs", {}))
+    schemas["Command"] = command
+    schemas.pop("EmptyPayload", None)
+    document["components"]["messages"]["commands:SubscribeMessage"]["payload"] = {
+        "$ref": "#/components/schemas/Command"
+    }
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
