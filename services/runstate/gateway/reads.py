@@ -1,0 +1,283 @@
+"""What the gateway reads, straight from PostgreSQL: the projections the consumer
+keeps (task_runs, flow_runs, tag_concurrency_limits, tag_leases) and the event log.
+
+Kafka is never read for an answer: a result event only says that a command was
+decided; the body the client sees is read back from what was committed (the
+consumer publishes results after its transaction commits, so the read sees them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runstate.domain import TERMINAL_TYPES, EmpiricalPolicy, State, StateType, TaskRunView, stored_data
+
+from .models import ConcurrencyLimit, FlowRun, TaskRun
+
+# Concurrency limits have no id column; Prefect's V1 API needs one. It is derived
+# from the tag, so it is stable and the same on every gateway instance.
+LIMIT_NAMESPACE = UUID("0b9c4f7e-3f5e-4d0c-9a0e-6a3f2c1b8d47")
+
+# A state id is a UUIDv7 minted from the decision clock, and its event is
+# recorded moments later; the window lets GET /task_run_states/{id} use the
+# recorded_at index instead of scanning the log.
+STATE_LOOKUP_WINDOW = timedelta(minutes=15)
+
+
+def limit_id(tag: str) -> UUID:
+    return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
+
+
+def _as_read(state: State | None) -> State | None:
+    # Reading a state back gives its data as stored (spec §3.5): the
+    # "unpersisted" marker reads as null, artifact_* keys are gone.
+    if state is None:
+        return None
+    return state.model_copy(update={"data": stored_data(state)})
+
+
+def _uuid7_time(value: UUID) -> datetime | None:
+    if value.version != 7:
+        return None
+    return datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
+
+
+@dataclass(frozen=True)
+class LimitWrite:
+    limit: ConcurrencyLimit
+    created: bool
+
+
+class GatewayReads:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # -- task runs --------------------------------------------------------------
+    _TASK_RUN = (
+        "SELECT t.view, t.updated_at, e.recorded_at AS created,"
+        " e.payload->'command'->>'cache_expiration' AS cache_expiration"
+        " FROM task_runs t LEFT JOIN events e ON e.stream_id = t.id AND e.seq = 1"
+    )
+
+    async def task_run(self, run_id: UUID) -> TaskRun | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(self._TASK_RUN + " WHERE t.id = :id"), {"id": run_id})).first()
+        return _task_run(row) if row else None
+
+    async def task_run_by_key(self, flow_run_id: UUID | None, task_key: str, dynamic_key: str) -> TaskRun | None:
+        """Prefect answers a create with the existing run when (flow_run_id, task_key,
+        dynamic_key) is taken; the gateway checks the projection before sending."""
+        # Spelled out (not IS NOT DISTINCT FROM) so the flow_run_id index is usable.
+        same_flow = "t.flow_run_id IS NULL" if flow_run_id is None else "t.flow_run_id = :f"
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        self._TASK_RUN
+                        + f" WHERE {same_flow} AND t.view->>'task_key' = :k AND t.view->>'dynamic_key' = :d"
+                        " ORDER BY e.recorded_at LIMIT 1"
+                    ),
+                    {"f": flow_run_id, "k": task_key, "d": dynamic_key},
+                )
+            ).first()
+        return _task_run(row) if row else None
+
+    async def task_run_states(self, run_id: UUID) -> list[State]:
+        """The run's appended states (accepted proposals and rule replacements), in log order."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT payload->'decision'->'appended_state' AS state FROM events"
+                    " WHERE stream_id = :id AND stream_type = 'task_run' AND state_type IS NOT NULL"
+                    " ORDER BY seq"
+                ),
+                {"id": run_id},
+            )
+            return [_as_read(State.model_validate(row.state)) for row in rows]
+
+    async def task_run_state(self, state_id: UUID) -> State | None:
+        minted = _uuid7_time(state_id)
+        if minted is None:
+            return None  # runstate only mints v7 ids; anything else is not ours
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT payload->'decision'->'appended_state' AS state FROM events"
+                        " WHERE recorded_at BETWEEN :lo AND :hi AND stream_type = 'task_run'"
+                        " AND state_type IS NOT NULL"
+                        " AND payload->'decision'->'appended_state'->>'id' = :sid LIMIT 1"
+                    ),
+                    {"lo": minted - STATE_LOOKUP_WINDOW, "hi": minted + STATE_LOOKUP_WINDOW, "sid": str(state_id)},
+                )
+            ).first()
+        return _as_read(State.model_validate(row.state)) if row else None
+
+    # -- flow runs --------------------------------------------------------------
+    async def flow_run(self, run_id: UUID) -> FlowRun | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT f.view, f.updated_at, e.recorded_at AS created, e.payload->'command' AS command,"
+                        " (SELECT s.payload->'state' FROM events s WHERE s.stream_id = f.id"
+                        "  AND s.state_type IS NOT NULL ORDER BY s.seq DESC LIMIT 1) AS state"
+                        " FROM flow_runs f JOIN events e ON e.stream_id = f.id AND e.seq = 1"
+                        " WHERE f.id = :id"
+                    ),
+                    {"id": run_id},
+                )
+            ).first()
+        if row is None:
+            return None
+        view, command = row.view, row.command
+        state = State.model_validate(row.state) if row.state else None
+        return FlowRun(
+            id=run_id,
+            created=row.created,
+            updated=row.updated_at,
+            name=command.get("name") or "",
+            # Flow runs created outside the gateway (RunstateClient) carry no flow id;
+            # Prefect's model requires one, so they read as the nil UUID.
+            flow_id=command.get("flow_id") or uuid.UUID(int=0),
+            state_id=state.id if state else None,
+            state_type=view.get("state_type"),
+            state_name=view.get("state_name"),
+            run_count=view.get("run_count", 0),
+            state=_as_read(state),
+        )
+
+    async def flow_run_state_at(self, run_id: UUID, seq: int) -> State | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT payload->'state' AS state FROM events WHERE stream_id = :id AND seq = :seq"),
+                    {"id": run_id, "seq": seq},
+                )
+            ).first()
+        return State.model_validate(row.state) if row and row.state else None
+
+    async def flow_run_states(self, run_id: UUID) -> list[State]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT payload->'state' AS state FROM events WHERE stream_id = :id"
+                    " AND stream_type = 'flow_run' AND state_type IS NOT NULL ORDER BY seq"
+                ),
+                {"id": run_id},
+            )
+            return [_as_read(State.model_validate(row.state)) for row in rows]
+
+    # -- tag concurrency limits (written here: they are configuration, not run history)
+    _LIMIT = (
+        'SELECT l.tag, l."limit", l.updated_at,'
+        " ARRAY(SELECT DISTINCT g.task_run_id FROM tag_leases g WHERE l.tag = ANY(g.tags)) AS holders"
+        " FROM tag_concurrency_limits l"
+    )
+
+    async def upsert_limit(self, tag: str, limit: int) -> LimitWrite:
+        # Prefect's V1 create is an upsert: an existing limit gets the new value (200),
+        # a new one is created active (201). The consumer locks these rows FOR UPDATE
+        # while deciding, so the write simply waits for an in-flight batch.
+        async with self.engine.begin() as conn:
+            inserted = (
+                await conn.execute(
+                    text(
+                        'INSERT INTO tag_concurrency_limits (tag, "limit", active) VALUES (:tag, :limit, true)'
+                        ' ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit",'
+                        " updated_at = clock_timestamp() RETURNING (xmax = 0) AS inserted"
+                    ),
+                    {"tag": tag, "limit": limit},
+                )
+            ).scalar_one()
+            row = (await conn.execute(text(self._LIMIT + " WHERE l.tag = :tag"), {"tag": tag})).one()
+        return LimitWrite(_limit(row), bool(inserted))
+
+    async def limit_by_tag(self, tag: str) -> ConcurrencyLimit | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(self._LIMIT + " WHERE l.tag = :tag"), {"tag": tag})).first()
+        return _limit(row) if row else None
+
+    async def tag_of_limit(self, id_: UUID) -> str | None:
+        # Limits are few; deriving each id is cheaper than a column nobody else needs.
+        async with self.engine.connect() as conn:
+            tags = (await conn.execute(text("SELECT tag FROM tag_concurrency_limits"))).scalars().all()
+        return next((t for t in tags if limit_id(t) == id_), None)
+
+    async def delete_limit(self, tag: str) -> bool:
+        # Leases stay: one lease may cover several tags, and releasing it later only
+        # adjusts the limits that still exist.
+        async with self.engine.begin() as conn:
+            deleted = await conn.execute(
+                text("DELETE FROM tag_concurrency_limits WHERE tag = :tag RETURNING tag"), {"tag": tag}
+            )
+            return deleted.first() is not None
+
+
+def _task_run(row: Any) -> TaskRun:
+    view = TaskRunView.model_validate(row.view)
+    state = view.state
+    now = datetime.now(UTC)
+    estimated_run_time = view.total_run_time
+    if state is not None and state.type is StateType.RUNNING:
+        estimated_run_time += max(0.0, (now - state.timestamp).total_seconds())
+    return TaskRun(
+        id=view.id,
+        created=row.created,
+        updated=row.updated_at,
+        name=view.name or f"{view.task_key or 'task'}-{view.id.hex[:8]}",
+        flow_run_id=view.flow_run_id,
+        task_key=view.task_key,
+        dynamic_key=view.dynamic_key,
+        cache_key=view.cache_key,
+        cache_expiration=row.cache_expiration,
+        empirical_policy=view.empirical_policy or EmpiricalPolicy(),
+        tags=view.tags,
+        state_id=state.id if state else None,
+        state_type=state.type if state else None,
+        state_name=state.name if state else None,
+        run_count=view.run_count,
+        flow_run_run_count=view.flow_run_run_count,
+        expected_start_time=view.expected_start_time,
+        next_scheduled_start_time=view.next_scheduled_start_time,
+        start_time=view.start_time,
+        end_time=view.end_time,
+        total_run_time=view.total_run_time,
+        estimated_run_time=estimated_run_time,
+        estimated_start_time_delta=_lateness(view, now),
+        state=state,
+    )
+
+
+def _lateness(view: TaskRunView, now: datetime) -> float:
+    """Prefect's estimated_start_time_delta: how late the run started, or is so far."""
+    expected = view.expected_start_time
+    if expected is None:
+        return 0.0
+    if view.start_time is not None:
+        return max(0.0, (view.start_time - expected).total_seconds())
+    if view.state is not None and view.state.type in TERMINAL_TYPES:
+        return 0.0
+    return max(0.0, (now - expected).total_seconds())
+
+
+def _limit(row: Any) -> ConcurrencyLimit:
+    return ConcurrencyLimit(
+        id=limit_id(row.tag),
+        created=None,
+        updated=row.updated_at,
+        tag=row.tag,
+        concurrency_limit=row.limit,
+        active_slots=list(row.holders or []),
+    )

@@ -1,0 +1,340 @@
+"""Prefect's paths under /api. Writes go to Kafka as commands and wait for their
+decision; reads come from PostgreSQL. Status codes and bodies follow Prefect 3.9.1
+(spec §2); see README/report for where runstate cannot fill a field."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from runstate.client import RunstateTimeout
+from runstate.domain import AcceptDetails, OrchestrationResult, SetStateStatus, State, StateCreate, StateType
+from runstate.messages import (
+    CreateFlowRunCommand,
+    CreateTaskRunCommand,
+    ErrorInfo,
+    OrchestrationResultEvent,
+    SetFlowRunStateCommand,
+    SetStateCommand,
+)
+
+from .app import Gateway, PendingDecision
+from .bus import GatewayCommand
+from .models import (
+    ConcurrencyLimit,
+    ConcurrencyLimitCreate,
+    DetailBody,
+    ErrorBody,
+    Flow,
+    FlowCreate,
+    FlowRun,
+    FlowRunCreate,
+    TaskRun,
+    TaskRunCreate,
+    ValidationErrorBody,
+)
+
+PREFECT_VERSION = "3.9.1"
+"""What /admin/version answers: the client warns when the server is older than itself."""
+SERVER_API_VERSION = "0.8.4"
+"""What /version answers (prefect.client.constants.SERVER_API_VERSION in 3.9.1)."""
+
+FLOW_NAMESPACE = uuid.UUID("6f0c2a51-93a4-4b7e-8d8e-2b0b7f3c9e15")
+INTEGRITY_CONFLICT = (
+    "Data integrity conflict. This usually means a unique or foreign key constraint was violated. "
+    "See server logs for details."
+)
+
+router = APIRouter(prefix="/api")
+
+ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorBody}}
+DECIDED: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorBody},
+    500: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "No decision within the gateway's timeout; it is still made later."},
+}
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+def _not_found(detail: str) -> JSONResponse:
+    # Prefect's plain 404s are FastAPI HTTPExceptions: {"detail": ...}.
+    return JSONResponse(status_code=404, content={"detail": detail})
+
+
+def _error(error: ErrorInfo) -> JSONResponse:
+    """A command the pipeline refused, as Prefect answers the same situation."""
+    if error.code == "unknown_run":
+        return JSONResponse(status_code=404, content={"exception_message": error.message})
+    if error.code == "already_exists":
+        return JSONResponse(status_code=409, content={"detail": INTEGRITY_CONFLICT})
+    if error.code in ("invalid_command", "too_large"):
+        # The gateway validates with the pipeline's own models, so this means the
+        # two disagree; answer as a validation error rather than hide it.
+        return JSONResponse(
+            status_code=422,
+            content={"exception_message": "Invalid request received.", "exception_detail": [{"msg": error.message}],
+                     "request_body": None},
+        )
+    return JSONResponse(status_code=500, content={"exception_message": "Internal Server Error"})
+
+
+async def _decide(gw: Gateway, command: GatewayCommand, what: str) -> OrchestrationResultEvent:
+    try:
+        return await gw.bus.request(command, gw.result_timeout)
+    except RunstateTimeout as exc:
+        tid = None
+        retry = ""
+        if isinstance(command, SetStateCommand):
+            tid = str(command.state.state_details.transition_id)
+            retry = f" Send it again with state.state_details.transition_id = {tid} to get that decision."
+        raise PendingDecision(
+            f"runstate did not decide {what} within {gw.result_timeout:g} s; the command is queued and"
+            f" will still be decided.{retry}",
+            tid,
+        ) from exc
+
+
+# -- root -------------------------------------------------------------------------
+@router.get("/health", tags=["Root"])
+async def health() -> bool:
+    return True
+
+
+@router.get("/version", tags=["Root"])
+async def server_version() -> str:
+    return SERVER_API_VERSION
+
+
+@router.get("/hello", tags=["Root"])
+async def hello() -> str:
+    return "👋"
+
+
+@router.get("/ready", tags=["Root"])
+async def ready(gw: GatewayDep) -> JSONResponse:
+    try:
+        await gw.reads.ping()
+    except Exception:  # noqa: BLE001 - any failure means "not ready"
+        return JSONResponse(status_code=503, content={"message": "Database is not available"})
+    return JSONResponse(status_code=200, content={"message": "OK"})
+
+
+@router.get("/admin/version", tags=["Admin"])
+async def admin_version() -> str:
+    return PREFECT_VERSION
+
+
+@router.get("/csrf-token", tags=["Root"], responses={422: {"model": DetailBody}})
+async def csrf_token(client: str = Query(..., description="The client to create a CSRF token for")) -> JSONResponse:
+    # Prefect's default (CSRF protection off): the client then stops asking.
+    return JSONResponse(status_code=422, content={"detail": "CSRF protection is disabled."})
+
+
+# -- flows ------------------------------------------------------------------------
+@router.post("/flows/", tags=["Flows"], status_code=201, responses=ERRORS)
+async def create_flow(flow: FlowCreate) -> Flow:
+    """Flows are only a name to runstate: the id is derived from it, so creating the
+    same flow twice gives the same id (as Prefect's upsert by name does)."""
+    now = datetime.now(UTC)
+    return Flow(id=uuid.uuid5(FLOW_NAMESPACE, flow.name), created=now, updated=now, name=flow.name,
+                tags=flow.tags, labels=flow.labels)
+
+
+# -- flow runs --------------------------------------------------------------------
+@router.post("/flow_runs/", tags=["Flow Runs"], status_code=201, responses=DECIDED, response_model=FlowRun)
+async def create_flow_run(flow_run: FlowRunCreate, gw: GatewayDep) -> FlowRun | JSONResponse:
+    run_id = uuid.uuid4()
+    command = CreateFlowRunCommand(
+        command_id=uuid.uuid4(),
+        id=run_id,
+        name=flow_run.name or f"flow-run-{run_id.hex[:8]}",
+        flow_id=flow_run.flow_id,
+        state=flow_run.state or StateCreate(type=StateType.PENDING),  # Prefect's default
+    )
+    result = await _decide(gw, command, f"the creation of flow run {run_id}")
+    if result.error is not None:
+        return _error(result.error)
+    created = await gw.reads.flow_run(run_id)
+    if created is None:
+        raise RuntimeError(f"flow run {run_id} was decided but is not in the projection")
+    return created
+
+
+@router.get("/flow_runs/{id:uuid}", tags=["Flow Runs"], responses={404: {"model": DetailBody}, **ERRORS}, response_model=FlowRun)
+async def read_flow_run(gw: GatewayDep, flow_run_id: UUID = Path(..., alias="id")) -> FlowRun | JSONResponse:
+    found = await gw.reads.flow_run(flow_run_id)
+    return found if found is not None else _not_found("Flow run not found")
+
+
+@router.post("/flow_runs/{id:uuid}/set_state", tags=["Flow Runs"], status_code=201, responses=DECIDED, response_model=OrchestrationResult)
+async def set_flow_run_state(
+    gw: GatewayDep,
+    flow_run_id: UUID = Path(..., alias="id"),
+    state: StateCreate = Body(..., description="The intended state."),
+    force: bool = Body(False),
+) -> OrchestrationResult | JSONResponse:
+    """runstate records flow-run states as given (they are context for the task rules),
+    so the answer is always ACCEPT with the recorded state."""
+    command = SetFlowRunStateCommand(command_id=uuid.uuid4(), flow_run_id=flow_run_id, state=state)
+    result = await _decide(gw, command, f"the state of flow run {flow_run_id}")
+    if result.error is not None:
+        return _error(result.error)
+    recorded = await gw.reads.flow_run_state_at(flow_run_id, result.seq or 0)
+    return OrchestrationResult(state=recorded, status=SetStateStatus.ACCEPT, details=AcceptDetails())
+
+
+@router.get("/flow_run_states/", tags=["Flow Run States"], responses=ERRORS)
+async def read_flow_run_states(gw: GatewayDep, flow_run_id: UUID) -> list[State]:
+    return await gw.reads.flow_run_states(flow_run_id)
+
+
+# -- task runs --------------------------------------------------------------------
+@router.post("/task_runs/", tags=["Task Runs"], status_code=201, responses=DECIDED, response_model=TaskRun)
+async def create_task_run(task_run: TaskRunCreate, response: Response, gw: GatewayDep) -> TaskRun | JSONResponse:
+    """Creates the run with its initial state (PENDING when absent, applied forced as
+    Prefect does). An existing run with the same (flow_run_id, task_key, dynamic_key)
+    is returned instead, with 200."""
+    existing = await gw.reads.task_run_by_key(task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
+    if existing is not None:
+        response.status_code = 200
+        return existing
+    run_id = task_run.id or uuid.uuid4()
+    command = CreateTaskRunCommand(
+        command_id=uuid.uuid4(),
+        id=run_id,
+        name=task_run.name or f"{task_run.task_key or 'task'}-{run_id.hex[:8]}",
+        flow_run_id=task_run.flow_run_id,
+        task_key=task_run.task_key,
+        dynamic_key=task_run.dynamic_key,
+        tags=task_run.tags,
+        cache_key=task_run.cache_key,
+        cache_expiration=task_run.cache_expiration,
+        empirical_policy=task_run.empirical_policy,
+        state=task_run.state,
+    )
+    result = await _decide(gw, command, f"the creation of task run {run_id}")
+    if result.error is not None and result.error.code != "already_exists":
+        return _error(result.error)
+    created = await gw.reads.task_run(run_id)
+    if created is None:
+        raise RuntimeError(f"task run {run_id} was decided but is not in the projection")
+    if result.error is not None:
+        # Same id already taken: a retried create of the same run is answered with it,
+        # anything else is the unique-key conflict Prefect reports.
+        same = (created.flow_run_id, created.task_key, created.dynamic_key) == (
+            task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
+        if not same:
+            return _error(result.error)
+        response.status_code = 200
+    return created
+
+
+@router.get("/task_runs/{id:uuid}", tags=["Task Runs"], responses={404: {"model": DetailBody}, **ERRORS}, response_model=TaskRun)
+async def read_task_run(gw: GatewayDep, task_run_id: UUID = Path(..., alias="id")) -> TaskRun | JSONResponse:
+    found = await gw.reads.task_run(task_run_id)
+    return found if found is not None else _not_found("Task not found")
+
+
+@router.post("/task_runs/{id:uuid}/set_state", tags=["Task Runs"], responses={**DECIDED, 201: {"model": OrchestrationResult}}, response_model=OrchestrationResult)
+async def set_task_run_state(
+    response: Response,
+    gw: GatewayDep,
+    task_run_id: UUID = Path(..., alias="id", description="The task run id"),
+    state: StateCreate = Body(..., description="The intended state."),
+    force: bool = Body(
+        False,
+        description="If false, orchestration rules will be applied that may alter or prevent the state "
+        "transition. If True, orchestration rules are not applied.",
+    ),
+) -> OrchestrationResult | JSONResponse:
+    """Set a task run state, invoking any orchestration rules.
+
+    201 when a state was written (ACCEPT, or REJECT with a replacement), 200 otherwise.
+    Without a `state_details.transition_id` the gateway mints one; sending the same
+    request again with a transition id gets the stored decision, never a second one.
+    """
+    details = state.state_details
+    if details.transition_id is None:
+        details = details.model_copy(update={"transition_id": uuid.uuid4()})
+    command = SetStateCommand(
+        command_id=uuid.uuid4(),
+        task_run_id=task_run_id,
+        state=state.model_copy(update={"state_details": details}),
+        force=force,
+    )
+    result = await _decide(gw, command, f"the proposed {state.type.value} state of task run {task_run_id}")
+    if result.error is not None:
+        return _error(result.error)
+    if result.result is None:
+        raise RuntimeError(f"decision for task run {task_run_id} carries no result")
+    response.status_code = 201 if result.state_appended else 200
+    return result.result
+
+
+@router.get("/task_run_states/", tags=["Task Run States"], responses=ERRORS)
+async def read_task_run_states(gw: GatewayDep, task_run_id: UUID) -> list[State]:
+    """The run's states in the order they were appended to the event log."""
+    return await gw.reads.task_run_states(task_run_id)
+
+
+@router.get("/task_run_states/{id:uuid}", tags=["Task Run States"], responses={404: {"model": DetailBody}, **ERRORS}, response_model=State)
+async def read_task_run_state(gw: GatewayDep, state_id: UUID = Path(..., alias="id")) -> State | JSONResponse:
+    found = await gw.reads.task_run_state(state_id)
+    # Prefect 3.9.1 really says "Flow run state" here.
+    return found if found is not None else _not_found("Flow run state not found")
+
+
+# -- tag concurrency limits (Prefect's V1 API over runstate's tag limits) ------------
+@router.post("/concurrency_limits/", tags=["Concurrency Limits"], status_code=201, responses=ERRORS)
+async def create_concurrency_limit(
+    concurrency_limit: ConcurrencyLimitCreate, response: Response, gw: GatewayDep
+) -> ConcurrencyLimit:
+    written = await gw.reads.upsert_limit(concurrency_limit.tag, concurrency_limit.concurrency_limit)
+    response.status_code = 201 if written.created else 200
+    return written.limit
+
+
+@router.get("/concurrency_limits/tag/{tag}", tags=["Concurrency Limits"],
+            responses={404: {"model": DetailBody}, **ERRORS}, response_model=ConcurrencyLimit)
+async def read_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> ConcurrencyLimit | JSONResponse:
+    found = await gw.reads.limit_by_tag(tag)
+    return found if found is not None else _not_found("Concurrency limit not found")
+
+
+@router.get("/concurrency_limits/{id:uuid}", tags=["Concurrency Limits"],
+            responses={404: {"model": DetailBody}, **ERRORS}, response_model=ConcurrencyLimit)
+async def read_concurrency_limit(
+    gw: GatewayDep, limit_id: UUID = Path(..., alias="id")
+) -> ConcurrencyLimit | JSONResponse:
+    tag = await gw.reads.tag_of_limit(limit_id)
+    found = await gw.reads.limit_by_tag(tag) if tag is not None else None
+    return found if found is not None else _not_found("Concurrency limit not found")
+
+
+@router.delete("/concurrency_limits/tag/{tag}", tags=["Concurrency Limits"],
+               responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
+async def delete_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> None | JSONResponse:
+    if not await gw.reads.delete_limit(tag):
+        return _not_found("Concurrency limit not found")
+    return None
+
+
+@router.delete("/concurrency_limits/{id:uuid}", tags=["Concurrency Limits"],
+               responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
+async def delete_concurrency_limit(gw: GatewayDep, limit_id: UUID = Path(..., alias="id")) -> None | JSONResponse:
+    tag = await gw.reads.tag_of_limit(limit_id)
+    if tag is None or not await gw.reads.delete_limit(tag):
+        return _not_found("Concurrency limit not found")
+    return None
