@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -25,12 +25,6 @@ from .models import ConcurrencyLimit, FlowRun, TaskRun
 # from the tag, so it is stable and the same on every gateway instance.
 LIMIT_NAMESPACE = UUID("0b9c4f7e-3f5e-4d0c-9a0e-6a3f2c1b8d47")
 
-# A state id is a UUIDv7 minted from the decision clock, and its event is
-# recorded moments later; the window lets GET /task_run_states/{id} use the
-# recorded_at index instead of scanning the log.
-STATE_LOOKUP_WINDOW = timedelta(minutes=15)
-
-
 def limit_id(tag: str) -> UUID:
     return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
 
@@ -41,12 +35,6 @@ def _as_read(state: State | None) -> State | None:
     if state is None:
         return None
     return state.model_copy(update={"data": stored_data(state)})
-
-
-def _uuid7_time(value: UUID) -> datetime | None:
-    if value.version != 7:
-        return None
-    return datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
 
 
 @dataclass(frozen=True)
@@ -107,19 +95,14 @@ class GatewayReads:
             return [_as_read(State.model_validate(row.state)) for row in rows]
 
     async def task_run_state(self, state_id: UUID) -> State | None:
-        minted = _uuid7_time(state_id)
-        if minted is None:
-            return None  # runstate only mints v7 ids; anything else is not ours
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
                     text(
                         "SELECT payload->'decision'->'appended_state' AS state FROM events"
-                        " WHERE recorded_at BETWEEN :lo AND :hi AND stream_type = 'task_run'"
-                        " AND state_type IS NOT NULL"
-                        " AND payload->'decision'->'appended_state'->>'id' = :sid LIMIT 1"
+                        " WHERE state_id = :sid AND stream_type = 'task_run'"
                     ),
-                    {"lo": minted - STATE_LOOKUP_WINDOW, "hi": minted + STATE_LOOKUP_WINDOW, "sid": str(state_id)},
+                    {"sid": state_id},
                 )
             ).first()
         return _as_read(State.model_validate(row.state)) if row else None

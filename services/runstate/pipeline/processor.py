@@ -107,6 +107,7 @@ class EventRow:
     status: str | None
     state_type: str | None
     state_name: str | None
+    state_id: UUID | None
     payload: str
     source_topic: str
     source_partition: int
@@ -409,6 +410,7 @@ class BatchDecider:
                 status=decision.result.status.value,
                 state_type=appended.type.value if appended else None,
                 state_name=appended.name if appended else None,
+                state_id=appended.id if appended else None,
                 payload=payload,
                 source_topic=item.record.topic,
                 source_partition=item.record.partition,
@@ -564,6 +566,7 @@ class BatchDecider:
                 status="ACCEPT",
                 state_type=state.type.value if state else None,
                 state_name=state.name if state else None,
+                state_id=state.id if state else None,
                 payload=payload,
                 source_topic=item.record.topic,
                 source_partition=item.record.partition,

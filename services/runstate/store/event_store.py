@@ -182,13 +182,14 @@ class EventStore:
             ev = out.events
             await run_sql(conn, (
                     "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
-                    " transition_id, status, state_type, state_name, payload,"
+                    " transition_id, status, state_type, state_name, state_id, payload,"
                     " source_topic, source_partition, source_offset)"
-                    " SELECT s, q, st, et, c, t, stt, sty, sn, CAST(p AS jsonb), tp, pa, o FROM unnest("
+                    " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS jsonb), tp, pa, o FROM unnest("
                     " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
                     " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
-                    " CAST(:sn AS text[]), CAST(:p AS text[]), CAST(:tp AS text[]), CAST(:pa AS integer[]),"
-                    " CAST(:o AS bigint[])) AS x(s, q, st, et, c, t, stt, sty, sn, p, tp, pa, o)"
+                    " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
+                    " CAST(:pa AS integer[]), CAST(:o AS bigint[]))"
+                    " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o)"
                 ),
                 {
                     "s": [e.stream_id for e in ev],
@@ -200,6 +201,7 @@ class EventStore:
                     "stt": [e.status for e in ev],
                     "sty": [e.state_type for e in ev],
                     "sn": [e.state_name for e in ev],
+                    "si": [e.state_id for e in ev],
                     "p": [e.payload for e in ev],
                     "tp": [e.source_topic for e in ev],
                     "pa": [e.source_partition for e in ev],

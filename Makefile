@@ -1,0 +1,74 @@
+# runstate — developer and CI entry points. See README.md.
+#
+#   make run     venv + local Kafka/PostgreSQL + migrations + demo (stack stays up; `make down` stops it)
+#   make test    venv + stack + migrations + pytest, then the stack is stopped (always)
+#   make up / make down / make status
+#
+# Variables:
+#   PYTHON                  interpreter used to create .venv (default: python3, must be 3.11+)
+#   PYTEST_ARGS             extra arguments for pytest, e.g. make test PYTEST_ARGS='-k infra -x'
+#   RUNSTATE_TEST_BACKEND   local (default) or testcontainers (needs a Docker engine; see README)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+STACK := $(VPY) deploy/stack.py
+ENV_FILE := .runstate/env
+# Loads the connection details written by `deploy/stack.py up` into the recipe's shell.
+LOAD_ENV := set -a && . ./$(ENV_FILE) && set +a
+MIGRATE := $(VENV)/bin/runstate db upgrade
+PYTEST_ARGS ?=
+RUNSTATE_TEST_BACKEND ?= local
+
+.PHONY: venv up down status migrate run test
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+up: venv
+	$(STACK) up
+
+# stack.py down needs only the standard library: it works before the venv exists.
+down:
+	@if [ -x $(VPY) ]; then $(STACK) down; else $(PYTHON) deploy/stack.py down; fi
+
+status:
+	@if [ -x $(VPY) ]; then $(STACK) status; else $(PYTHON) deploy/stack.py status; fi
+
+migrate: venv
+	@test -f $(ENV_FILE) || { echo "$(ENV_FILE) missing: run 'make up' first" >&2; exit 1; }
+	$(LOAD_ENV) && $(MIGRATE)
+
+run: up
+	$(MAKE) --no-print-directory migrate
+	$(LOAD_ENV) && $(VPY) -m runstate.demo
+	@echo
+	@echo "The stack is still running (connection details in $(ENV_FILE))."
+	@echo "Stop it with: make down"
+
+# The stack is stopped whatever happens (trap on EXIT); pytest's exit status is the target's,
+# except that 5 ("no tests collected") counts as a failure.
+test: venv
+ifeq ($(RUNSTATE_TEST_BACKEND),testcontainers)
+	@status=0; RUNSTATE_TEST_BACKEND=testcontainers $(VPY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests — failing" >&2; status=1; fi; \
+	exit $$status
+else
+	@trap '$(STACK) down' EXIT; \
+	$(STACK) up; \
+	$(LOAD_ENV); \
+	echo "+ $(MIGRATE)"; $(MIGRATE); \
+	status=0; $(VPY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests — failing" >&2; status=1; fi; \
+	exit $$status
+endif

@@ -1,0 +1,186 @@
+"""Session fixtures for the real servers: Kafka and PostgreSQL.
+
+RUNSTATE_TEST_BACKEND selects where they come from:
+
+* ``local`` (default): the servers `make up` / `make test` started (deploy/stack.py), or any
+  servers named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL / RUNSTATE_ADMIN_DATABASE_URL. The
+  variables are read from the environment (`make test` exports .runstate/env) and, when
+  missing there, from .runstate/env itself.
+* ``testcontainers``: Kafka and PostgreSQL are started in Docker with testcontainers' Kafka and
+  Postgres modules for the test session. Needs a Docker engine — untested on the project's
+  machines, which have none.
+
+Nothing is skipped silently: unreachable servers fail the tests that need them, with a message
+that says what was tried and how to start the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_FILE = REPO / ".runstate" / "env"
+BACKEND = os.environ.get("RUNSTATE_TEST_BACKEND", "local").strip().lower() or "local"
+CONNECT_TIMEOUT_S = 5.0
+
+
+def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
+    """The `export KEY=value` lines that deploy/stack.py writes."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, raw = line.partition("=")
+        if sep:
+            parts = shlex.split(raw)
+            values[key.strip()] = parts[0] if parts else ""
+    return values
+
+
+def _setting(name: str) -> str | None:
+    return os.environ.get(name) or read_env_file().get(name)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _require(name: str, value: str | None, host_port: tuple[str, int] | None) -> str:
+    hint = "start the stack with `make up` (or run `make test`, which starts and stops it)"
+    if not value:
+        pytest.fail(f"{name} is not set and {ENV_FILE} does not define it: {hint}", pytrace=False)
+    if host_port and not _reachable(*host_port):
+        pytest.fail(f"{name}={value}: nothing accepts connections on {host_port[0]}:{host_port[1]}: {hint}",
+                    pytrace=False)
+    return value
+
+
+def _kafka_host_port(bootstrap: str) -> tuple[str, int]:
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _db_host_port(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or 5432
+
+
+# --------------------------------------------------------------------------- testcontainers
+
+
+class _Containers:
+    """Kafka + PostgreSQL in Docker for one test session (RUNSTATE_TEST_BACKEND=testcontainers).
+
+    Untested on the project's machines (no Docker engine there)."""
+
+    KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"
+    POSTGRES_IMAGE = "postgres:15"
+
+    def __init__(self) -> None:
+        try:  # imported lazily: the local backend must not need Docker or these modules
+            from testcontainers.community.kafka import KafkaContainer
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # older testcontainers layout
+            from testcontainers.kafka import KafkaContainer  # type: ignore[no-redef]
+            from testcontainers.postgres import PostgresContainer  # type: ignore[no-redef]
+        self.kafka = KafkaContainer(self.KAFKA_IMAGE).with_kraft()
+        self.postgres = PostgresContainer(self.POSTGRES_IMAGE, username="runstate_owner", password="runstate",
+                                          dbname="runstate", driver="psycopg")
+        self.kafka.start()
+        try:
+            self.postgres.start()
+        except BaseException:
+            self.kafka.stop()
+            raise
+        self.kafka_bootstrap = self.kafka.get_bootstrap_server()
+        self.admin_database_url = self.postgres.get_connection_url()
+        self._create_app_role()
+        parsed = urllib.parse.urlsplit(self.admin_database_url)
+        self.database_url = urllib.parse.urlunsplit(
+            parsed._replace(netloc=f"runstate_app:runstate@{parsed.hostname}:{parsed.port}"))
+        # Code under test that reads the environment sees the containers too.
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap
+        os.environ["DATABASE_URL"] = self.database_url
+        os.environ["RUNSTATE_ADMIN_DATABASE_URL"] = self.admin_database_url
+
+    def _create_app_role(self) -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.admin_database_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("CREATE ROLE runstate_app LOGIN PASSWORD 'runstate'"))
+        finally:
+            engine.dispose()
+
+    def stop(self) -> None:
+        for container in (self.postgres, self.kafka):
+            try:
+                container.stop()
+            except Exception:  # noqa: BLE001 - best effort at session end
+                pass
+
+
+@pytest.fixture(scope="session")
+def _containers() -> Iterator[_Containers | None]:
+    if BACKEND == "local":
+        yield None
+        return
+    if BACKEND != "testcontainers":
+        pytest.fail(f"RUNSTATE_TEST_BACKEND={BACKEND!r}: expected 'local' or 'testcontainers'", pytrace=False)
+    containers = _Containers()
+    try:
+        yield containers
+    finally:
+        containers.stop()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def test_backend() -> str:
+    return BACKEND
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_containers: _Containers | None) -> str:
+    """Bootstrap servers of the real Kafka broker, e.g. '127.0.0.1:40813'."""
+    if _containers is not None:
+        return _containers.kafka_bootstrap
+    value = _setting("KAFKA_BOOTSTRAP_SERVERS")
+    return _require("KAFKA_BOOTSTRAP_SERVERS", value, _kafka_host_port(value) if value else None)
+
+
+@pytest.fixture(scope="session")
+def database_url(_containers: _Containers | None) -> str:
+    """SQLAlchemy URL of the runstate database as the application role (runstate_app)."""
+    if _containers is not None:
+        return _containers.database_url
+    value = _setting("DATABASE_URL")
+    return _require("DATABASE_URL", value, _db_host_port(value) if value else None)
+
+
+@pytest.fixture(scope="session")
+def admin_database_url(_containers: _Containers | None) -> str:
+    """SQLAlchemy URL of the runstate database as its owner (runstate_owner: migrations, DDL)."""
+    if _containers is not None:
+        return _containers.admin_database_url
+    value = _setting("RUNSTATE_ADMIN_DATABASE_URL") or _setting("DATABASE_URL")
+    return _require("RUNSTATE_ADMIN_DATABASE_URL", value, _db_host_port(value) if value else None)
