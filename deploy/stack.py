@@ -461,10 +461,7 @@ def kafka_group_stable(bootstrap: str, group: str) -> bool:
     return asyncio.run(probe())
 
 
-# The long-running runstate processes, in start order. Later issues append the HTTP gateway,
-# e.g. Service(name="gateway", argv=lambda ctx: runstate_cli("gateway", "--port", str(ctx.port("gateway"))),
-#   ready=lambda ctx: tcp_open(HOST, ctx.port("gateway")), port="gateway",
-#   exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}"})
+# The long-running runstate processes, in start order.
 SERVICES: list[Service] = [
     # The consumer service (`runstate serve`): applies the migrations first, then joins the
     # consumer group on the command topic; ready once the group is Stable with a member.
@@ -474,6 +471,16 @@ SERVICES: list[Service] = [
         argv=lambda ctx: runstate_cli("serve"),
         ready=lambda ctx: kafka_group_stable(ctx.env["KAFKA_BOOTSTRAP_SERVERS"],
                                              os.environ.get("RUNSTATE_CONSUMER_GROUP") or "runstate"),
+        timeout=60.0,
+    ),
+    # The Prefect-compatible HTTP gateway; PREFECT_API_URL can point at RUNSTATE_HTTP_URL.
+    Service(
+        name="gateway",
+        argv=lambda ctx: runstate_cli("gateway", "--host", HOST, "--port", str(ctx.port("gateway")),
+                                      "--log-level", "WARNING"),
+        ready=lambda ctx: tcp_open(HOST, ctx.port("gateway")),
+        port="gateway",
+        exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api"},
         timeout=60.0,
     ),
 ]
