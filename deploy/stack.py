@@ -777,22 +777,25 @@ def wait_external(comp: dict) -> None:
         f"reachable after {time.monotonic() - t0:.1f} s)")
 
 
-def cmd_up(_args) -> int:
+def cmd_up(args) -> int:
+    # --servers-only: Kafka and PostgreSQL without the runstate services, for
+    # benchmarks and fault tests that start consumers with settings of their own.
+    services = [] if getattr(args, "servers_only", False) else SERVICES
     with locked():
         state = load_json(STATE_FILE)
         comps = state.get("components", [])
         if comps:
             names = {c["name"] for c in comps}
-            if all(component_up(c) for c in comps) and all(s.name in names for s in SERVICES):
+            if all(component_up(c) for c in comps) and all(s.name in names for s in services):
                 say("already up (" + ", ".join(_describe(c) for c in comps) + f"); connection details in "
                     f"{ENV_FILE.relative_to(REPO)}")
                 return 0
             say("the previous stack is partly down: stopping what is left of it first")
             _stop_all(comps)
-        return _up()
+        return _up(services)
 
 
-def _up() -> int:
+def _up(services: list[Service]) -> int:
     t_all = time.monotonic()
     last = load_json(LAST_FILE)
     ext = external_settings(last)
@@ -840,7 +843,7 @@ def _up() -> int:
             env.update(rec.pop("_env", {}))
         ctx.env.update(env)
         state["components"] = externals + started
-        for svc in SERVICES:
+        for svc in services:
             state["components"].append(start_service(svc, ctx))
         state["env"] = {**ctx.env}
         save_state(state)
@@ -927,7 +930,11 @@ def main(argv: list[str] | None = None) -> int:
                            ("down", cmd_down, "stop exactly what `up` started"),
                            ("status", cmd_status, "show the stack; exit 0 when everything is up, 3 otherwise"),
                            ("env", cmd_env, "print .runstate/env")):
-        sub.add_parser(name, help=text).set_defaults(fn=fn)
+        command = sub.add_parser(name, help=text)
+        command.set_defaults(fn=fn)
+        if name == "up":
+            command.add_argument("--servers-only", action="store_true",
+                                 help="start Kafka and PostgreSQL only, not the runstate services")
     args = parser.parse_args(argv)
     return args.fn(args)
 
