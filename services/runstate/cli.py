@@ -62,6 +62,29 @@ def asyncapi(out: str = typer.Option("-", help="File to write, or - for stdout."
             fh.write(text)
 
 
+@app.command()
+def gateway(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(4200, help="Port to listen on (Prefect's default)."),
+    timeout: float = typer.Option(10.0, help="Seconds to wait for a decision before answering 503."),
+    log_level: str = typer.Option("INFO", help="Python log level."),
+) -> None:
+    """Run the Prefect-compatible HTTP gateway (API under /api; needs `runstate serve`)."""
+    import uvicorn
+
+    from runstate.gateway import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = load_settings()
+    uvicorn.run(create_app(settings, result_timeout=timeout), host=host, port=port, log_level=log_level.lower())
+
+
+# Audit commands: history, replay, rebuild, backfill, concurrency-limit (runstate.audit).
+from runstate.audit.commands import register as _register_audit_commands
+
+_register_audit_commands(app)
+
+
 def main() -> None:
     app()
 

@@ -21,6 +21,7 @@ from runstate.domain import (
     State,
     StateCreate,
     StateType,
+    TaskRunView,
 )
 
 
@@ -44,6 +45,23 @@ class CreateTaskRunCommand(_Message):
     cache_expiration: datetime | None = None
     empirical_policy: EmpiricalPolicy = Field(default_factory=EmpiricalPolicy)
     state: StateCreate | None = None
+
+    def new_run(self) -> TaskRunView:
+        """The run before its initial state: what the pipeline decides against
+        and what replay re-decides against."""
+        return TaskRunView(
+            id=self.id,
+            name=self.name,
+            flow_run_id=self.flow_run_id,
+            task_key=self.task_key,
+            dynamic_key=self.dynamic_key,
+            tags=self.tags,
+            cache_key=self.cache_key,
+            empirical_policy=self.empirical_policy,
+        )
+
+    def initial_state(self) -> StateCreate:
+        return self.state or StateCreate(type=StateType.PENDING)
 
 
 class SetStateCommand(_Message):

@@ -309,17 +309,8 @@ class BatchDecider:
                 command_id=item.command_id,
             )
             return
-        run = TaskRunView(
-            id=command.id,
-            name=command.name,
-            flow_run_id=command.flow_run_id,
-            task_key=command.task_key,
-            dynamic_key=command.dynamic_key,
-            tags=command.tags,
-            cache_key=command.cache_key,
-            empirical_policy=command.empirical_policy,
-        )
-        initial = command.state or StateCreate(type=StateType.PENDING)
+        run = command.new_run()
+        initial = command.initial_state()
         transition_id = initial.state_details.transition_id
         ctx = self._context(run, initial, item.command_id)
         decision = apply_initial_state(run, initial, ctx)

@@ -1,0 +1,91 @@
+"""Connections and log scans shared by the audit commands.
+
+The audit commands are one-shot batch jobs, so they use a synchronous engine
+(psycopg 3 serves both flavours from the same URL); only backfill, which talks
+to Kafka through aiokafka, runs an event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import Row, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+CONNECT_TIMEOUT_S = 5
+# Smaller than every real key: (stream_id, seq) > START includes the whole log because seq > 0.
+START: tuple[UUID, int] = (UUID(int=0), 0)
+
+
+class ServerUnreachable(RuntimeError):
+    """A server the command needs does not answer; the message is one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
+def where(url: str) -> str:
+    parsed = make_url(url)
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+def sync_url(url: str | Engine | AsyncEngine) -> str:
+    """Accept a URL string, a sync Engine or an AsyncEngine (whose URL works synchronously too)."""
+    if isinstance(url, str):
+        return url
+    return url.url.render_as_string(hide_password=False)
+
+
+def open_engine(url: str) -> Engine:
+    """An engine that has proved it can connect, or ServerUnreachable."""
+    engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        engine.dispose()
+        raise ServerUnreachable(f"PostgreSQL at {where(url)} is unreachable: {first_line(exc)}") from exc
+    return engine
+
+
+def scan_events(
+    engine: Engine,
+    columns: str,
+    *,
+    condition: str = "TRUE",
+    params: Mapping[str, Any] | None = None,
+    batch_size: int = 1000,
+) -> Iterator[list[Row]]:
+    """Batches of `events` rows in (stream_id, seq) order, by keyset on the primary key.
+
+    Each batch is its own short statement, so memory stays bounded by the batch and no
+    transaction is held open across the scan (which would hold back vacuum on a live log).
+    """
+    last = START
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    f"SELECT stream_id, seq, {columns} FROM events"
+                    f" WHERE ({condition}) AND (stream_id, seq) > (:last_stream, :last_seq)"
+                    " ORDER BY stream_id, seq LIMIT :batch"
+                ),
+                {**(params or {}), "last_stream": last[0], "last_seq": last[1], "batch": batch_size},
+            ).all()
+        if not rows:
+            return
+        yield rows
+        if len(rows) < batch_size:
+            return
+        last = (rows[-1].stream_id, rows[-1].seq)
+
+
+def count_events(engine: Engine, condition: str = "TRUE", params: Mapping[str, Any] | None = None) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(f"SELECT count(*) FROM events WHERE {condition}"), dict(params or {})).scalar_one()

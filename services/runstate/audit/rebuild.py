@@ -1,0 +1,244 @@
+"""`runstate rebuild`: recompute every projection from the event log.
+
+Design: build into session-private TEMP tables, then swap in one transaction.
+
+* The log is read in keyset batches over its primary key (stream_id, seq). Each batch is
+  folded by one set-based statement: the payload of every event is detoasted once
+  (MATERIALIZED CTE) and its results go to the shadow tables — the stream's newest
+  `decision.run` / `flow_run` becomes its head (upsert keeps the highest seq, so a stream
+  split across batches converges), every CacheInserted effect becomes a cache row holding
+  the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released.
+  Each batch commits, so no transaction (and no vacuum horizon) spans the rebuild.
+* The live projections are untouched until the final transaction, which locks them, folds
+  whatever the service appended meanwhile (events recorded since the rebuild began, minus
+  what the shadow already has: the "final pass"), then TRUNCATEs and refills them and
+  recomputes `active_slots` of every tag limit as the slots of the leases still held.
+* Interrupting at any point before that commit leaves the live tables as they were, and
+  TEMP tables vanish with the session: a rerun simply starts over. Nothing needs cleaning.
+
+TEMP tables need no CREATE privilege on the schema, so the service's own role can rebuild.
+Limits themselves (`limit`, `active`) are configuration, not events, and are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool
+
+from runstate.audit.db import START, sync_url
+
+# An event appended by a transaction that began before the rebuild started but committed
+# after the scan passed its stream is found by the final pass if recorded this long before
+# the start. The service's transactions last milliseconds; this is a wide margin.
+CATCH_UP_MARGIN = "10 minutes"
+
+SHADOW_DDL = """
+CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, flow_run_id uuid,
+                                state_type text, state_name text, view jsonb NOT NULL);
+CREATE TEMP TABLE rb_flow_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, state_type text,
+                                view jsonb NOT NULL);
+CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_expiration timestamptz,
+                            state_id uuid, state jsonb, created timestamptz);
+CREATE TEMP TABLE rb_leases_taken (id uuid, task_run_id uuid, tags text[], slots integer);
+CREATE TEMP TABLE rb_leases_released (id uuid, task_run_id uuid);
+CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream_id, seq));
+"""
+
+# {events} selects the events to fold: a keyset range, or the final pass's leftovers.
+FOLD = """
+WITH b AS MATERIALIZED (
+    SELECT stream_id, seq, stream_type,
+           CASE WHEN stream_type = 'task_run' THEN payload->'decision' END AS d,
+           CASE WHEN stream_type = 'flow_run' THEN payload->'flow_run' END AS f
+    FROM events e WHERE {events}
+),
+task_heads AS (
+    INSERT INTO rb_task_runs AS t (id, last_seq, flow_run_id, state_type, state_name, view)
+    SELECT DISTINCT ON (stream_id) stream_id, seq, (d->'run'->>'flow_run_id')::uuid,
+           d->'run'->'state'->>'type', d->'run'->'state'->>'name', d->'run'
+    FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object' ORDER BY stream_id, seq DESC
+    ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, flow_run_id = EXCLUDED.flow_run_id,
+        state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name, view = EXCLUDED.view
+    WHERE t.last_seq < EXCLUDED.last_seq
+),
+flow_heads AS (
+    INSERT INTO rb_flow_runs AS t (id, last_seq, state_type, view)
+    SELECT DISTINCT ON (stream_id) stream_id, seq, f->>'state_type', f
+    FROM b WHERE stream_type = 'flow_run' AND jsonb_typeof(f) = 'object' ORDER BY stream_id, seq DESC
+    ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, state_type = EXCLUDED.state_type,
+        view = EXCLUDED.view
+    WHERE t.last_seq < EXCLUDED.last_seq
+),
+effects AS MATERIALIZED (
+    SELECT b.stream_id, b.seq, b.d->'appended_state' AS appended, x.value AS e
+    FROM b CROSS JOIN LATERAL jsonb_array_elements(b.d->'effects') AS x(value)
+    WHERE b.stream_type = 'task_run' AND jsonb_typeof(b.d->'effects') = 'array'
+),
+cache AS (
+    INSERT INTO rb_cache (stream_id, seq, cache_key, cache_expiration, state_id, state, created)
+    SELECT stream_id, seq, e->>'cache_key', (e->>'cache_expiration')::timestamptz,
+           (appended->>'id')::uuid, appended, (appended->>'timestamp')::timestamptz
+    FROM effects WHERE e->>'kind' = 'cache_inserted'
+),
+taken AS (
+    INSERT INTO rb_leases_taken (id, task_run_id, tags, slots)
+    SELECT (e->>'lease_id')::uuid, stream_id, ARRAY(SELECT jsonb_array_elements_text(e->'tags')),
+           COALESCE((e->>'slots')::integer, 1)
+    FROM effects WHERE e->>'kind' = 'slots_taken'
+),
+released AS (
+    INSERT INTO rb_leases_released (id, task_run_id)
+    SELECT l.value::uuid, stream_id
+    FROM effects CROSS JOIN LATERAL jsonb_array_elements_text(e->'lease_ids') AS l(value)
+    WHERE e->>'kind' = 'slots_released'
+),
+-- Events recording no run to project (a damaged log) are skipped and noted, not fatal:
+-- `runstate replay --verify` names them. Noted, so the final pass does not fold them twice.
+unreadable AS (
+    INSERT INTO rb_unreadable (stream_id, seq)
+    SELECT stream_id, seq FROM b WHERE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object'
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM b
+"""
+
+RANGE = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND (e.stream_id, e.seq) <= (:hi_stream, :hi_seq)"
+TAIL = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq)"
+LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
+
+SWAP = """
+TRUNCATE task_runs, flow_runs, task_cache, tag_leases;
+INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)
+    SELECT id, last_seq, flow_run_id, state_type, state_name, view FROM rb_task_runs;
+INSERT INTO flow_runs (id, last_seq, state_type, view)
+    SELECT id, last_seq, state_type, view FROM rb_flow_runs;
+INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
+    SELECT cache_key, cache_expiration, state_id, state, created FROM rb_cache ORDER BY stream_id, seq;
+INSERT INTO tag_leases (id, task_run_id, tags, slots)
+    SELECT t.id, t.task_run_id, t.tags, t.slots FROM rb_leases_taken t
+    WHERE NOT EXISTS (SELECT 1 FROM rb_leases_released r WHERE r.id = t.id AND r.task_run_id = t.task_run_id);
+UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_timestamp()
+    FROM (SELECT c.tag, COALESCE(sum(x.slots), 0)::integer AS slots
+          FROM tag_concurrency_limits c
+          LEFT JOIN (SELECT unnest(tags) AS tag, slots FROM tag_leases) x ON x.tag = c.tag
+          GROUP BY c.tag) h
+    WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
+"""
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    events: int
+    seconds: float
+    task_runs: int = 0
+    flow_runs: int = 0
+    caught_up: int = 0
+    unreadable: int = 0
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else float("inf")
+
+
+def rebuild(
+    engine_or_url: Engine | AsyncEngine | str,
+    batch_size: int = 50_000,
+    on_batch: Callable[[int], None] | None = None,
+) -> RebuildReport:
+    """Rebuild task_runs, flow_runs, task_cache, tag_leases and active_slots from the log.
+
+    Accepts a sync Engine, an AsyncEngine or a URL (an AsyncEngine's URL is used with a
+    sync connection: this is a batch job with one session)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    # A private, unpooled session: its TEMP tables and temp_buffers setting must not meet
+    # a pooled session that already used them, and closing it is the cleanup.
+    engine = create_engine(sync_url(engine_or_url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return _rebuild(conn, batch_size, on_batch)
+    finally:
+        engine.dispose()
+
+
+def _rebuild(conn: Connection, batch_size: int, on_batch: Callable[[int], None] | None) -> RebuildReport:
+    began = time.perf_counter()
+    # Local buffers must be sized before the session first touches a TEMP table; the shadow
+    # of a large log would otherwise thrash the 8 MB default.
+    conn.execute(text("SET temp_buffers = '256MB'"))
+    started_at = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+    _script(conn, SHADOW_DDL)
+    conn.commit()
+
+    events = 0
+    lo = START
+    while True:
+        hi = conn.execute(
+            text(
+                "SELECT stream_id, seq FROM events WHERE (stream_id, seq) > (:s, :q)"
+                " ORDER BY stream_id, seq OFFSET :skip LIMIT 1"
+            ),
+            {"s": lo[0], "q": lo[1], "skip": batch_size - 1},
+        ).first()
+        bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
+        if hi is None:  # the tail: fewer than batch_size events are left
+            folded = conn.execute(text(FOLD.format(events=TAIL)), bounds).scalar_one()
+        else:
+            bounds |= {"hi_stream": hi.stream_id, "hi_seq": hi.seq}
+            folded = conn.execute(text(FOLD.format(events=RANGE)), bounds).scalar_one()
+        conn.commit()
+        events += folded
+        if on_batch:
+            on_batch(folded)
+        if hi is None:
+            break
+        lo = (hi.stream_id, hi.seq)
+
+    # The swap. Taking ACCESS EXCLUSIVE up front (TRUNCATE needs it anyway) waits for the
+    # service's batch in flight to commit, so its events are visible to the final pass, and
+    # holds off the next one until the new projections are in. The tables are locked in the
+    # order the service's batch touches them, so the two cannot deadlock.
+    conn.execute(
+        text(
+            "LOCK TABLE task_runs, flow_runs, task_cache, tag_concurrency_limits, tag_leases"
+            " IN ACCESS EXCLUSIVE MODE"
+        )
+    )
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE rb_missing ON COMMIT DROP AS"
+            " SELECT e.stream_id, e.seq FROM events e"
+            " LEFT JOIN rb_task_runs t ON t.id = e.stream_id LEFT JOIN rb_flow_runs f ON f.id = e.stream_id"
+            f" WHERE e.recorded_at >= CAST(:since AS timestamptz) - interval '{CATCH_UP_MARGIN}'"
+            " AND e.seq > COALESCE(t.last_seq, f.last_seq, 0)"
+            " AND NOT EXISTS (SELECT 1 FROM rb_unreadable u WHERE u.stream_id = e.stream_id AND u.seq = e.seq)"
+        ),
+        {"since": started_at},
+    )
+    caught_up = conn.execute(text(FOLD.format(events=LEFTOVERS))).scalar_one()
+    unreadable = conn.execute(text("SELECT count(*) FROM rb_unreadable")).scalar_one()
+    _script(conn, SWAP)
+    task_runs = conn.execute(text("SELECT count(*) FROM task_runs")).scalar_one()
+    flow_runs = conn.execute(text("SELECT count(*) FROM flow_runs")).scalar_one()
+    conn.commit()
+    events += caught_up
+    return RebuildReport(
+        events=events,
+        seconds=time.perf_counter() - began,
+        task_runs=task_runs,
+        flow_runs=flow_runs,
+        caught_up=caught_up,
+        unreadable=unreadable,
+    )
+
+
+def _script(conn: Connection, script: str) -> None:
+    # One statement per execute: the extended protocol psycopg uses runs a single statement.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            conn.execute(text(statement))

@@ -1,0 +1,188 @@
+"""`runstate replay --verify`: decide every recorded command again through the
+current rules and report each decision that would come out differently.
+
+Each decision is re-made from exactly what was recorded with it: the command
+(with the transition_id the pipeline filled in), the OrchestrationContext
+(clock, ids, random draw, lookups) and, as the run before, the `decision.run`
+the stream's previous event recorded. Using the *recorded* previous run rather
+than the recomputed one confines a difference to the event where the rules
+diverge instead of cascading through the rest of the stream.
+
+`StreamVerifier` is pure (no I/O); `verify_log` drives it over the database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Engine
+
+from runstate.audit.db import count_events, scan_events
+from runstate.domain import (
+    Decision,
+    OrchestrationContext,
+    TaskRunView,
+    apply_initial_state,
+    decide,
+)
+from runstate.messages import CreateTaskRunCommand, SetStateCommand
+
+COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
+MAX_DIFFS_SHOWN = 6
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    stream_id: UUID
+    seq: int
+    event_type: str
+    command: Mapping[str, Any] | None
+    context: Mapping[str, Any] | None
+    decision: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    stream_id: UUID
+    seq: int
+    differences: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"run {self.stream_id} seq {self.seq}: " + "; ".join(self.differences)
+
+
+def redecide(event: RecordedEvent, previous_run: Mapping[str, Any] | None) -> Decision:
+    ctx = OrchestrationContext.model_validate(event.context)
+    if event.event_type == "task_run_created":
+        create = CreateTaskRunCommand.model_validate(event.command)
+        return apply_initial_state(create.new_run(), create.initial_state(), ctx)
+    if event.event_type == "transition_decided":
+        if previous_run is None:
+            raise ValueError("no recorded run before this transition")
+        command = SetStateCommand.model_validate(event.command)
+        return decide(TaskRunView.model_validate(previous_run), command.request(), ctx)
+    raise ValueError(f"unknown task-run event type {event.event_type!r}")
+
+
+def normalised(value: Any) -> Any:
+    """JSON round trip, so both sides compare as plain dicts/lists/str/numbers."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def json_diff(recorded: Any, recomputed: Any, path: str = "") -> Iterator[str]:
+    """Paths where two JSON values differ, depth first, each as 'path: recorded != recomputed'."""
+    if isinstance(recorded, dict) and isinstance(recomputed, dict):
+        for key in sorted(set(recorded) | set(recomputed)):
+            sub = f"{path}.{key}" if path else key
+            if key not in recorded:
+                yield f"{sub}: missing != {_short(recomputed[key])}"
+            elif key not in recomputed:
+                yield f"{sub}: {_short(recorded[key])} != missing"
+            else:
+                yield from json_diff(recorded[key], recomputed[key], sub)
+    elif isinstance(recorded, list) and isinstance(recomputed, list) and len(recorded) == len(recomputed):
+        for i, (a, b) in enumerate(zip(recorded, recomputed)):
+            yield from json_diff(a, b, f"{path}[{i}]")
+    elif recorded != recomputed:
+        yield f"{path}: {_short(recorded)} != {_short(recomputed)}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compare(recorded: Mapping[str, Any], recomputed: Decision) -> list[str]:
+    mine = json.loads(recomputed.model_dump_json())
+    diffs: list[str] = []
+    for name in COMPARED_FIELDS:
+        diffs.extend(json_diff(normalised(recorded.get(name)), normalised(mine.get(name)), name))
+    return diffs
+
+
+class StreamVerifier:
+    """Feed task-run events in (stream_id, seq) order; get a Mismatch for each
+    decision the current rules would not reproduce. Holds only the previous
+    event's recorded run, so it can span any number of batches."""
+
+    def __init__(self) -> None:
+        self._stream: UUID | None = None
+        self._previous_seq = 0
+        self._previous_run: Mapping[str, Any] | None = None
+
+    def check(self, event: RecordedEvent) -> Mismatch | None:
+        if event.stream_id != self._stream:
+            self._stream, self._previous_seq, self._previous_run = event.stream_id, 0, None
+        expected_seq = self._previous_seq + 1
+        previous_run = self._previous_run
+        self._previous_seq = event.seq
+        self._previous_run = event.decision.get("run") if isinstance(event.decision, Mapping) else None
+
+        if event.seq != expected_seq:
+            return Mismatch(event.stream_id, event.seq, (f"seq: expected {expected_seq} (gap in the log)",))
+        if not isinstance(event.decision, Mapping) or event.command is None or event.context is None:
+            return Mismatch(event.stream_id, event.seq, ("the event records no command, context or decision",))
+        try:
+            recomputed = redecide(event, previous_run)
+        except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
+            return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
+        diffs = compare(event.decision, recomputed)
+        if not diffs:
+            return None
+        shown = diffs[:MAX_DIFFS_SHOWN]
+        if len(diffs) > len(shown):
+            shown.append(f"and {len(diffs) - len(shown)} more")
+        return Mismatch(event.stream_id, event.seq, tuple(shown))
+
+
+@dataclass
+class VerifyReport:
+    events: int
+    mismatches: list[Mismatch]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:
+    if run_id is None:
+        return "stream_type = 'task_run'", {}
+    return "stream_type = 'task_run' AND stream_id = :run", {"run": run_id}
+
+
+def count_to_verify(engine: Engine, run_id: UUID | None = None) -> int:
+    condition, params = _condition(run_id)
+    return count_events(engine, condition, params)
+
+
+def verify_log(
+    engine: Engine,
+    run_id: UUID | None = None,
+    *,
+    batch_size: int = 1000,
+    on_batch: Callable[[int], None] | None = None,
+    on_mismatch: Callable[[Mismatch], None] | None = None,
+) -> VerifyReport:
+    """Replay every task-run stream (or one run). Mismatches are kept in the report and,
+    if given, passed to on_mismatch as they are found (so a long run shows them early)."""
+    condition, params = _condition(run_id)
+    verifier = StreamVerifier()
+    report = VerifyReport(events=0, mismatches=[])
+    columns = "event_type, payload->'command' AS command, payload->'context' AS context, payload->'decision' AS decision"
+    for rows in scan_events(engine, columns, condition=condition, params=params, batch_size=batch_size):
+        for row in rows:
+            event = RecordedEvent(row.stream_id, row.seq, row.event_type, row.command, row.context, row.decision)
+            mismatch = verifier.check(event)
+            if mismatch is not None:
+                report.mismatches.append(mismatch)
+                if on_mismatch:
+                    on_mismatch(mismatch)
+        report.events += len(rows)
+        if on_batch:
+            on_batch(len(rows))
+    return report

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+from uuid import UUID
+
+import pytest
+from pipeline.harness import InProcessService, isolated_settings, read_topic, settings_env
+from runstate.audit.db import open_engine
+from runstate.audit.limits import set_limit
+from runstate.client import RunstateClient, state
+from runstate.config import Settings
+from runstate.messages import OrchestrationResultEvent
+from sqlalchemy.engine import make_url
+
+from .support import scratch_database
+
+
+@pytest.fixture(scope="session")
+def audit_settings(kafka_bootstrap: str, database_url: str, admin_database_url: str) -> Iterator[Settings]:
+    """Settings whose database is a fresh, migrated one owned by the audit tests."""
+    with scratch_database(admin_database_url, database_url, "audit") as (app_url, admin_url):
+        yield Settings(kafka_bootstrap_servers=kafka_bootstrap, database_url=app_url, admin_database_url=admin_url)
+
+
+@pytest.fixture
+def bogus_database_env(audit_settings: Settings) -> dict[str, str]:
+    """The audit settings, but PostgreSQL on a port nothing listens on."""
+    url = make_url(audit_settings.database_url).set(port=1).render_as_string(hide_password=False)
+    return settings_env(replace(audit_settings, database_url=url))
+
+
+@dataclass
+class DrivenLog:
+    """A log written by the real pipeline, and what its topics said."""
+
+    settings: Settings
+    flow_run: UUID
+    runs: dict[str, UUID]
+    results: list[OrchestrationResultEvent]
+    state_changes: list[Any]  # Kafka records of the state-change topic (key, value, ...)
+    tag: str
+
+
+@pytest.fixture(scope="session")
+async def driven_log(audit_settings: Settings) -> DrivenLog:
+    """Drive a representative set of runs through the pipeline into the audit database:
+    retries (REJECT + AwaitingRetry), a cache write and a cache hit, tag slots taken,
+    released and still held, and a flow run."""
+    settings = isolated_settings(audit_settings)
+    tag = f"audit-{uuid.uuid4().hex[:6]}"
+    cache_key = f"audit-key-{uuid.uuid4().hex[:6]}"
+    engine = open_engine(settings.database_url)
+    try:
+        set_limit(engine, tag, 2)
+    finally:
+        engine.dispose()
+    runs = {name: uuid.uuid4() for name in ("lifecycle", "flaky", "slot_released", "slot_held", "cached")}
+    flow = uuid.uuid4()
+    async with InProcessService(settings), RunstateClient(settings) as client:
+        await client.create_flow_run(flow, state=state("RUNNING"))
+        run = runs["lifecycle"]
+        await client.create_task_run(run, flow_run_id=flow, state=state("SCHEDULED"))
+        for proposal in (state("PENDING"), state("RUNNING"), state("COMPLETED", cache_key=cache_key)):
+            await client.propose(run, proposal)
+        run = runs["flaky"]
+        await client.create_task_run(run, flow_run_id=flow, empirical_policy={"retries": 1})
+        for t in ("RUNNING", "FAILED", "RUNNING", "FAILED"):
+            await client.propose(run, state(t))
+        for name in ("slot_released", "slot_held"):
+            await client.create_task_run(runs[name], flow_run_id=flow, tags=[tag])
+            await client.propose(runs[name], state("RUNNING"))
+        await client.propose(runs["slot_released"], state("COMPLETED"))
+        run = runs["cached"]
+        await client.create_task_run(run, flow_run_id=flow)
+        hit = await client.propose(run, state("RUNNING", cache_key=cache_key))
+        assert hit.result.state.name == "Cached", hit  # the scenario must exercise the cache lookup
+    commands = 1 + 4 + 5 + 2 * 2 + 1 + 2
+    results = [
+        OrchestrationResultEvent.model_validate_json(r.value)
+        for r in await read_topic(settings, settings.result_topic, commands)
+    ]
+    assert len(results) >= commands
+    appended = sum(1 for r in results if r.state_appended and r.stream_id != flow)
+    changes = await read_topic(settings, settings.state_change_topic, appended)
+    return DrivenLog(settings, flow, runs, results, changes, tag)

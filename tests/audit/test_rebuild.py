@@ -1,0 +1,142 @@
+"""`runstate rebuild`: projections recomputed from the log equal those kept live."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import psycopg
+import pytest
+from pipeline.harness import settings_env
+from psycopg.types.json import Jsonb
+from runstate.audit.rebuild import RebuildReport, rebuild
+
+from .support import cli, copy_events, dsn, projections, scratch_database
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def damage_projections(url: str, driven_log) -> None:
+    """What a bug or an operator's mistake might leave: rows missing, stale, miscounted."""
+    with psycopg.connect(dsn(url)) as conn:
+        conn.execute("DELETE FROM task_runs WHERE id = %s", (driven_log.runs["flaky"],))
+        conn.execute("UPDATE task_runs SET last_seq = 1, view = '{}' WHERE id = %s", (driven_log.runs["lifecycle"],))
+        conn.execute("DELETE FROM flow_runs")
+        conn.execute("DELETE FROM task_cache")
+        conn.execute("DELETE FROM tag_leases")
+        conn.execute("UPDATE tag_concurrency_limits SET active_slots = 0")
+
+
+def test_rebuild_reproduces_the_live_projections(driven_log):
+    url = driven_log.settings.database_url
+    live = projections(url)
+    # The scenario must have produced something of every kind, or equality proves little.
+    assert all(live[name] for name in live), {name: len(rows) for name, rows in live.items()}
+    assert [(tag, slots) for tag, _, _, slots in live["tag_limits"]] == [(driven_log.tag, 1)]
+
+    damage_projections(url, driven_log)
+    assert projections(url) != live
+
+    done = cli(settings_env(driven_log.settings), "rebuild", "--batch-size", "3")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"rebuilt from \d+ events in [\d.]+ s \([\d,]+ events/s\): 5 task runs, 1 flow runs", done.stdout), done.stdout
+    assert projections(url) == live
+
+
+def test_an_interrupted_rebuild_leaves_the_projections_alone_and_a_rerun_completes(driven_log):
+    url = driven_log.settings.database_url
+    live = projections(url)
+    damage_projections(url, driven_log)
+    damaged = projections(url)
+
+    batches = []
+
+    def interrupt_after_two(count: int) -> None:
+        batches.append(count)
+        if len(batches) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        rebuild(url, batch_size=2, on_batch=interrupt_after_two)
+    assert projections(url) == damaged
+
+    report = rebuild(url, batch_size=2)
+    assert isinstance(report, RebuildReport) and report.seconds > 0
+    assert report.events == event_count(url)
+    assert projections(url) == live
+
+
+def event_count(url: str) -> int:
+    with psycopg.connect(dsn(url)) as conn:
+        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+def test_the_final_pass_folds_events_appended_while_rebuilding(driven_log, admin_database_url, database_url):
+    """An event the service appends after the scan passed its stream still makes it in."""
+    with scratch_database(admin_database_url, database_url, "audit_rebuild") as (app_url, _):
+        copy_events(driven_log.settings.admin_database_url, app_url)
+        with psycopg.connect(dsn(app_url)) as conn:
+            first_stream, last_seq, payload = conn.execute(
+                "SELECT stream_id, seq, payload FROM events WHERE stream_type = 'task_run'"
+                " ORDER BY stream_id, seq DESC LIMIT 1"
+            ).fetchone()
+            # The scan is past the stream once it folded all events up to the stream's last
+            # and at least one more (a batch ending exactly on it would still see the append).
+            passed_at = conn.execute("SELECT count(*) FROM events WHERE stream_id <= %s", (first_stream,)).fetchone()[0]
+        late_payload = json.loads(json.dumps(payload))
+        late_payload["decision"]["run"]["run_count"] = 99
+        late_payload["decision"]["effects"] = []
+
+        folded = []
+
+        def append_once(count: int) -> None:
+            folded.append(count)
+            if sum(folded) <= passed_at or sum(folded) - count > passed_at:
+                return  # before the scan passed the stream, or already appended
+            with psycopg.connect(dsn(app_url)) as conn:
+                conn.execute(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
+                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s)",
+                    (first_stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
+                )
+
+        report = rebuild(app_url, batch_size=2, on_batch=append_once)
+        assert report.caught_up == 1
+        assert report.events == event_count(app_url)
+        with psycopg.connect(dsn(app_url)) as conn:
+            seq, view = conn.execute("SELECT last_seq, view FROM task_runs WHERE id = %s", (first_stream,)).fetchone()
+        assert (seq, view["run_count"]) == (last_seq + 1, 99)
+
+
+def test_rebuild_accepts_an_async_engine_and_a_sync_engine(driven_log):
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = driven_log.settings.database_url
+    live = projections(url)
+    for engine in (create_engine(url), create_async_engine(url)):
+        report = rebuild(engine, batch_size=1000)
+        assert report.events == event_count(url)
+        assert projections(url) == live
+        engine.sync_engine.dispose() if hasattr(engine, "sync_engine") else engine.dispose()
+
+
+def test_an_event_recording_no_run_is_skipped_and_counted(driven_log, admin_database_url, database_url):
+    with scratch_database(admin_database_url, database_url, "audit_damaged") as (app_url, _):
+        copied = copy_events(driven_log.settings.admin_database_url, app_url)
+        damaged = uuid.uuid4()
+        with psycopg.connect(dsn(app_url)) as conn:
+            conn.execute(
+                "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
+                " VALUES (%s, 1, 'task_run', 'transition_decided', %s, '{}')",
+                (damaged, uuid.uuid4()),
+            )
+        report = rebuild(app_url, batch_size=5)
+        assert (report.events, report.unreadable, report.task_runs) == (copied + 1, 1, 5)
+        with psycopg.connect(dsn(app_url)) as conn:
+            assert conn.execute("SELECT count(*) FROM task_runs WHERE id = %s", (damaged,)).fetchone()[0] == 0

@@ -1,0 +1,109 @@
+"""`runstate replay --verify`: passes on what the pipeline wrote, and names the run and
+seq of a decision altered afterwards in a copy of the database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import psycopg
+import pytest
+from pipeline.harness import settings_env
+from runstate.audit.db import open_engine
+from runstate.audit.replay import RecordedEvent, StreamVerifier, verify_log
+
+from .support import cli, copy_events, dsn, scratch_database
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+def task_run_event_count(url: str) -> int:
+    with psycopg.connect(dsn(url)) as conn:
+        return conn.execute("SELECT count(*) FROM events WHERE stream_type = 'task_run'").fetchone()[0]
+
+
+def test_replay_verifies_every_decision_of_the_pipeline_log(driven_log):
+    engine = open_engine(driven_log.settings.database_url)
+    try:
+        # A batch size of 4 makes streams straddle batches, so the carried-over run is used.
+        report = verify_log(engine, batch_size=4)
+    finally:
+        engine.dispose()
+    assert report.mismatches == []
+    assert report.events == task_run_event_count(driven_log.settings.database_url) >= 16
+
+    done = cli(settings_env(driven_log.settings), "replay", "--verify", "--all")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().startswith(f"verified {report.events} decisions")
+
+
+def test_replay_names_the_run_and_seq_of_an_altered_decision(driven_log, admin_database_url, database_url):
+    run = driven_log.runs["flaky"]
+    with scratch_database(admin_database_url, database_url, "audit_copy") as (copy_app, copy_admin):
+        assert copy_events(driven_log.settings.admin_database_url, copy_app, "stream_id = %s", (run,)) == 5
+
+        # The service's role can neither rewrite the log nor switch its guard off.
+        with psycopg.connect(dsn(copy_app), autocommit=True) as app:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("UPDATE events SET status = 'ACCEPT' WHERE stream_id = %s AND seq = 3", (run,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("ALTER TABLE events DISABLE TRIGGER USER")
+
+        # The superuser makes this copy writable for a moment: seq 3 was the retry's REJECT.
+        with psycopg.connect(dsn(copy_admin), autocommit=True) as owner:
+            owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
+            altered = owner.execute(
+                "UPDATE events SET payload = jsonb_set(payload, '{decision,result,status}', '\"ACCEPT\"')"
+                " WHERE stream_id = %s AND seq = 3",
+                (run,),
+            ).rowcount
+            owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
+            assert altered == 1
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the guard is back
+                owner.execute("UPDATE events SET status = 'ACCEPT' WHERE stream_id = %s", (run,))
+
+        env = settings_env(replace(driven_log.settings, database_url=copy_app))
+        for scope in (["--run", str(run)], ["--all"]):
+            done = cli(env, "replay", "--verify", *scope)
+            assert done.returncode == 1, done.stdout + done.stderr
+            differing = [line for line in done.stdout.splitlines() if line.startswith("DIFFERS")]
+            assert differing == [f'DIFFERS run {run} seq 3: result.status: "ACCEPT" != "REJECT"'], done.stdout
+            assert "1 of 5 decisions differ" in done.stdout
+
+    # The original is untouched and still verifies.
+    assert cli(settings_env(driven_log.settings), "replay", "--verify", "--run", str(run)).returncode == 0
+
+
+def test_verifier_reports_gaps_and_unreadable_events_without_stopping(driven_log):
+    """The pure fold: a missing seq and an event without a decision are findings, and the
+    events after them are still checked."""
+    run = driven_log.runs["lifecycle"]
+    with psycopg.connect(dsn(driven_log.settings.database_url)) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, seq, event_type, payload->'command', payload->'context', payload->'decision'"
+            " FROM events WHERE stream_id = %s ORDER BY seq",
+            (run,),
+        ).fetchall()
+    events = [RecordedEvent(*row) for row in rows]
+    assert len(events) == 4
+
+    verifier = StreamVerifier()
+    assert [verifier.check(e) for e in events] == [None] * 4
+
+    verifier = StreamVerifier()
+    findings = [verifier.check(e) for e in (events[0], events[2], events[3])]
+    assert findings[0] is None
+    assert findings[1].seq == 3 and "gap" in findings[1].differences[0]
+    assert findings[2] is None  # seq 4 is still re-decided against seq 3's recorded run
+
+    broken = RecordedEvent(run, 2, "transition_decided", events[1].command, events[1].context, None)
+    verifier = StreamVerifier()
+    assert verifier.check(events[0]) is None
+    assert "no command, context or decision" in verifier.check(broken).differences[0]
+
+    changed = json.loads(json.dumps(events[1].decision))
+    changed["run"]["run_count"] += 7
+    verifier = StreamVerifier()
+    verifier.check(events[0])
+    mismatch = verifier.check(RecordedEvent(run, 2, events[1].event_type, events[1].command, events[1].context, changed))
+    assert mismatch.differences == (f"run.run_count: {changed['run']['run_count']} != {changed['run']['run_count'] - 7}",)
