@@ -75,9 +75,12 @@ def projections(url: str) -> dict[str, list[tuple]]:
         return {name: [tuple(r) for r in conn.execute(q).fetchall()] for name, q in queries.items()}
 
 
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`runstate ...` as a user runs it: a new process reading its settings from the environment."""
+def cli(
+    env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """`runstate ...` as a user runs it: a new process reading its settings from the environment
+    (and, for what the environment lacks, from the .runstate/env above `cwd`)."""
     return subprocess.run(
         [sys.executable, "-m", "runstate.cli", *args],
-        env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
     )

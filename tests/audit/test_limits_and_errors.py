@@ -75,9 +75,10 @@ def test_unreachable_kafka_is_one_line_and_exit_1(audit_settings):
     assert done.stderr.startswith("error: Kafka at 127.0.0.1:1 is unreachable")
 
 
-def test_a_missing_setting_is_one_line_and_exit_2(audit_settings):
+def test_a_missing_setting_is_one_line_and_exit_2(audit_settings, tmp_path):
+    # Run outside the checkout: there the .runstate/env of `make up` would supply the value.
     env = {**settings_env(audit_settings), "DATABASE_URL": ""}
-    done = cli(env, "concurrency-limit", "list", timeout=30)
+    done = cli(env, "concurrency-limit", "list", timeout=30, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: DATABASE_URL is not set")
     assert len(done.stderr.strip().splitlines()) == 1
