@@ -161,3 +161,32 @@ def test_service_role_cannot_rewrite_the_log(base_settings):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                     with conn.transaction():
                         conn.execute(statement)
+
+
+async def test_tag_slots_and_the_cache_are_shared_across_partitions(base_settings):
+    settings = isolated_settings(base_settings, partitions=4)
+    tag = f"db-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn(base_settings.database_url), autocommit=True) as conn:
+        conn.execute('INSERT INTO tag_concurrency_limits (tag, "limit") VALUES (%s, 1)', (tag,))
+    first, second = uuid.uuid4(), uuid.uuid4()
+    key = f"cache-{uuid.uuid4().hex}"
+    async with InProcessService(settings), RunstateClient(settings) as client:
+        await client.create_task_run(first, tags=[tag])
+        await client.create_task_run(second, tags=[tag])
+        assert (await client.propose(first, state("RUNNING"))).status == SetStateStatus.ACCEPT
+        blocked = await client.propose(second, state("RUNNING"))
+        assert blocked.status == SetStateStatus.WAIT
+        assert blocked.result.details.delay_seconds in (2, 3)
+        assert tag in blocked.result.details.reason
+        done = await client.propose(first, {"type": "COMPLETED", "data": {"rows": 3},
+                                            "state_details": {"cache_key": key}})
+        assert done.status == SetStateStatus.ACCEPT
+        # The slot the first run released is free again, and its cached result
+        # serves the second run, wherever their partitions are.
+        hit = await client.propose(second, {"type": "RUNNING", "state_details": {"cache_key": key}})
+        assert (hit.status, hit.result.state.type, hit.result.state.name) == (SetStateStatus.REJECT, "COMPLETED", "Cached")
+        assert hit.result.state.data == {"rows": 3}
+    with psycopg.connect(pg_dsn(base_settings.database_url)) as conn:
+        slots = conn.execute('SELECT active_slots FROM tag_concurrency_limits WHERE tag = %s', (tag,)).fetchone()[0]
+        leases = conn.execute("SELECT count(*) FROM tag_leases WHERE %s = ANY(tags)", (tag,)).fetchone()[0]
+    assert (slots, leases) == (0, 0)
