@@ -184,3 +184,18 @@ def admin_database_url(_containers: _Containers | None) -> str:
         return _containers.admin_database_url
     value = _setting("RUNSTATE_ADMIN_DATABASE_URL") or _setting("DATABASE_URL")
     return _require("RUNSTATE_ADMIN_DATABASE_URL", value, _db_host_port(value) if value else None)
+
+
+@pytest.fixture(scope="session")
+def base_settings(kafka_bootstrap: str, database_url: str, admin_database_url: str):
+    """runstate Settings for the real servers, with the migrations applied; tests derive
+    isolated topic names from it (tests/pipeline/harness.py: isolated_settings)."""
+    from runstate.config import Settings
+    from runstate.store.migrate import upgrade
+
+    upgrade(admin_database_url, database_url)
+    return Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        database_url=database_url,
+        admin_database_url=admin_database_url,
+    )

@@ -15,19 +15,8 @@ import uvicorn
 from runstate.config import Settings
 from runstate.gateway import create_app
 from runstate.store.event_store import EventStore, make_engine
-from runstate.store.migrate import upgrade
 
 from pipeline.harness import InProcessService, isolated_settings
-
-
-@pytest.fixture(scope="session")
-def base_settings(kafka_bootstrap: str, database_url: str, admin_database_url: str) -> Settings:
-    upgrade(admin_database_url, database_url)
-    return Settings(
-        kafka_bootstrap_servers=kafka_bootstrap,
-        database_url=database_url,
-        admin_database_url=admin_database_url,
-    )
 
 
 def free_port() -> int:
