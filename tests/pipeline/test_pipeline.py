@@ -190,3 +190,20 @@ async def test_tag_slots_and_the_cache_are_shared_across_partitions(base_setting
         slots = conn.execute('SELECT active_slots FROM tag_concurrency_limits WHERE tag = %s', (tag,)).fetchone()[0]
         leases = conn.execute("SELECT count(*) FROM tag_leases WHERE %s = ANY(tags)", (tag,)).fetchone()[0]
     assert (slots, leases) == (0, 0)
+
+
+async def test_a_resent_command_without_transition_id_is_recognised_by_its_command_id(base_settings):
+    settings = isolated_settings(base_settings, partitions=1)
+    run_id = uuid.uuid4()
+    async with InProcessService(settings) as service, RunstateClient(settings) as client:
+        await client.create_task_run(run_id)
+        # A raw producer re-sends the same command (same command_id, no
+        # transition_id) as a new record, e.g. after a timeout.
+        command = SetStateCommand(command_id=uuid.uuid4(), task_run_id=run_id, state=state("RUNNING"))
+        raw = command.model_dump_json().encode()
+        await produce(settings, [(str(run_id).encode(), raw)])
+        await produce(settings, [(str(run_id).encode(), raw)])
+        answer = await client.propose(run_id, state("COMPLETED"))
+        assert answer.status == SetStateStatus.ACCEPT
+        assert answer.seq == 3, "the resent RUNNING was not decided a second time"
+        assert service.stats.duplicates == 1

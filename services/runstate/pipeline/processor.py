@@ -148,6 +148,15 @@ class ParsedCommand:
     command_id: UUID
     stream_id: UUID
 
+    @property
+    def transition_id(self) -> UUID | None:
+        """The idempotency key of a set_state: the proposal's transition_id or,
+        when the sender gave none, the command id (itself derived from the
+        Kafka record when absent), so a redelivery is always recognised."""
+        if isinstance(self.command, SetStateCommand):
+            return self.command.state.state_details.transition_id or self.command_id
+        return None
+
 
 @dataclass(slots=True)
 class BadRecord:
@@ -277,7 +286,7 @@ class BatchDecider:
                 command_id=item.command_id,
             )
             return
-        transition_id = command.state.state_details.transition_id or item.command_id
+        transition_id = item.transition_id
         prior = self.snapshot.by_transition.get((command.task_run_id, transition_id))
         if prior is not None:
             self._republish(prior)

@@ -97,12 +97,8 @@ class EventStore:
             for row in rows:
                 snap.by_source[(row.source_partition, row.source_offset)] = _stored(row)
 
-        client_transitions = [
-            (p.stream_id, p.command.state.state_details.transition_id)
-            for p in parsed
-            if isinstance(p.command, SetStateCommand) and p.command.state.state_details.transition_id
-        ]
-        if client_transitions:
+        transitions = [(p.stream_id, p.transition_id) for p in parsed if p.transition_id is not None]
+        if transitions:
             rows = await run_sql(conn, (
                     "SELECT e.stream_id, e.transition_id,"
                     " (e.payload->'result_event')::text AS result_event,"
@@ -111,7 +107,7 @@ class EventStore:
                     " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
                     " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')"
                 ),
-                {"sids": [s for s, _ in client_transitions], "tids": [t for _, t in client_transitions]},
+                {"sids": [s for s, _ in transitions], "tids": [t for _, t in transitions]},
             )
             for row in rows:
                 snap.by_transition[(row.stream_id, row.transition_id)] = _stored(row)
