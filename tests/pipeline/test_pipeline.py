@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from runstate.client import RunstateClient, state
 from runstate.domain import SetStateStatus
-from runstate.messages import OrchestrationResultEvent, SetStateCommand, StateChangeEvent
+from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
 from runstate.store.event_store import EventStore, make_engine
 
 from .harness import InProcessService, isolated_settings, produce, read_topic
@@ -207,3 +207,29 @@ async def test_a_resent_command_without_transition_id_is_recognised_by_its_comma
         assert answer.status == SetStateStatus.ACCEPT
         assert answer.seq == 3, "the resent RUNNING was not decided a second time"
         assert service.stats.duplicates == 1
+
+
+async def test_a_command_the_database_refuses_is_dead_lettered_and_its_batch_still_decided(base_settings):
+    settings = isolated_settings(base_settings, partitions=1)
+    run_id, other = uuid.uuid4(), uuid.uuid4()
+    key, other_key = str(run_id).encode(), str(other).encode()
+    # PostgreSQL's jsonb cannot hold U+0000: valid JSON, valid command, refused by the store.
+    poison = SetStateCommand(command_id=uuid.uuid4(), task_run_id=run_id,
+                             state={"type": "RUNNING", "message": "nul \u0000 here"})
+    records = [
+        (key, CreateTaskRunCommand(id=run_id).model_dump_json().encode()),
+        (other_key, CreateTaskRunCommand(id=other).model_dump_json().encode()),
+        (key, poison.model_dump_json().encode()),
+        (key, SetStateCommand(task_run_id=run_id, state=state("COMPLETED")).model_dump_json().encode()),
+        (other_key, SetStateCommand(task_run_id=other, state=state("RUNNING")).model_dump_json().encode()),
+    ]
+    await produce(settings, records)  # before the service starts: one batch
+    async with InProcessService(settings) as service:
+        results = await read_topic(settings, settings.result_topic, len(records))
+        dead = await read_topic(settings, settings.dead_letter_topic, 1)
+    assert len(results) == len(records)
+    assert [d.value for d in dead] == [records[2][1]]
+    assert dict(dead[0].headers)["x-error-code"] == b"orchestration_failed"
+    assert service.stats.dead_lettered == 1
+    assert [r["state_type"] for r in await history(settings, run_id)] == ["PENDING", "COMPLETED"]
+    assert [r["state_type"] for r in await history(settings, other)] == ["PENDING", "RUNNING"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -52,6 +53,8 @@ from runstate.messages import (
     StateRef,
     stream_id_of,
 )
+
+log = logging.getLogger("runstate.decider")
 
 RECORD_NAMESPACE = UUID("5d1f6a0e-8f1c-4c7e-9a57-2c4f1b7d0e11")
 FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetStateStatus.ABORT})
@@ -139,6 +142,14 @@ class BatchOutcome:
     state_changes: list[Publication] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
+
+    def absorb(self, other: "BatchOutcome") -> None:
+        """Add what another (already stored) outcome publishes and counts."""
+        self.events += other.events
+        self.results += other.results
+        self.state_changes += other.state_changes
+        self.dead_letters += other.dead_letters
+        self.duplicates += other.duplicates
 
 
 @dataclass(slots=True)
@@ -262,16 +273,30 @@ class BatchDecider:
             if prior is not None:
                 self._republish(prior)
                 continue
-            command = item.command
-            if isinstance(command, SetStateCommand):
-                self._set_task_run_state(item, command)
-            elif isinstance(command, CreateTaskRunCommand):
-                self._create_task_run(item, command)
-            elif isinstance(command, CreateFlowRunCommand):
-                self._create_flow_run(item, command)
-            else:
-                self._set_flow_run_state(item, command)
+            try:
+                self._decide(item)
+            except Exception as exc:  # noqa: BLE001 - one command's failure must not stall the partition
+                log.exception("deciding command %s failed", item.command_id)
+                self._reject(
+                    item.record,
+                    ErrorInfo(code="orchestration_failed", message=f"{type(exc).__name__}: {exc}"),
+                    item.stream_id,
+                    item.command.kind,
+                    dead_letter=True,
+                    command_id=item.command_id,
+                )
         return self.out
+
+    def _decide(self, item: ParsedCommand) -> None:
+        command = item.command
+        if isinstance(command, SetStateCommand):
+            self._set_task_run_state(item, command)
+        elif isinstance(command, CreateTaskRunCommand):
+            self._create_task_run(item, command)
+        elif isinstance(command, CreateFlowRunCommand):
+            self._create_flow_run(item, command)
+        else:
+            self._set_flow_run_state(item, command)
 
     # -- task runs --------------------------------------------------------
     def _set_task_run_state(self, item: ParsedCommand, command: SetStateCommand) -> None:

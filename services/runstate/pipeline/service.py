@@ -24,14 +24,24 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream import AckPolicy, Context, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
-from sqlalchemy.exc import DBAPIError, IntegrityError
+import psycopg
+from sqlalchemy import exc as sa_exc
 
 from runstate import __version__
 from runstate.config import Settings
 from runstate.domain import OrchestrationSettings
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
 from runstate.pipeline.faults import CrashPoint
-from runstate.pipeline.processor import BatchOutcome, IncomingRecord, ParsedCommand, decide_batch, parse_record
+from runstate.messages import ErrorInfo
+from runstate.pipeline.processor import (
+    BadRecord,
+    BatchOutcome,
+    IncomingRecord,
+    ParsedCommand,
+    StoreSnapshot,
+    decide_batch,
+    parse_record,
+)
 from runstate.store.event_store import EventStore, make_engine
 
 log = logging.getLogger("runstate.service")
@@ -39,6 +49,22 @@ log = logging.getLogger("runstate.service")
 MAX_CONFLICT_RETRIES = 20
 DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
 MAX_TRANSIENT_WAIT_S = 30.0
+
+
+# The store runs its hot statements on the psycopg connection itself, so both
+# psycopg's and SQLAlchemy's exception families reach this layer.
+APPEND_CONFLICT = (sa_exc.IntegrityError, psycopg.IntegrityError)
+DATABASE_UNREACHABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+DATABASE_REFUSED = (sa_exc.DBAPIError, psycopg.DatabaseError)
+
+
+class RefusedBatch(Exception):
+    """The database refused the batch for a reason retrying will not change."""
 
 
 class OrchestrationService:
@@ -78,8 +104,11 @@ class OrchestrationService:
             for r in raw_records
         ]
         items = [parse_record(r, self.settings.max_command_bytes) for r in records]
-        parsed = [i for i in items if isinstance(i, ParsedCommand)]
-        outcome = await self._decide_and_store(items, parsed)
+        try:
+            outcome = await self._decide_and_store(items)
+        except RefusedBatch as exc:
+            log.error("the database refused a batch (%s); deciding its records one by one", exc)
+            outcome = await self._decide_one_by_one(items)
         self.crash.reached("after_db_commit")
         await self._publish(outcome)
         self.crash.reached("after_publish")
@@ -88,7 +117,28 @@ class OrchestrationService:
         self.dead_lettered += len(outcome.dead_letters)
         return outcome
 
-    async def _decide_and_store(self, items, parsed) -> BatchOutcome:
+    async def _decide_one_by_one(self, items: list[ParsedCommand | BadRecord]) -> BatchOutcome:
+        """A batch the database keeps refusing (say, a string it cannot store)
+        must not stall the partition: each record is decided in a transaction
+        of its own, in order, and the one that is refused is dead-lettered."""
+        merged = BatchOutcome()
+        for item in items:
+            try:
+                single = await self._decide_and_store([item])
+            except RefusedBatch as exc:
+                assert isinstance(item, ParsedCommand)
+                refused = BadRecord(
+                    item.record,
+                    ErrorInfo(code="orchestration_failed", message=f"the database refused this command: {exc}"),
+                    item.stream_id,
+                    item.command.kind,
+                )
+                single = decide_batch([refused], StoreSnapshot(), self.rules_settings)
+            merged.absorb(single)
+        return merged
+
+    async def _decide_and_store(self, items: list[ParsedCommand | BadRecord]) -> BatchOutcome:
+        parsed = [i for i in items if isinstance(i, ParsedCommand)]
         waited = 0.0
         conflicts = 0
         while True:
@@ -100,21 +150,25 @@ class OrchestrationService:
                     await self.store.write(conn, outcome)
                     self.crash.reached("before_db_commit")
                 return outcome
-            except IntegrityError as exc:
+            except APPEND_CONFLICT as exc:
                 # Another member (a zombie, or the new owner after a rebalance)
                 # wrote this history first: decide again against what it wrote.
                 conflicts += 1
                 if conflicts > MAX_CONFLICT_RETRIES:
-                    raise
-                log.warning("append conflict, retrying against fresh state: %s", exc.orig)
+                    raise RefusedBatch(_reason(exc)) from exc
+                log.warning("append conflict, retrying against fresh state: %s", _reason(exc))
                 await asyncio.sleep(min(0.05 * conflicts, 1.0))
-            except DBAPIError as exc:
+            except DATABASE_UNREACHABLE as exc:
+                # The server is unreachable: wait; past the limit the batch is
+                # nacked and redelivered, never dead-lettered for an outage.
                 if waited >= MAX_TRANSIENT_WAIT_S:
                     raise
                 delay = min(1.0 + waited / 4, 5.0)
-                log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+                log.warning("database unavailable (%s); retrying in %.1fs", _reason(exc), delay)
                 await asyncio.sleep(delay)
                 waited += delay
+            except DATABASE_REFUSED as exc:
+                raise RefusedBatch(_reason(exc)) from exc
 
     async def _publish(self, outcome: BatchOutcome) -> None:
         s = self.settings
@@ -134,6 +188,11 @@ class OrchestrationService:
             sends.append(await send(s.dead_letter_topic, rec.value or b"", key=rec.key, headers=headers))
         if sends:
             await asyncio.gather(*sends)
+
+
+def _reason(exc: BaseException) -> str:
+    inner = getattr(exc, "orig", None) or exc
+    return str(inner).splitlines()[0] if str(inner) else type(inner).__name__
 
 
 async def ensure_topics(settings: Settings) -> None:
