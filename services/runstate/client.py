@@ -20,12 +20,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from runstate.config import Settings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.messages import (
+    Command,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
     OrchestrationResultEvent,
     SetFlowRunStateCommand,
     SetStateCommand,
     StateChangeEvent,
+    stream_id_of,
 )
 
 
@@ -114,23 +116,44 @@ class RunstateClient:
         if future is not None and not future.done():
             future.set_result(event)
 
-    async def _send(self, key: UUID, command: Any, transition: tuple[UUID, UUID] | None) -> asyncio.Future:
+    async def _send(
+        self, command: Command, transition: tuple[UUID, UUID] | None
+    ) -> asyncio.Future[OrchestrationResultEvent]:
         assert self._producer is not None, "call start() first"
+        assert command.command_id is not None
         future: asyncio.Future[OrchestrationResultEvent] = asyncio.get_running_loop().create_future()
         self._by_command[command.command_id] = future
         if transition is not None:
             self._by_transition[transition] = future
         await self._producer.send(
-            self.settings.command_topic, command.model_dump_json().encode(), key=str(key).encode()
+            self.settings.command_topic, command.model_dump_json().encode(), key=str(stream_id_of(command)).encode()
         )
         return future
 
-    async def _await(self, future: asyncio.Future, command_id: UUID, timeout: float) -> OrchestrationResultEvent:
+    @staticmethod
+    def _transition_of(command: Command) -> tuple[UUID, UUID] | None:
+        if isinstance(command, SetStateCommand) and command.state.state_details.transition_id is not None:
+            return (command.task_run_id, command.state.state_details.transition_id)
+        return None
+
+    async def request(self, command: Command, timeout: float = 30.0) -> OrchestrationResultEvent:
+        """Publish a prepared command (with its command_id set) keyed by its run
+        and wait at most `timeout` seconds for its result.
+
+        Raises RunstateTimeout when no result came in time; the command stays on
+        the topic and is decided later all the same.
+        """
+        transition = self._transition_of(command)
+        future = await self._send(command, transition)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError as exc:
-            self._by_command.pop(command_id, None)
-            raise RunstateTimeout(f"no result for command {command_id} within {timeout} s") from exc
+            # Forget the waiter under both keys, or every timed-out request would
+            # leave an entry behind for the life of the process.
+            self._by_command.pop(command.command_id, None)
+            if transition is not None:
+                self._by_transition.pop(transition, None)
+            raise RunstateTimeout(f"no result for command {command.command_id} within {timeout:g} s") from exc
 
     # -- commands -------------------------------------------------------------
     async def submit(
@@ -142,16 +165,8 @@ class RunstateClient:
         transition_id: UUID | None = None,
     ) -> tuple[UUID, asyncio.Future[OrchestrationResultEvent]]:
         """Publish a set_state command; returns its command id and the future of its result."""
-        proposal = state if isinstance(state, StateCreate) else StateCreate.model_validate(state)
-        tid = transition_id or proposal.state_details.transition_id or uuid.uuid4()
-        details = proposal.state_details.model_copy(update={"transition_id": tid})
-        command = SetStateCommand(
-            command_id=uuid.uuid4(),
-            task_run_id=task_run_id,
-            state=proposal.model_copy(update={"state_details": details}),
-            force=force,
-        )
-        return command.command_id, await self._send(task_run_id, command, (task_run_id, tid))
+        command = set_state_command(task_run_id, state, force=force, transition_id=transition_id)
+        return command.command_id, await self._send(command, self._transition_of(command))
 
     async def propose(
         self,
@@ -162,8 +177,8 @@ class RunstateClient:
         transition_id: UUID | None = None,
         timeout: float = 30.0,
     ) -> OrchestrationResultEvent:
-        command_id, future = await self.submit(task_run_id, state, force=force, transition_id=transition_id)
-        return await self._await(future, command_id, timeout)
+        command = set_state_command(task_run_id, state, force=force, transition_id=transition_id)
+        return await self.request(command, timeout)
 
     async def create_task_run(
         self,
@@ -193,8 +208,7 @@ class RunstateClient:
             empirical_policy=EmpiricalPolicy.model_validate(empirical_policy or {}),
             state=StateCreate.model_validate(state) if isinstance(state, dict) else state,
         )
-        future = await self._send(command.id, command, None)
-        return await self._await(future, command.command_id, timeout)
+        return await self.request(command, timeout)
 
     async def create_flow_run(
         self, flow_run_id: UUID | None = None, *, name: str = "", state: StateCreate | dict | None = None,
@@ -206,8 +220,7 @@ class RunstateClient:
             name=name,
             state=StateCreate.model_validate(state) if isinstance(state, dict) else state,
         )
-        future = await self._send(command.id, command, None)
-        return await self._await(future, command.command_id, timeout)
+        return await self.request(command, timeout)
 
     async def set_flow_run_state(
         self, flow_run_id: UUID, state: StateCreate | dict[str, Any], *, timeout: float = 30.0
@@ -217,8 +230,27 @@ class RunstateClient:
             flow_run_id=flow_run_id,
             state=state if isinstance(state, StateCreate) else StateCreate.model_validate(state),
         )
-        future = await self._send(flow_run_id, command, None)
-        return await self._await(future, command.command_id, timeout)
+        return await self.request(command, timeout)
+
+
+def set_state_command(
+    task_run_id: UUID,
+    state: StateCreate | dict[str, Any],
+    *,
+    force: bool = False,
+    transition_id: UUID | None = None,
+) -> SetStateCommand:
+    """A set_state command with a fresh command id and a transition id (the
+    given one, the proposal's, or a new one): the key that makes a resend safe."""
+    proposal = state if isinstance(state, StateCreate) else StateCreate.model_validate(state)
+    tid = transition_id or proposal.state_details.transition_id or uuid.uuid4()
+    details = proposal.state_details.model_copy(update={"transition_id": tid})
+    return SetStateCommand(
+        command_id=uuid.uuid4(),
+        task_run_id=task_run_id,
+        state=proposal.model_copy(update={"state_details": details}),
+        force=force,
+    )
 
 
 def state(type_: StateType | str, name: str | None = None, **details: Any) -> StateCreate:

@@ -18,7 +18,7 @@ from runstate.client import RunstateTimeout
 from runstate.config import Settings
 from runstate.store.event_store import make_engine
 
-from .bus import CommandBus
+from runstate.client import RunstateClient
 from .reads import GatewayReads
 
 log = logging.getLogger("runstate.gateway")
@@ -31,7 +31,7 @@ DEFAULT_RESULT_TIMEOUT = 10.0
 class Gateway:
     """What every handler needs; one per process."""
 
-    bus: CommandBus
+    bus: RunstateClient
     reads: GatewayReads
     result_timeout: float
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or Settings.load()
-        bus = CommandBus(s, client_id="runstate-gateway")
+        bus = RunstateClient(s, client_id="runstate-gateway")
         await bus.start()
         engine = make_engine(s.database_url, pool_size=8)
         app.state.gateway = Gateway(bus, GatewayReads(engine), result_timeout)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from runstate.client import RunstateTimeout
 from runstate.domain import AcceptDetails, OrchestrationResult, SetStateStatus, State, StateCreate, StateType
 from runstate.messages import (
+    Command,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
     ErrorInfo,
@@ -24,7 +25,6 @@ from runstate.messages import (
 )
 
 from .app import Gateway, PendingDecision
-from .bus import GatewayCommand
 from .models import (
     ConcurrencyLimit,
     ConcurrencyLimitCreate,
@@ -90,7 +90,7 @@ def _error(error: ErrorInfo) -> JSONResponse:
     return JSONResponse(status_code=500, content={"exception_message": "Internal Server Error"})
 
 
-async def _decide(gw: Gateway, command: GatewayCommand, what: str) -> OrchestrationResultEvent:
+async def _decide(gw: Gateway, command: Command, what: str) -> OrchestrationResultEvent:
     try:
         return await gw.bus.request(command, gw.result_timeout)
     except RunstateTimeout as exc:
