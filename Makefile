@@ -24,7 +24,7 @@ MIGRATE := $(VENV)/bin/runstate db upgrade
 PYTEST_ARGS ?=
 RUNSTATE_TEST_BACKEND ?= local
 
-.PHONY: venv up down status migrate run test
+.PHONY: venv up down status migrate run test faults
 
 venv: $(STAMP)
 
@@ -72,3 +72,13 @@ else
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests — failing" >&2; status=1; fi; \
 	exit $$status
 endif
+
+# Fault-injection scenarios (>= 20,000 commands each) and the bad-input fuzzer (>= 10,000
+# inputs); `make test` runs the same scenarios at CI size. The stack is stopped whatever
+# happens; its shutdown messages go to stderr so the summary stays the last stdout line.
+faults: venv
+	@trap '$(STACK) down >&2' EXIT; \
+	$(STACK) up; \
+	$(LOAD_ENV); \
+	echo "+ $(MIGRATE)"; $(MIGRATE); \
+	RUNSTATE_FAULT_SCALE=full $(VPY) tests/faults/run_faults.py $(PYTEST_ARGS)

@@ -44,8 +44,28 @@ async def run_sql(conn: AsyncConnection, query: str, params: dict[str, Any]) -> 
         return await cur.fetchall() if cur.description else []
 
 
+# A batch reads the projections, the already-decided records and the tag rows
+# in several statements. Under READ COMMITTED each statement sees a different
+# commit, so a zombie committing between two of them left the new owner
+# believing a run unknown while its creation was already recorded (found by the
+# fault suite). REPEATABLE READ gives the whole batch one snapshot; a write that
+# then collides with a newer commit fails and the batch is retried.
+BATCH_ISOLATION = "REPEATABLE READ"
+
+# A member frozen inside its transaction (SIGSTOP, a long GC pause) holds the
+# tag rows it locked; the server ends such a session so other partitions go on.
+SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=15s -c lock_timeout=20s"
+
+
 def make_engine(url: str, pool_size: int = 4) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=4,
+        pool_pre_ping=True,
+        isolation_level=BATCH_ISOLATION,
+        connect_args={"options": SESSION_OPTIONS},
+    )
 
 
 class EventStore:

@@ -1,0 +1,354 @@
+"""Fault-injection scenarios: a workload of many runs from concurrent workers
+through real consumer processes, Kafka and PostgreSQL, one kind of fault per
+scenario, then the checker (checker.py) against the fault-free reference.
+
+The append-only guarantee of the log (the service's role cannot UPDATE, DELETE
+or TRUNCATE events) is shown by tests/pipeline/test_pipeline.py::
+test_service_role_cannot_rewrite_the_log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from pipeline.harness import isolated_settings
+from runstate.config import Settings
+from runstate.pipeline.faults import POINTS
+from runstate.pipeline.service import ensure_topics
+
+from .checker import Report, check, pg_dsn
+from .driver import (
+    Fleet,
+    ResultReader,
+    Sent,
+    lanes_of,
+    make_producer,
+    process_state,
+    send_closed_loop,
+    send_open_loop,
+)
+from .infra import PrivateStack
+from .workload import Workload, generate, reference
+
+pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
+
+WORKERS = 8
+
+
+@dataclass
+class Faults:
+    """What a scenario's fault task did, for the report."""
+
+    count: int = 0
+    detail: Counter = field(default_factory=Counter)
+
+    def add(self, what: str, n: int = 1) -> None:
+        self.count += n
+        self.detail[what] += n
+
+
+def seed_tags(settings: Settings, workload: Workload) -> None:
+    with psycopg.connect(pg_dsn(settings.database_url), autocommit=True) as conn:
+        for tag, limit in workload.tag_limits.items():
+            conn.execute('INSERT INTO tag_concurrency_limits (tag, "limit") VALUES (%s, %s)', (tag, limit))
+
+
+async def run_scenario(
+    name: str,
+    settings: Settings,
+    scale,
+    logdir: Path,
+    *,
+    consumers: int,
+    fault_task,
+    plan=None,
+    closed_loop: bool = False,
+    timeout: float | None = None,
+    commands: int | None = None,
+    duration: float = 0.0,
+) -> Report:
+    """Send the workload (phase 1, then phase 2 once phase 1 is answered),
+    spread over about `duration` seconds, while
+    `fault_task(fleet, reader, faults, done)` injects faults, wait until every
+    command is answered, stop everything, check."""
+    t0 = time.monotonic()
+    workload = generate(scale.seed, commands or scale.commands, duplicate_rate=0.0 if closed_loop else 0.02)
+    ref = reference(workload)
+    await ensure_topics(settings)
+    seed_tags(settings, workload)
+    timeout = timeout or scale.pick(240.0, 1500.0)
+    faults = Faults()
+    fleet = Fleet(settings, logdir, consumers, plan)
+    reader = await ResultReader(settings).start()
+    producer = await make_producer(settings)
+    done = asyncio.Event()
+    sent = Sent()
+    tasks: list[asyncio.Task] = []
+    unanswered = None
+    try:
+        fleet.start_all()
+        tasks.append(asyncio.create_task(fleet.supervise(done)))
+        tasks.append(asyncio.create_task(fault_task(fleet, reader, faults, done)))
+        for phase in (1, 2):
+            share = duration * sum(len(r.commands) for r in workload.phase(phase)) / len(workload.commands)
+            if closed_loop:
+                concurrency = scale.pick(50, 300)
+                await send_closed_loop(producer, settings, reader, workload.phase(phase), sent,
+                                       concurrency=concurrency, timeout=1.5, seed=scale.seed + phase,
+                                       think=concurrency * share / len(workload.commands))
+            else:
+                await send_open_loop(producer, settings, lanes_of(workload, phase, WORKERS, scale.seed), sent,
+                                     duration=share)
+            await reader.wait_all(sent.commands, timeout - (time.monotonic() - t0))
+    except TimeoutError as exc:
+        unanswered = str(exc)
+    finally:
+        done.set()
+        for task in tasks:
+            try:
+                await asyncio.wait_for(task, 60)
+            except Exception as exc:  # noqa: BLE001 - report, the checker decides
+                print(f"{name}: background task ended with {exc!r}")
+        fleet.restart = False
+        fleet.stop_all()
+        await producer.stop()
+        await reader.stop()
+    report = await check(name, settings, sent.commands, ref, tags=list(workload.tag_limits))
+    report.faults = faults.count
+    if unanswered:
+        report.problems.insert(0, f"gave up waiting: {unanswered}")
+    if sent.timeouts:
+        faults.detail["worker timeouts (retried)"] = sent.timeouts
+    deaths = Counter(code for _, code, _ in fleet.deaths)
+    if deaths:
+        faults.detail.update({f"consumer exits {code}": n for code, n in deaths.items()})
+    report.fault_detail = ", ".join(f"{k}={v}" for k, v in faults.detail.items())
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def assert_clean(report: Report) -> None:
+    assert report.ok, "\n".join([report.line(), *report.problems])
+    assert report.lost == report.duplicated == report.forked == 0
+
+
+async def wait_until(predicate, done: asyncio.Event, poll: float = 0.1) -> bool:
+    while not done.is_set():
+        if predicate():
+            return True
+        await asyncio.sleep(poll)
+    return False
+
+
+def progress(reader: ResultReader, total: int) -> float:
+    return reader.count / max(total, 1)
+
+
+# --------------------------------------------------------------------------- 1. SIGKILL at crash points
+
+
+async def test_sigkill_consumers_at_every_crash_point(base_settings, scale, tmp_path, publish_report):
+    """Two consumers; each incarnation is told to SIGKILL itself at one of the
+    crash points (inside the DB transaction before its commit, between the DB
+    commit and the publish, between the publish acks and the offset commit)
+    after a random number of batches; plus SIGKILLs from outside at random
+    moments (mid-batch). Dead members are restarted."""
+    settings = isolated_settings(base_settings, partitions=6, max_batch=100)
+    rng = random.Random(scale.seed)
+    per_point = scale.pick(2, 4)
+    schedule = [p for p in POINTS for _ in range(per_point)]
+    rng.shuffle(schedule)
+    queue = list(schedule)
+
+    def plan(slot: int, inc: int) -> dict[str, str]:
+        if not queue:
+            return {}
+        return {"RUNSTATE_FAULT_POINT": queue.pop(), "RUNSTATE_FAULT_AFTER": str(rng.randint(1, 5))}
+
+    async def faults_task(fleet: Fleet, reader: ResultReader, faults: Faults, done: asyncio.Event) -> None:
+        outside = scale.pick(2, 5)
+        while not done.is_set() and outside:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            slot = rng.randrange(len(fleet.members))
+            if fleet.alive(slot) and time.monotonic() - fleet.members[slot].started > 3:  # type: ignore[union-attr]
+                fleet.kill(slot)
+                outside -= 1
+                faults.add("SIGKILL from outside")
+        await done.wait()
+        fleet.check()
+        # Deaths by SIGKILL not sent from outside are the crash points firing.
+        faults.add("SIGKILL at a crash point", fleet.kills() - faults.detail["SIGKILL from outside"])
+
+    report = await run_scenario("sigkill", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                plan=plan, duration=scale.pick(20, 60))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults >= len(POINTS), report.fault_detail
+
+
+# --------------------------------------------------------------------------- 2./3. broker and database restarts
+
+
+@pytest.fixture(scope="module")
+def private_stack():
+    stack = PrivateStack().start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def test_kafka_broker_restart(private_stack, scale, tmp_path, publish_report):
+    """The broker is restarted (SIGTERM; in the full run also SIGKILL) while two
+    consumers work through the backlog."""
+    base = private_stack.settings()
+    settings = isolated_settings(base, partitions=6, max_batch=100)
+    restarts = [(0.25, False)] + scale.pick([], [(0.6, True)])
+
+    async def faults_task(fleet, reader, faults, done):
+        for at, hard in restarts:
+            if not await wait_until(lambda at=at: reader.count >= at * scale.commands, done):
+                return
+            took = await asyncio.to_thread(private_stack.restart_kafka, hard)
+            faults.add(f"kafka restart ({'SIGKILL' if hard else 'SIGTERM'}, {took:.0f}s)")
+
+    report = await run_scenario("kafka-restart", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                duration=scale.pick(15, 45))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == len(restarts)
+
+
+async def test_postgres_restart(private_stack, scale, tmp_path, publish_report):
+    """PostgreSQL is restarted (fast shutdown; in the full run also a SIGKILL of
+    the whole server, with crash recovery) while two consumers work."""
+    base = private_stack.settings()
+    settings = isolated_settings(base, partitions=6, max_batch=100)
+    restarts = [(0.25, False, 0.0)] + scale.pick([], [(0.5, True, 2.0), (0.75, False, 5.0)])
+
+    async def faults_task(fleet, reader, faults, done):
+        for at, hard, down in restarts:
+            if not await wait_until(lambda at=at: reader.count >= at * scale.commands, done):
+                return
+            took = await asyncio.to_thread(private_stack.restart_postgres, hard, down)
+            faults.add(f"postgres restart ({'SIGKILL' if hard else 'SIGINT'}, {took:.0f}s)")
+
+    report = await run_scenario("postgres-restart", settings, scale, tmp_path, consumers=2,
+                                fault_task=faults_task, duration=scale.pick(15, 45))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == len(restarts)
+
+
+# --------------------------------------------------------------------------- 4. zombie
+
+
+async def test_sigstopped_consumer_wakes_after_its_partitions_moved(base_settings, scale, tmp_path,
+                                                                    publish_report):
+    """A consumer freezes itself (SIGSTOP) at a crash point: inside its DB
+    transaction before the commit, after the commit before the publish, after
+    the publish before the offset commit. It stays frozen longer than the
+    session timeout (10 s), the group gives its partitions to the other member,
+    then it is woken (SIGCONT) and finishes what it was doing."""
+    settings = isolated_settings(base_settings, partitions=6, max_batch=100)
+    points = list(scale.pick(["before_db_commit"], list(POINTS)))
+    rng = random.Random(scale.seed)
+    pause = 16.0
+
+    def plan(slot: int, inc: int) -> dict[str, str]:
+        if slot == 0 and inc < len(points):
+            return {"RUNSTATE_FAULT_POINT": points[inc], "RUNSTATE_FAULT_SIGNAL": "SIGSTOP",
+                    "RUNSTATE_FAULT_AFTER": str(rng.randint(1, 3))}
+        return {}
+
+    async def faults_task(fleet: Fleet, reader, faults, done):
+        for i, point in enumerate(points):
+            stopped = lambda: fleet.alive(0) and process_state(fleet.pid(0)) == "T"
+            if not await wait_until(stopped, done, poll=0.05):
+                return
+            await asyncio.sleep(pause)
+            fleet.kill(0, signal.SIGCONT)
+            faults.add(f"SIGSTOP {pause:.0f}s at {point}")
+            if i + 1 < len(points):
+                await asyncio.sleep(3)
+                fleet.leave(0)  # the next incarnation freezes at the next point
+                fleet.join(0)
+
+    report = await run_scenario("zombie", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                plan=plan, duration=scale.pick(28, 90))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == len(points), report.fault_detail
+
+
+# --------------------------------------------------------------------------- 5. rebalances
+
+
+async def test_three_consumers_leaving_and_joining(base_settings, scale, tmp_path, publish_report):
+    """Three consumers in one group; members leave (SIGTERM, a clean leave) and
+    join again every few seconds, so partitions move back and forth while
+    batches are in flight."""
+    settings = isolated_settings(base_settings, partitions=6, max_batch=100)
+    rng = random.Random(scale.seed)
+    changes = scale.pick(6, 20)
+
+    async def faults_task(fleet: Fleet, reader, faults, done):
+        n = 0
+        while not done.is_set() and n < changes:
+            await asyncio.sleep(rng.uniform(1.5, 4.0))
+            live = [s for s in fleet.members if fleet.members[s] is not None]
+            away = [s for s in fleet.members if fleet.members[s] is None]
+            if away and (len(live) == 1 or rng.random() < 0.5):
+                fleet.join(rng.choice(away))
+                faults.add("member joined")
+            else:
+                await asyncio.to_thread(fleet.leave, rng.choice(live))
+                faults.add("member left")
+            n += 1
+        for slot in fleet.members:
+            fleet.join(slot)
+
+    report = await run_scenario("rebalance", settings, scale, tmp_path, consumers=3, fault_task=faults_task,
+                                duration=scale.pick(22, 70))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults >= scale.pick(2, 6), report.fault_detail
+
+
+# --------------------------------------------------------------------------- 6. worker retries
+
+
+async def test_workers_retry_after_timeouts(base_settings, scale, tmp_path, publish_report):
+    """Closed-loop workers: each waits for the answer to its command and, after
+    a 1.5 s timeout, sends it again with the same transition id and a new
+    command id. Consumers are frozen for a few seconds now and then (shorter
+    than the session timeout), so many answers come late and many proposals
+    are sent twice or more."""
+    settings = isolated_settings(base_settings, partitions=6, max_batch=100)
+    rng = random.Random(scale.seed)
+
+    async def faults_task(fleet: Fleet, reader, faults, done):
+        await asyncio.sleep(3.0)  # the members have joined
+        while not done.is_set():
+            slot = rng.randrange(len(fleet.members))
+            if not fleet.alive(slot):
+                continue
+            fleet.kill(slot, signal.SIGSTOP)
+            await asyncio.sleep(rng.uniform(2.5, 5.0))
+            fleet.kill(slot, signal.SIGCONT)
+            faults.add("consumer frozen 2.5-5 s")
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+
+    report = await run_scenario("worker-retries", settings, scale, tmp_path, consumers=2,
+                                fault_task=faults_task, closed_loop=True, duration=scale.pick(22, 90))
+    publish_report(report)
+    assert_clean(report)
+    assert report.duplicates_caught > 0, report.line()
