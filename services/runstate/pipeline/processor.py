@@ -116,6 +116,37 @@ class EventRow:
     source_partition: int
     source_offset: int
 
+    @classmethod
+    def of(
+        cls,
+        item: "ParsedCommand",
+        stream_id: UUID,
+        seq: int,
+        stream_type: str,
+        event_type: str,
+        transition_id: UUID | None,
+        status: str,
+        appended: State | None,
+        payload: str,
+    ) -> "EventRow":
+        """The row recording one decided command, with the record it came from."""
+        return cls(
+            stream_id=stream_id,
+            seq=seq,
+            stream_type=stream_type,
+            event_type=event_type,
+            command_id=item.command_id,
+            transition_id=transition_id,
+            status=status,
+            state_type=appended.type.value if appended else None,
+            state_name=appended.name if appended else None,
+            state_id=appended.id if appended else None,
+            payload=payload,
+            source_topic=item.record.topic,
+            source_partition=item.record.partition,
+            source_offset=item.record.offset,
+        )
+
 
 @dataclass(slots=True)
 class Publication:
@@ -425,22 +456,8 @@ class BatchDecider:
             + "}"
         )
         self.out.events.append(
-            EventRow(
-                stream_id=run_id,
-                seq=seq,
-                stream_type="task_run",
-                event_type=event_type,
-                command_id=item.command_id,
-                transition_id=transition_id,
-                status=decision.result.status.value,
-                state_type=appended.type.value if appended else None,
-                state_name=appended.name if appended else None,
-                state_id=appended.id if appended else None,
-                payload=payload,
-                source_topic=item.record.topic,
-                source_partition=item.record.partition,
-                source_offset=item.record.offset,
-            )
+            EventRow.of(item, run_id, seq, "task_run", event_type, transition_id,
+                        decision.result.status.value, appended, payload)
         )
         head.view = decision.run
         head.last_seq = seq
@@ -581,22 +598,7 @@ class BatchDecider:
             + ',"state_change":null}'
         )
         self.out.events.append(
-            EventRow(
-                stream_id=flow.id,
-                seq=seq,
-                stream_type="flow_run",
-                event_type=event_type,
-                command_id=item.command_id,
-                transition_id=None,
-                status="ACCEPT",
-                state_type=state.type.value if state else None,
-                state_name=state.name if state else None,
-                state_id=state.id if state else None,
-                payload=payload,
-                source_topic=item.record.topic,
-                source_partition=item.record.partition,
-                source_offset=item.record.offset,
-            )
+            EventRow.of(item, flow.id, seq, "flow_run", event_type, None, "ACCEPT", state, payload)
         )
         head.view = flow
         head.last_seq = seq
