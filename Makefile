@@ -22,9 +22,10 @@ ENV_FILE := .runstate/env
 LOAD_ENV := set -a && . ./$(ENV_FILE) && set +a
 MIGRATE := $(VENV)/bin/runstate db upgrade
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 RUNSTATE_TEST_BACKEND ?= local
 
-.PHONY: venv up down status migrate run test faults
+.PHONY: venv up down status migrate run test faults bench
 
 venv: $(STAMP)
 
@@ -82,3 +83,9 @@ faults: venv
 	$(LOAD_ENV); \
 	echo "+ $(MIGRATE)"; $(MIGRATE); \
 	RUNSTATE_FAULT_SCALE=full $(VPY) tests/faults/run_faults.py $(PYTEST_ARGS)
+
+# Benchmarks: brings up Kafka and PostgreSQL (not the services: it starts its own consumers),
+# writes BENCHMARKS.md and BENCHMARKS.png, tears down what it started (about 10 minutes).
+bench: venv
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	$(VPY) tests/bench/run_bench.py $(BENCH_ARGS)

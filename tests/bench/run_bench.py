@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""`make bench`: runstate's throughput, latency, overhead, scale-out, rebuild speed and memory,
+next to a bare Kafka->PostgreSQL->Kafka consumer (the floor) and Prefect 3.9.1's own server
+(the peer), all in one run on this machine. Writes BENCHMARKS.md and BENCHMARKS.png at the
+repository root; the last line printed is the `bench: ...` summary.
+
+    python tests/bench/run_bench.py            # what `make bench` runs (starts and stops the stack)
+    python tests/bench/run_bench.py --quick    # short runs, for developing the harness
+    python tests/bench/run_bench.py --use-env  # use the servers in the environment, don't start a stack
+
+Each measurement gets its own topics (12 partitions) and consumer group; runstate's consumers
+and the floor write to a database of their own (`runstate_bench`, dropped at the end), the
+rebuild reads one more (`runstate_bench_rebuild`), Prefect's server one more (`prefect`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
+from workload import Driver, percentile  # noqa: E402
+
+WORK = REPO / ".runstate" / "bench"
+STACK = [sys.executable, str(REPO / "deploy" / "stack.py")]
+PARTITIONS = 12
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- environment
+
+def read_env_file() -> dict[str, str]:
+    values = {}
+    for line in (REPO / ".runstate" / "env").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            key, _, raw = line[len("export "):].partition("=")
+            parts = shlex.split(raw)
+            values[key] = parts[0] if parts else ""
+    return values
+
+
+class Stack:
+    """deploy/stack.py up --servers-only: Kafka and PostgreSQL without the runstate services
+    (the benchmark starts its own consumers with chosen settings); down at the end if this
+    run started it."""
+
+    def __init__(self, use_env: bool) -> None:
+        self.use_env = use_env
+        self.started = False
+        self.env: dict[str, str] = {}
+        self.kafka_pid: int | None = None
+
+    def up(self) -> None:
+        if self.use_env:
+            self.env = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL",
+                                                   "RUNSTATE_ADMIN_DATABASE_URL")}
+            return
+        out = subprocess.run(STACK + ["up", "--servers-only"], capture_output=True, text=True, cwd=REPO)
+        sys.stdout.write(out.stdout)
+        sys.stderr.write(out.stderr)
+        if out.returncode != 0:
+            raise SystemExit(f"deploy/stack.py up failed ({out.returncode})")
+        self.started = "already up" not in out.stdout
+        self.env = read_env_file()
+        state = json.loads((REPO / ".runstate" / "state.json").read_text())
+        for comp in state.get("components", []):
+            if comp["name"] == "kafka" and comp.get("pid"):
+                self.kafka_pid = comp["pid"]
+
+    def down(self) -> None:
+        if self.started:
+            subprocess.run(STACK + ["down"], cwd=REPO)
+
+
+def db_url(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def libpq(url: str) -> str:
+    u = make_url(url)
+    return f"host={u.host} port={u.port} user={u.username} dbname={u.database}" + \
+        (f" password={u.password}" if u.password else "")
+
+
+def admin_sql(admin_url: str, *statements: str) -> None:
+    with psycopg.connect(libpq(db_url(admin_url, "postgres")), autocommit=True) as conn:
+        for s in statements:
+            conn.execute(s)
+
+
+TOAST_COMPRESSION = os.environ.get("BENCH_TOAST_COMPRESSION", "lz4")
+
+
+def set_compression(admin_url: str, name: str) -> None:
+    """TOAST compression of the benchmark's databases: lz4 when the server has it. pglz (the
+    default) compressing each event's ~6 kB payload was half of the events INSERT's server CPU."""
+    with psycopg.connect(libpq(db_url(admin_url, "postgres")), autocommit=True) as conn:
+        ok = conn.execute("SELECT %s = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+                          (TOAST_COMPRESSION,)).fetchone()[0]
+        if ok:
+            conn.execute(f"ALTER DATABASE {name} SET default_toast_compression = '{TOAST_COMPRESSION}'")
+
+
+def fresh_database(admin_url: str, app_url: str, name: str) -> tuple[str, str]:
+    from runstate.store.migrate import upgrade
+
+    owner = make_url(admin_url).username
+    admin_sql(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name} OWNER {owner}")
+    set_compression(admin_url, name)
+    a, b = db_url(admin_url, name), db_url(app_url, name)
+    upgrade(a, b)
+    return a, b
+
+
+# --------------------------------------------------------------------------- Kafka helpers
+
+def topic_names(label: str) -> dict[str, str]:
+    token = f"bench-{label}-{uuid.uuid4().hex[:6]}"
+    return {
+        "RUNSTATE_COMMAND_TOPIC": f"{token}.commands",
+        "RUNSTATE_RESULT_TOPIC": f"{token}.results",
+        "RUNSTATE_STATE_CHANGE_TOPIC": f"{token}.state-changes",
+        "RUNSTATE_DEAD_LETTER_TOPIC": f"{token}.dead-letter",
+        "RUNSTATE_CONSUMER_GROUP": f"{token}-group",
+        "RUNSTATE_PARTITIONS": str(PARTITIONS),
+    }
+
+
+async def create_topics(bootstrap: str, topics: dict[str, str]) -> None:
+    from runstate.config import Settings
+    from runstate.pipeline.service import ensure_topics
+
+    s = Settings(kafka_bootstrap_servers=bootstrap, database_url="-", admin_database_url="-",
+                 command_topic=topics["RUNSTATE_COMMAND_TOPIC"], result_topic=topics["RUNSTATE_RESULT_TOPIC"],
+                 state_change_topic=topics["RUNSTATE_STATE_CHANGE_TOPIC"],
+                 dead_letter_topic=topics["RUNSTATE_DEAD_LETTER_TOPIC"], partitions=PARTITIONS)
+    await ensure_topics(s)
+
+
+async def wait_group(bootstrap: str, group: str, members: int, timeout: float = 90) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                for response in await admin.describe_consumer_groups([group]):
+                    for g in response.groups:
+                        if g[1] == group and g[0] == 0 and g[2] == "Stable" and len(g[5]) >= members:
+                            return
+            await asyncio.sleep(0.3)
+        raise RuntimeError(f"consumer group {group} did not reach {members} stable members in {timeout} s")
+    finally:
+        await admin.close()
+
+
+class Sampler:
+    """Every `every` s: the group's lag on the command topic, the consumers' RSS, results seen."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, pids: list[int], driver: Driver,
+                 every: float = 1.0) -> None:
+        self.bootstrap, self.group, self.topic, self.pids, self.driver = bootstrap, group, topic, pids, driver
+        self.every = every
+        self.samples: list[dict] = []
+        self.marks: dict[int, dict] = {}  # results received -> sample, first sample at or past the mark
+        self.mark_at: list[int] = []
+
+    async def __aenter__(self) -> "Sampler":
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self.admin.start()
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await self.consumer.start()
+        self.tps = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
+        self.task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def _loop(self) -> None:
+        t0 = time.monotonic()
+        while True:
+            sample = {"t": time.monotonic() - t0, "received": self.driver.received,
+                      "rss_kib": sum(rss_kib(p) or 0 for p in self.pids)}
+            with contextlib.suppress(Exception):
+                committed = await self.admin.list_consumer_group_offsets(self.group)
+                end = await self.consumer.end_offsets(self.tps)
+                sample["lag"] = sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in self.tps)
+            self.samples.append(sample)
+            for mark in self.mark_at:
+                if mark not in self.marks and sample["received"] >= mark:
+                    self.marks[mark] = sample
+            await asyncio.sleep(self.every)
+
+    def lag_stats(self) -> dict:
+        lags = [s["lag"] for s in self.samples if "lag" in s]
+        return {"lag_mean": sum(lags) / len(lags) if lags else None, "lag_max": max(lags) if lags else None}
+
+
+def summarize(stats, extra: dict | None = None) -> dict:
+    lat = stats.latencies
+    out = {
+        "throughput": stats.throughput, "commands": stats.commands, "seconds": stats.seconds,
+        "p50_ms": percentile(lat, 50) * 1e3, "p95_ms": percentile(lat, 95) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3, "errors": stats.errors, "timeouts": stats.timeouts,
+        "statuses": stats.statuses,
+    }
+    out.update(extra or {})
+    return out
+
+
+# --------------------------------------------------------------------------- runstate runs
+
+class Bench:
+    def __init__(self, args, stack: Stack) -> None:
+        self.args = args
+        self.stack = stack
+        self.bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+        self.results: dict = {"config": {}, "runs": {}}
+
+    def consumer_env(self, topics: dict[str, str], lanes: int) -> dict[str, str]:
+        a = self.args
+        return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "DATABASE_URL": self.app_url,
+                "RUNSTATE_ADMIN_DATABASE_URL": self.admin_url, **topics,
+                "RUNSTATE_LANES": str(lanes), "RUNSTATE_MAX_BATCH": str(a.max_batch),
+                "RUNSTATE_BATCH_TIMEOUT_MS": str(a.batch_timeout_ms)}
+
+    def cpu_meter(self, pids: list[int]) -> CpuMeter:
+        kafka = self.stack.kafka_pid
+        return CpuMeter({
+            "consumers": lambda: pids,
+            "postgres": lambda: pids_by_comm("postgres"),
+            "kafka": (lambda: [kafka]) if kafka else (lambda: pids_by_comm("java")),
+            "driver": lambda: [os.getpid()],
+        })
+
+    @contextlib.asynccontextmanager
+    async def consumers(self, label: str, processes: int, lanes: int, floor: bool = False):
+        topics = topic_names(label)
+        await create_topics(self.bootstrap, topics)
+        procs: list = []
+        try:
+            if floor:
+                env = {**os.environ, "FLOOR_BOOTSTRAP": self.bootstrap, "FLOOR_DSN": libpq(self.admin_url),
+                       "FLOOR_COMMAND_TOPIC": topics["RUNSTATE_COMMAND_TOPIC"],
+                       "FLOOR_RESULT_TOPIC": topics["RUNSTATE_RESULT_TOPIC"],
+                       "FLOOR_GROUP": topics["RUNSTATE_CONSUMER_GROUP"],
+                       "FLOOR_MAX_BATCH": str(self.args.max_batch),
+                       "FLOOR_BATCH_TIMEOUT_MS": str(self.args.batch_timeout_ms)}
+                fh = open(WORK / f"{label}.log", "ab")
+                p = subprocess.Popen([sys.executable, str(HERE / "floor.py")], env=env, stdout=fh,
+                                     stderr=subprocess.STDOUT, cwd=REPO, stdin=subprocess.DEVNULL)
+                procs.append(p)
+                pids = [p.pid]
+                members = 1
+            else:
+                env = self.consumer_env(topics, lanes)
+                for i in range(processes):
+                    procs.append(Consumer(env, WORK / f"{label}-{i}.log").start())
+                pids = [c.pid for c in procs]
+                members = processes * lanes
+            await wait_group(self.bootstrap, topics["RUNSTATE_CONSUMER_GROUP"], members)
+            async with Driver(self.bootstrap, topics["RUNSTATE_COMMAND_TOPIC"],
+                              topics["RUNSTATE_RESULT_TOPIC"]) as driver:
+                await driver.run(32, 200, None, warmup=0)  # every partition's first batch, JIT of caches
+                yield driver, topics, pids
+        finally:
+            for p in procs:
+                if isinstance(p, Consumer):
+                    p.stop()
+                else:
+                    stop_popen(p)
+
+    async def closed_loop(self, driver, topics, pids, workers: int, seconds: float | None = None,
+                          runs: int | None = None, marks: tuple[int, ...] = ()) -> dict:
+        meter = self.cpu_meter(pids)
+        meter.start_total()
+        meter.start()
+        async with Sampler(self.bootstrap, topics["RUNSTATE_CONSUMER_GROUP"], topics["RUNSTATE_COMMAND_TOPIC"],
+                           pids, driver) as sampler:
+            received0 = driver.received
+            sampler.mark_at = [received0 + m for m in marks]
+            stats = await driver.run(workers, runs, seconds, warmup=self.args.warmup)
+            driver.hops.clear()
+            await asyncio.sleep(0)
+        cpu = meter.stop()
+        res = summarize(stats, {"workers": workers, "cpu": cpu, **sampler.lag_stats(),
+                                "rss_kib_end": sampler.samples[-1]["rss_kib"] if sampler.samples else None,
+                                "received": driver.received - received0})
+        res["rss_marks"] = {str(m - received0): s["rss_kib"] for m, s in sampler.marks.items()}
+        res["rss_series"] = [(round(s["t"], 1), s["received"] - received0, s["rss_kib"]) for s in sampler.samples]
+        return res
+
+    async def paced(self, driver, topics, pids, rate: float, seconds: float, workers: int) -> dict:
+        meter = self.cpu_meter(pids)
+        meter.start()
+        async with Sampler(self.bootstrap, topics["RUNSTATE_CONSUMER_GROUP"], topics["RUNSTATE_COMMAND_TOPIC"],
+                           pids, driver) as sampler:
+            driver.hops.clear()
+            stats = await driver.run(workers, None, seconds, rate=rate, warmup=self.args.warmup)
+        hops = {"hop_p50_ms": percentile(driver.hops, 50), "hop_p99_ms": percentile(driver.hops, 99)}
+        driver.hops.clear()
+        return summarize(stats, {"offered": rate, "workers": workers, "cpu": meter.stop(), **hops,
+                                 **sampler.lag_stats()})
+
+    # ---------------------------------------------------------------- the runs
+    async def run_all(self) -> None:
+        a = self.args
+        env = self.stack.env
+        self.admin_url, self.app_url = fresh_database(env["RUNSTATE_ADMIN_DATABASE_URL"], env["DATABASE_URL"],
+                                                      "runstate_bench")
+        with psycopg.connect(libpq(self.admin_url), autocommit=True) as conn:
+            conn.execute("CREATE TABLE floor_events (id bigserial PRIMARY KEY, stream_key text,"
+                         " source_partition integer, source_offset bigint, payload jsonb NOT NULL,"
+                         " recorded_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+            pg = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
+                "server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "max_wal_size",
+                "checkpoint_timeout", "default_toast_compression", "wal_compression")}
+        self.results["config"].update({
+            "lanes": a.lanes, "scale_lanes": a.scale_lanes, "max_batch": a.max_batch, "batch_timeout_ms": a.batch_timeout_ms,
+            "workers": a.workers, "partitions": PARTITIONS, "fail_share": 0.2, "postgres": pg,
+            "main_seconds": a.main_seconds, "main_commands": a.main_commands,
+        })
+        runs = self.results["runs"]
+
+        # 1. the main run: throughput, latency, lag, memory at 100k and at the end.
+        if "main" in a.parts:
+            log(f"runstate end-to-end: 1 consumer process, RUNSTATE_LANES={a.lanes}, {a.workers} workers, "
+                f"up to {a.main_commands} commands or {a.main_seconds} s")
+            async with self.consumers("main", 1, a.lanes) as (driver, topics, pids):
+                runs_needed = int(a.main_commands / 3.4) + 1
+                res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.main_seconds,
+                                             runs=runs_needed, marks=(100_000,))
+                runs["main"] = res
+                log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
+                    f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
+
+                # 2. offered load sweep on the same (warm) consumer
+                runs["load"] = []
+                for rate in a.loads:
+                    r = await self.paced(driver, topics, pids, rate, a.load_seconds, a.load_workers)
+                    runs["load"].append(r)
+                    log(f"  offered {rate}/s: achieved {r['throughput']:.0f}/s, p50 {r['p50_ms']:.1f} ms, "
+                        f"p99 {r['p99_ms']:.1f} ms")
+                r = await self.closed_loop(driver, topics, pids, 16, seconds=a.load_seconds)
+                runs["w16"] = r
+                log(f"  16 workers: {r['throughput']:.0f}/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+
+        # 3. the floor
+        if "floor" in a.parts:
+            log(f"floor: bare consumer, {a.workers} workers, {a.side_seconds} s")
+            async with self.consumers("floor", 1, 1, floor=True) as (driver, topics, pids):
+                res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
+                runs["floor"] = res
+                log(f"  {res['throughput']:.0f} /s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms")
+                r = await self.paced(driver, topics, pids, 1000, a.load_seconds, a.load_workers)
+                runs["floor_1000"] = r
+                log(f"  at 1000/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+
+        # 4. scale-out
+        runs["scale"] = []
+        for n in (a.scale if "scale" in a.parts else []):
+            log(f"scale-out: {n} consumer process(es), RUNSTATE_LANES={a.scale_lanes}, {a.side_seconds} s")
+            async with self.consumers(f"scale{n}", n, a.scale_lanes) as (driver, topics, pids):
+                res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
+                res["processes"] = n
+                res["rss_kib_each"] = [rss_kib(p) for p in pids]
+                runs["scale"].append(res)
+                log(f"  {res['throughput']:.0f}/s, p99 {res['p99_ms']:.1f} ms")
+
+        # 5. rebuild (Prefect's server starts meanwhile: its migrations overlap the generation)
+        prefect = PrefectServer(env["RUNSTATE_ADMIN_DATABASE_URL"]) if not a.skip_prefect else None
+        try:
+            if prefect:
+                prefect.start()
+            if "rebuild" in a.parts:
+                runs["rebuild"] = self.rebuild()
+            # 6. the peer
+            if prefect:
+                prefect.wait_ready()
+                log(f"prefect 3.9.1 server: 16 concurrent REST clients, {a.prefect_seconds} s")
+                runs["prefect"] = prefect.drive(a.prefect_seconds, 16)
+                log(f"  {runs['prefect']['throughput']:.0f} transitions/s, p50 {runs['prefect']['p50_ms']:.1f} ms, "
+                    f"p99 {runs['prefect']['p99_ms']:.1f} ms")
+        finally:
+            if prefect:
+                prefect.stop()
+
+    def rebuild(self) -> dict:
+        a = self.args
+        env = self.stack.env
+        log(f"rebuild: generating {a.rebuild_events} events in runstate_bench_rebuild")
+        r_admin, r_app = fresh_database(env["RUNSTATE_ADMIN_DATABASE_URL"], env["DATABASE_URL"],
+                                        "runstate_bench_rebuild")
+        t0 = time.monotonic()
+        with psycopg.connect(libpq(self.admin_url)) as src:
+            # template: whole histories of real runs from the main run (all lifecycle shapes)
+            rows = src.execute(
+                "SELECT stream_id, seq, stream_type, event_type, transition_id, status, state_type, state_name,"
+                " payload::text FROM events WHERE stream_id IN ((SELECT stream_id FROM events GROUP BY stream_id"
+                " ORDER BY max(seq) DESC, stream_id LIMIT 40) UNION ALL (SELECT stream_id FROM events"
+                " GROUP BY stream_id HAVING max(seq) = 3 ORDER BY stream_id LIMIT 160))"
+                " ORDER BY stream_id, seq").fetchall()
+        with psycopg.connect(libpq(r_admin)) as dst:
+            dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
+                        " event_type text, transition_id uuid, status text, state_type text, state_name text,"
+                        " payload jsonb)")
+            streams = {}
+            with dst.cursor().copy("COPY bench_template FROM STDIN") as cp:
+                for r in rows:
+                    n = streams.setdefault(r[0], len(streams))
+                    cp.write_row((n, *r))
+            dst.execute("ANALYZE bench_template")
+            per_copy = len(rows)
+            copies = -(-a.rebuild_events // per_copy)
+            # Generation only: the log is made unlogged so that writing it costs no WAL; the
+            # rebuild reads it (and writes its projections) exactly as it would a logged one.
+            dst.execute("ALTER TABLE events SET UNLOGGED")
+            dst.commit()
+            step = max(1, 100_000 // per_copy)
+            for lo in range(0, copies, step):
+                hi = min(copies, lo + step)
+                dst.execute(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, transition_id,"
+                    " status, state_type, state_name, state_id, payload, source_topic, source_partition,"
+                    " source_offset)"
+                    " SELECT md5(t.n::text || '/' || g::text)::uuid,"
+                    " t.seq, t.stream_type, t.event_type, gen_random_uuid(), t.transition_id, t.status,"
+                    " t.state_type, t.state_name, CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END,"
+                    " t.payload, 'bench.rebuild', (g %% 12)::integer,"
+                    " g::bigint * 1000000 + row_number() OVER ()"
+                    " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t ORDER BY g, t.n, t.seq",
+                    (lo, hi - 1))
+                dst.commit()
+            dst.execute("DROP TABLE bench_template")
+            dst.commit()
+            total = dst.execute("SELECT count(*) FROM events").fetchone()[0]
+            size = dst.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))").fetchone()[0]
+        with psycopg.connect(libpq(r_admin), autocommit=True) as dst:
+            dst.execute("VACUUM ANALYZE events")
+        gen_s = time.monotonic() - t0
+        log(f"  {total} events ({size}) from {per_copy} template events of {len(streams)} runs in {gen_s:.0f} s")
+        from runstate.audit.rebuild import rebuild
+        report = rebuild(r_app, batch_size=a.rebuild_batch)
+        res = {"events": report.events, "seconds": report.seconds, "events_per_second": report.events / report.seconds,
+               "task_runs": getattr(report, "task_runs", None), "generated": total, "table_size": size,
+               "generation_seconds": gen_s, "batch_size": a.rebuild_batch, "template_events": per_copy}
+        log(f"  rebuild: {report.events} events in {report.seconds:.1f} s = {res['events_per_second']:.0f} events/s")
+        admin_sql(env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench_rebuild WITH (FORCE)")
+        return res
+
+
+class PrefectServer:
+    """Prefect 3.9.1's own server (`prefect server start`, defaults: one worker, its services on)
+    on the stack's PostgreSQL, database `prefect`, from the separate Prefect virtualenv."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.proc = None
+
+    def start(self) -> None:
+        sys.path.insert(0, str(REPO / "tests" / "gateway"))
+        from prefect_env import prefect_python  # builds .cache/prefect-venv on first use
+
+        self.python = prefect_python()
+        owner = make_url(self.admin_url).username
+        admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)",
+                  f"CREATE DATABASE prefect OWNER {owner}")
+        set_compression(self.admin_url, "prefect")
+        u = make_url(self.admin_url)
+        url = f"postgresql+asyncpg://{u.username}{':' + u.password if u.password else ''}@{u.host}:{u.port}/prefect"
+        self.port = free_port()
+        home = WORK / "prefect-home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url,
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+               "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+        self.fh = open(WORK / "prefect-server.log", "ab")
+        prefect_bin = Path(self.python).parent / "prefect"
+        self.proc = subprocess.Popen([str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port",
+                                      str(self.port), "--no-ui"], env=env, stdout=self.fh, stderr=subprocess.STDOUT,
+                                     cwd=WORK, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.api = f"http://127.0.0.1:{self.port}/api"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({self.proc.returncode}); see {WORK}/prefect-server.log")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.api + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.5)
+        raise RuntimeError("prefect server did not become ready")
+
+    def drive(self, seconds: float, concurrency: int) -> dict:
+        meter = CpuMeter({"prefect": lambda: [self.proc.pid, *_children(self.proc.pid)],
+                          "postgres": lambda: pids_by_comm("postgres")})
+        meter.start_total()
+        meter.start()
+        out = subprocess.run([str(self.python), str(HERE / "prefect_driver.py"), self.api, str(seconds),
+                              str(concurrency)], capture_output=True, text=True, cwd=REPO)
+        cpu = meter.stop()
+        if out.returncode != 0:
+            raise RuntimeError(f"prefect driver failed: {out.stderr[-2000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res["cpu"] = cpu
+        return res
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 15)  # its own session: the server and its workers
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        with contextlib.suppress(Exception):
+            admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                raw = (entry / "stat").read_text()
+                f = raw[raw.rindex(")") + 2:].split()
+                if int(f[1]) == pid:
+                    out.append(int(entry.name))
+                    out.extend(_children(int(entry.name)))
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+def machine() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 1024 / 1024, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs, for developing the harness")
+    p.add_argument("--use-env", action="store_true", help="use the servers named in the environment")
+    p.add_argument("--skip-prefect", action="store_true")
+    p.add_argument("--lanes", type=int, default=int(os.environ.get("BENCH_LANES", "2")))
+    p.add_argument("--scale-lanes", type=int, default=int(os.environ.get("BENCH_SCALE_LANES", "2")))
+    p.add_argument("--max-batch", type=int, default=1000)
+    p.add_argument("--batch-timeout-ms", type=int, default=5)
+    p.add_argument("--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "1500")))
+    p.add_argument("--main-commands", type=int, default=1_000_000)
+    p.add_argument("--main-seconds", type=float, default=300)
+    p.add_argument("--loads", type=str, default="250,500,1000,2000,3000")
+    p.add_argument("--load-seconds", type=float, default=12)
+    p.add_argument("--load-workers", type=int, default=600)
+    p.add_argument("--side-seconds", type=float, default=20)
+    p.add_argument("--scale", type=str, default="1,2,3")
+    p.add_argument("--prefect-seconds", type=float, default=30)
+    p.add_argument("--rebuild-events", type=int, default=1_000_000)
+    p.add_argument("--rebuild-batch", type=int, default=50_000)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--out", type=Path, default=REPO)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite BENCHMARKS.md/.png from the last run's .runstate/bench/results.json")
+    p.add_argument("--parts", type=str, default="main,floor,scale,rebuild,prefect")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.main_commands, a.main_seconds, a.load_seconds, a.side_seconds = 120_000, 40, 5, 8
+        a.prefect_seconds, a.rebuild_events = 8, 50_000
+    a.loads = [float(x) for x in a.loads.split(",") if x]
+    a.scale = [int(x) for x in a.scale.split(",") if x]
+    a.parts = set(a.parts.split(","))
+    if "prefect" not in a.parts:
+        a.skip_prefect = True
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        from report import write_report
+
+        print(write_report(json.loads((WORK / "results.json").read_text()), args.out), flush=True)
+        return 0
+    t0 = time.monotonic()
+    info = machine()
+    stack = Stack(args.use_env)
+    log("bringing up the stack (deploy/stack.py up)" if not args.use_env else "using the servers in the environment")
+    stack.up()
+    bench = Bench(args, stack)
+    bench.results["machine"] = info
+    try:
+        asyncio.run(bench.run_all())
+    finally:
+        with contextlib.suppress(Exception):
+            admin_sql(stack.env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench WITH (FORCE)")
+        bench.results["machine"]["loadavg_end"] = os.getloadavg()
+        bench.results["wall_seconds"] = time.monotonic() - t0
+        (WORK / "results.json").write_text(json.dumps(bench.results, indent=1, default=str))
+        stack.down()
+    from report import write_report
+
+    line = write_report(bench.results, args.out)
+    log(f"wrote {args.out / 'BENCHMARKS.md'} and {args.out / 'BENCHMARKS.png'} in {time.monotonic() - t0:.0f} s")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
