@@ -103,9 +103,11 @@ async def test_same_command_twice_gives_one_event_and_two_identical_results(base
 async def test_wait_is_decided_afresh_when_the_same_transition_is_sent_again(base_settings):
     settings = isolated_settings(base_settings)
     run_id = uuid.uuid4()
-    soon = datetime.now(UTC) + timedelta(seconds=3)
     async with InProcessService(settings), RunstateClient(settings) as client:
-        await client.create_task_run(run_id, state=state("SCHEDULED", scheduled_time=soon))
+        await client.create_task_run(run_id)  # answered: the service is up and assigned
+        soon = datetime.now(UTC) + timedelta(seconds=3)
+        scheduled = await client.propose(run_id, state("SCHEDULED", scheduled_time=soon))
+        assert scheduled.status == SetStateStatus.ACCEPT
         tid = uuid.uuid4()
         waited = await client.propose(run_id, state("RUNNING"), transition_id=tid)
         assert waited.status == SetStateStatus.WAIT
@@ -116,7 +118,7 @@ async def test_wait_is_decided_afresh_when_the_same_transition_is_sent_again(bas
         again = await client.propose(run_id, state("RUNNING"), transition_id=tid)
         assert again.seq == accepted.seq and again.result == accepted.result
     logged = await history(settings, run_id)
-    assert [row["status"] for row in logged] == ["ACCEPT", "WAIT", "ACCEPT"]
+    assert [row["status"] for row in logged] == ["ACCEPT", "ACCEPT", "WAIT", "ACCEPT"]
 
 
 async def test_malformed_records_are_dead_lettered_and_the_next_command_is_decided(base_settings):
