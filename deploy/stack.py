@@ -543,6 +543,8 @@ def fetch_kafka_jars() -> str:
 
 
 def kafka_cluster_id() -> str:
+    # Kafka's format: 22 base64url characters. One in 32 starts with "-", which the
+    # storage tool's parser takes for an option unless the id is attached with "=".
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
@@ -584,7 +586,7 @@ def kafka_up(ports: dict[str, int]) -> dict:
         with open(log, "wb") as out:
             rc = subprocess.run([java, "-cp", classpath, f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
                                  f"-Dkafka.logs.dir={logs}", "kafka.tools.StorageTool", "format",
-                                 "-t", kafka_cluster_id(), "-c", str(props)],
+                                 f"--cluster-id={kafka_cluster_id()}", "-c", str(props)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if rc != 0:
             raise StackError(f"Kafka storage format failed (exit code {rc})", log)
