@@ -46,7 +46,7 @@ class Settings:
     max_batch: int = 1000
     batch_timeout_ms: int = 5
     max_command_bytes: int = 1_048_576
-    lanes: int = 2
+    lanes: int = 1
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

@@ -10,6 +10,7 @@ under .cache/ (git-ignored), or taken from RUNSTATE_PREFECT_PYTHON when set.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -26,9 +27,14 @@ def prefect_python() -> Path:
     if explicit:
         return Path(explicit)
     python = VENV / "bin" / "python"
-    if not _has_prefect(python):
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", PREFECT_REQUIREMENT], check=True)
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    # The acceptance test asks for it from two coroutines at once (gateway and Prefect's
+    # own server): only one may build it, the other waits and then finds it built.
+    with open(VENV.parent / "prefect-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _has_prefect(python):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", PREFECT_REQUIREMENT], check=True)
     return python
 
 

@@ -144,3 +144,30 @@ async def read_topic(settings: Settings, topic: str, count: int, timeout: float 
         return records
     finally:
         await consumer.stop()
+
+
+async def read_all(settings: Settings, topic: str) -> list[Any]:
+    """Every record the topic holds now (up to its end offsets), from all partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(100):
+            if parts:
+                break
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            await asyncio.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while True:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                return records
+            for recs in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(recs)
+    finally:
+        await consumer.stop()
