@@ -308,14 +308,7 @@ class BatchDecider:
                 self._decide(item)
             except Exception as exc:  # noqa: BLE001 - one command's failure must not stall the partition
                 log.exception("deciding command %s failed", item.command_id)
-                self._reject(
-                    item.record,
-                    ErrorInfo(code="orchestration_failed", message=f"{type(exc).__name__}: {exc}"),
-                    item.stream_id,
-                    item.command.kind,
-                    dead_letter=True,
-                    command_id=item.command_id,
-                )
+                self._refuse(item, "orchestration_failed", f"{type(exc).__name__}: {exc}", dead_letter=True)
         return self.out
 
     def _decide(self, item: ParsedCommand) -> None:
@@ -333,14 +326,7 @@ class BatchDecider:
     def _set_task_run_state(self, item: ParsedCommand, command: SetStateCommand) -> None:
         head = self.snapshot.task_runs.get(command.task_run_id)
         if head is None:
-            self._reject(
-                item.record,
-                ErrorInfo(code="unknown_run", message=f"Task run with id {command.task_run_id} not found"),
-                command.task_run_id,
-                command.kind,
-                dead_letter=True,
-                command_id=item.command_id,
-            )
+            self._refuse(item, "unknown_run", f"Task run with id {command.task_run_id} not found", dead_letter=True)
             return
         transition_id = item.transition_id
         prior = self.snapshot.by_transition.get((command.task_run_id, transition_id))
@@ -358,21 +344,13 @@ class BatchDecider:
             # Prefect answers these with an HTTP error and writes nothing; here
             # the command is answered with the error and parked, not retried.
             code = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
-            self._reject(item.record, ErrorInfo(code=code, message=str(exc)), command.task_run_id,
-                         command.kind, dead_letter=True, command_id=item.command_id)
+            self._refuse(item, code, str(exc), dead_letter=True)
             return
         self._record_task_decision(item, command, head, ctx, decision, transition_id, "transition_decided")
 
     def _create_task_run(self, item: ParsedCommand, command: CreateTaskRunCommand) -> None:
         if command.id in self.snapshot.task_runs:
-            self._reject(
-                item.record,
-                ErrorInfo(code="already_exists", message=f"Task run with id {command.id} already exists"),
-                command.id,
-                command.kind,
-                dead_letter=False,
-                command_id=item.command_id,
-            )
+            self._refuse(item, "already_exists", f"Task run with id {command.id} already exists", dead_letter=False)
             return
         run = command.new_run()
         initial = command.initial_state()
@@ -516,14 +494,7 @@ class BatchDecider:
     # -- flow runs (recorded as given; they are context for task rules) --------
     def _create_flow_run(self, item: ParsedCommand, command: CreateFlowRunCommand) -> None:
         if command.id in self.snapshot.flow_runs:
-            self._reject(
-                item.record,
-                ErrorInfo(code="already_exists", message=f"Flow run with id {command.id} already exists"),
-                command.id,
-                command.kind,
-                dead_letter=False,
-                command_id=item.command_id,
-            )
+            self._refuse(item, "already_exists", f"Flow run with id {command.id} already exists", dead_letter=False)
             return
         head = StreamHead(view=FlowRunView(id=command.id), last_seq=0)
         self.snapshot.flow_runs[command.id] = head
@@ -532,14 +503,7 @@ class BatchDecider:
     def _set_flow_run_state(self, item: ParsedCommand, command: SetFlowRunStateCommand) -> None:
         head = self.snapshot.flow_runs.get(command.flow_run_id)
         if head is None:
-            self._reject(
-                item.record,
-                ErrorInfo(code="unknown_run", message=f"Flow run with id {command.flow_run_id} not found"),
-                command.flow_run_id,
-                command.kind,
-                dead_letter=True,
-                command_id=item.command_id,
-            )
+            self._refuse(item, "unknown_run", f"Flow run with id {command.flow_run_id} not found", dead_letter=True)
             return
         self._record_flow_state(item, command, head, command.state, "flow_run_state_set")
 
@@ -611,6 +575,17 @@ class BatchDecider:
         self.out.results.append(Publication(prior.key, prior.result_event))
         if prior.state_change is not None:
             self.out.state_changes.append(Publication(prior.key, prior.state_change))
+
+    def _refuse(self, item: ParsedCommand, code: str, message: str, *, dead_letter: bool) -> None:
+        """Answer a well-formed command that cannot be decided, without an event."""
+        self._reject(
+            item.record,
+            ErrorInfo(code=code, message=message),
+            item.stream_id,
+            item.command.kind,
+            dead_letter=dead_letter,
+            command_id=item.command_id,
+        )
 
     def _reject(
         self,
