@@ -576,6 +576,11 @@ def kafka_up(ports: dict[str, int]) -> dict:
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1",
         "group.initial.rebalance.delay.ms=0",
+        # Kafka 4's group coordinator holds every offset commit up to 5 ms to
+        # batch its log writes; runstate commits once per batch and waits for
+        # it before fetching on, so the linger was a third of a command's
+        # round trip at low load.
+        "group.coordinator.append.linger.ms=0",
         "",
     ]))
     classpath = f"{KAFKA_LIBS}/*"

@@ -36,6 +36,7 @@ a cache hit beats every other RUNNING rule, deferred=true beats force=true.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from .context import OrchestrationContext
 from .results import SetStateRequest
@@ -56,7 +57,7 @@ from .rules import (
     WaitForScheduledTime,
 )
 from .run import TaskRunView
-from .states import State, data_as_returned
+from .states import State, StateType, data_as_returned
 from .transforms import GLOBAL_TRANSFORMS
 from .transition import Rule, RunDraft, Transition, UniversalTransform
 
@@ -116,17 +117,28 @@ def select_policy(request: SetStateRequest) -> Policy:
     return CORE_TASK_POLICY
 
 
+@cache
+def applicable_steps(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[Step, ...]:
+    """The policy's rules that apply to a (from, to) pair, in order, then the global transforms.
+
+    It depends on nothing but its arguments, and working it out for every proposal cost more
+    than running the rules themselves."""
+    return tuple(
+        step
+        for step in (*policy.steps, *GLOBAL_TRANSFORMS)
+        if issubclass(step, UniversalTransform) or step.applies_to(from_type, to_type)
+    )
+
+
 def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: OrchestrationContext) -> Transition:
     """Run `policy` over one proposal, following §3.1 steps 4-7."""
     t = Transition(run=run, ctx=ctx, proposal=proposal, draft=RunDraft.of(run))
     original = (run.state_type, proposal.type)
 
-    steps: list[Rule | UniversalTransform] = []
-    for step in (*policy.steps, *GLOBAL_TRANSFORMS):
-        if issubclass(step, UniversalTransform):
-            steps.append(step())
-        elif step.applies_to(*original):
-            steps.append(step(*original))
+    steps: list[Rule | UniversalTransform] = [
+        step() if issubclass(step, UniversalTransform) else step(*original)
+        for step in applicable_steps(policy, *original)
+    ]
 
     entered: list[bool] = []
     for step in steps:

@@ -19,6 +19,7 @@ import gc
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -32,6 +33,7 @@ from runstate import __version__
 from runstate.config import Settings
 from runstate.domain import OrchestrationSettings
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.pipeline.consumer import CoalescingConsumer
 from runstate.pipeline.faults import CrashPoint
 from runstate.messages import ErrorInfo
 from runstate.pipeline.processor import (
@@ -94,7 +96,9 @@ class OrchestrationService:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
             enable_idempotence=True,
-            linger_ms=2,
+            # A batch's records are all appended before the sender runs, so
+            # lingering would only delay the acks the batch waits for.
+            linger_ms=0,
             max_batch_size=256 * 1024,
             max_request_size=DEAD_LETTER_MAX_BYTES,
             client_id="runstate-service",
@@ -236,6 +240,10 @@ async def _undecoded(message: object) -> None:
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings.load()
     broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="runstate-service")
+    # The subscribers build their aiokafka consumers through this factory (the
+    # hook FastStream's own test broker replaces); ours coalesces fetches.
+    config = broker.config.broker_config
+    config.builder = partial(CoalescingConsumer, linger_ms=settings.batch_timeout_ms, **config.builder.keywords)
     store = EventStore(make_engine(settings.database_url))
     service = OrchestrationService(settings, store)
 

@@ -26,6 +26,8 @@ from runstate.pipeline.processor import BatchOutcome, ParsedCommand, StoredOutco
 TASK_KINDS = ("set_task_run_state", "create_task_run")
 
 
+Statement = tuple[str, dict[str, Any]]
+
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -37,11 +39,28 @@ def binary_sql(query: str) -> str:
 
 async def run_sql(conn: AsyncConnection, query: str, params: dict[str, Any]) -> list[Any]:
     """Execute on the psycopg connection under SQLAlchemy's transaction."""
+    (rows,) = await run_pipelined(conn, [(query, params)])
+    return rows
+
+
+async def run_pipelined(conn: AsyncConnection, statements: Sequence[Statement]) -> list[list[Any]]:
+    """Execute statements in one psycopg pipeline: one round trip to the server
+    for all of them instead of one each (a small batch spent most of its
+    database time waiting on these round trips). The first failing statement
+    raises and the rest are skipped, as they would be one by one."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
-    async with driver.cursor(row_factory=namedtuple_row) as cur:
-        await cur.execute(binary_sql(query), params, prepare=False)
-        return await cur.fetchall() if cur.description else []
+    cursors = []
+    async with driver.pipeline():
+        for query, params in statements:
+            cur = driver.cursor(row_factory=namedtuple_row)
+            await cur.execute(binary_sql(query), params, prepare=False)
+            cursors.append(cur)
+    results = []
+    for cur in cursors:
+        results.append(await cur.fetchall() if cur.description else [])
+        await cur.close()
+    return results
 
 
 # A batch reads the projections, the already-decided records and the tag rows
@@ -76,62 +95,21 @@ class EventStore:
     async def load_snapshot(
         self, conn: AsyncConnection, parsed: Sequence[ParsedCommand], topic: str, now: datetime
     ) -> StoreSnapshot:
+        """Everything the batch's decisions read, in one round trip for what the
+        commands name and a second one only when the runs found point further
+        (their flow runs, their tags' limits and leases)."""
         snap = StoreSnapshot()
+        if not parsed:
+            return snap
         task_ids = {p.stream_id for p in parsed if p.command.kind in TASK_KINDS}
         flow_ids = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS}
-
-        if task_ids:
-            rows = await run_sql(conn, ("SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)"),
-                {"ids": list(task_ids)},
-            )
-            for row in rows:
-                snap.task_runs[row.id] = StreamHead(TaskRunView.model_validate(row.view), row.last_seq)
-        for head in snap.task_runs.values():
-            if head.view.flow_run_id is not None:
-                flow_ids.add(head.view.flow_run_id)
-        for p in parsed:
-            if isinstance(p.command, CreateTaskRunCommand) and p.command.flow_run_id:
-                flow_ids.add(p.command.flow_run_id)
-        if flow_ids:
-            rows = await run_sql(conn, ("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)"),
-                {"ids": list(flow_ids)},
-            )
-            for row in rows:
-                snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate(row.view), row.last_seq)
-
-        if parsed:
-            rows = await run_sql(conn, (
-                    "SELECT e.source_partition, e.source_offset, e.stream_id,"
-                    " (e.payload->'result_event')::text AS result_event,"
-                    " (e.payload->'state_change')::text AS state_change"
-                    " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
-                    " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
-                    " WHERE e.source_topic = :topic"
-                ),
-                {
-                    "topic": topic,
-                    "parts": [p.record.partition for p in parsed],
-                    "offs": [p.record.offset for p in parsed],
-                },
-            )
-            for row in rows:
-                snap.by_source[(row.source_partition, row.source_offset)] = _stored(row)
-
+        flow_ids.update(
+            p.command.flow_run_id
+            for p in parsed
+            if isinstance(p.command, CreateTaskRunCommand) and p.command.flow_run_id
+        )
+        new_tags = {tag for p in parsed if isinstance(p.command, CreateTaskRunCommand) for tag in p.command.tags}
         transitions = [(p.stream_id, p.transition_id) for p in parsed if p.transition_id is not None]
-        if transitions:
-            rows = await run_sql(conn, (
-                    "SELECT e.stream_id, e.transition_id,"
-                    " (e.payload->'result_event')::text AS result_event,"
-                    " (e.payload->'state_change')::text AS state_change"
-                    " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
-                    " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
-                    " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')"
-                ),
-                {"sids": [s for s, _ in transitions], "tids": [t for _, t in transitions]},
-            )
-            for row in rows:
-                snap.by_transition[(row.stream_id, row.transition_id)] = _stored(row)
-
         cache_keys = {
             p.command.state.state_details.cache_key
             for p in parsed
@@ -139,74 +117,121 @@ class EventStore:
             and p.command.state.type == StateType.RUNNING
             and p.command.state.state_details.cache_key
         }
+
+        first: dict[str, Statement] = {
+            "by_source": (
+                "SELECT e.source_partition, e.source_offset, e.stream_id,"
+                " (e.payload->'result_event')::text AS result_event,"
+                " (e.payload->'state_change')::text AS state_change"
+                " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
+                " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
+                " WHERE e.source_topic = :topic",
+                {
+                    "topic": topic,
+                    "parts": [p.record.partition for p in parsed],
+                    "offs": [p.record.offset for p in parsed],
+                },
+            )
+        }
+        if task_ids:
+            first["task_runs"] = (
+                "SELECT id, last_seq, view::text AS view FROM task_runs WHERE id = ANY(:ids)",
+                {"ids": list(task_ids)},
+            )
+        if flow_ids:
+            first["flow_runs"] = _flow_runs_query(flow_ids)
+        if transitions:
+            first["by_transition"] = (
+                "SELECT e.stream_id, e.transition_id,"
+                " (e.payload->'result_event')::text AS result_event,"
+                " (e.payload->'state_change')::text AS state_change"
+                " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
+                " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
+                " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')",
+                {"sids": [s for s, _ in transitions], "tids": [t for _, t in transitions]},
+            )
         if cache_keys:
-            rows = await run_sql(conn, (
-                    "SELECT DISTINCT ON (cache_key) cache_key, cache_expiration, created, state"
-                    " FROM task_cache WHERE cache_key = ANY(:keys)"
-                    " AND (cache_expiration IS NULL OR cache_expiration > :now)"
-                    " ORDER BY cache_key, created DESC"
-                ),
+            first["cache"] = (
+                "SELECT DISTINCT ON (cache_key) cache_key, cache_expiration, created, state"
+                " FROM task_cache WHERE cache_key = ANY(:keys)"
+                " AND (cache_expiration IS NULL OR cache_expiration > :now)"
+                " ORDER BY cache_key, created DESC",
                 {"keys": list(cache_keys), "now": now},
             )
-            for row in rows:
-                snap.cache.setdefault(row.cache_key, []).append(
-                    CacheEntry(
-                        cache_key=row.cache_key,
-                        cache_expiration=row.cache_expiration,
-                        created=row.created,
-                        state=State.model_validate(row.state),
-                    )
-                )
+        found = dict(zip(first, await run_pipelined(conn, list(first.values())), strict=True))
 
-        tags: set[str] = set()
-        tagged_runs: list[UUID] = []
-        for head in snap.task_runs.values():
-            if head.view.tags:
-                tags.update(head.view.tags)
-                tagged_runs.append(head.view.id)
-        for p in parsed:
-            if isinstance(p.command, CreateTaskRunCommand):
-                tags.update(p.command.tags)
+        for row in found.get("task_runs", []):
+            snap.task_runs[row.id] = StreamHead(TaskRunView.model_validate_json(row.view), row.last_seq)
+        for row in found.get("flow_runs", []):
+            snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate_json(row.view), row.last_seq)
+        for row in found["by_source"]:
+            snap.by_source[(row.source_partition, row.source_offset)] = _stored(row)
+        for row in found.get("by_transition", []):
+            snap.by_transition[(row.stream_id, row.transition_id)] = _stored(row)
+        for row in found.get("cache", []):
+            snap.cache.setdefault(row.cache_key, []).append(
+                CacheEntry(
+                    cache_key=row.cache_key,
+                    cache_expiration=row.cache_expiration,
+                    created=row.created,
+                    state=State.model_validate(row.state),
+                )
+            )
+
+        heads = [h.view for h in snap.task_runs.values()]
+        tags = new_tags.union(*(run.tags for run in heads))
+        tagged_runs = [run.id for run in heads if run.tags]
+        more_flows = {run.flow_run_id for run in heads if run.flow_run_id is not None} - flow_ids
+        second: dict[str, Statement] = {}
+        if more_flows:
+            second["flow_runs"] = _flow_runs_query(more_flows)
         if tags:
-            rows = await run_sql(conn, (
-                    'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
-                    " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE"
-                ),
+            # FOR UPDATE: slots are shared by every partition's runs.
+            second["tag_limits"] = (
+                'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
+                " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE",
                 {"tags": sorted(tags)},
             )
-            for row in rows:
-                snap.tag_limits[row.tag] = TagLimit(
-                    tag=row.tag,
-                    limit=row.limit,
-                    active=row.active,
-                    active_slots=row.active_slots,
-                    avg_slot_occupancy_seconds=row.avg_slot_occupancy_seconds,
-                )
         if tagged_runs:
-            rows = await run_sql(conn, ("SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)"),
+            second["leases"] = (
+                "SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)",
                 {"ids": tagged_runs},
             )
-            for row in rows:
-                snap.leases.setdefault(row.task_run_id, []).append(
-                    Lease(id=row.id, tags=list(row.tags), slots=row.slots, holder_run_id=row.task_run_id)
-                )
+        if not second:
+            return snap
+        found = dict(zip(second, await run_pipelined(conn, list(second.values())), strict=True))
+        for row in found.get("flow_runs", []):
+            snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate_json(row.view), row.last_seq)
+        for row in found.get("tag_limits", []):
+            snap.tag_limits[row.tag] = TagLimit(
+                tag=row.tag,
+                limit=row.limit,
+                active=row.active,
+                active_slots=row.active_slots,
+                avg_slot_occupancy_seconds=row.avg_slot_occupancy_seconds,
+            )
+        for row in found.get("leases", []):
+            snap.leases.setdefault(row.task_run_id, []).append(
+                Lease(id=row.id, tags=list(row.tags), slots=row.slots, holder_run_id=row.task_run_id)
+            )
         return snap
 
     # -- writing a decided batch ---------------------------------------------
     async def write(self, conn: AsyncConnection, out: BatchOutcome) -> None:
+        """Every row of the batch, sent in one pipeline (one round trip)."""
+        statements: list[Statement] = []
         if out.events:
             ev = out.events
-            await run_sql(conn, (
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
-                    " transition_id, status, state_type, state_name, state_id, payload,"
-                    " source_topic, source_partition, source_offset)"
-                    " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS jsonb), tp, pa, o FROM unnest("
-                    " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
-                    " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
-                    " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
-                    " CAST(:pa AS integer[]), CAST(:o AS bigint[]))"
-                    " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o)"
-                ),
+            statements.append((
+                "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
+                " transition_id, status, state_type, state_name, state_id, payload,"
+                " source_topic, source_partition, source_offset)"
+                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS jsonb), tp, pa, o FROM unnest("
+                " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
+                " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
+                " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
+                " CAST(:pa AS integer[]), CAST(:o AS bigint[]))"
+                " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o)",
                 {
                     "s": [e.stream_id for e in ev],
                     "q": [e.seq for e in ev],
@@ -223,18 +248,17 @@ class EventStore:
                     "pa": [e.source_partition for e in ev],
                     "o": [e.source_offset for e in ev],
                 },
-            )
+            ))
         if out.task_run_heads:
             heads = list(out.task_run_heads.values())
-            await run_sql(conn, (
-                    "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)"
-                    " SELECT i, q, f, t, n, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]),"
-                    " CAST(:q AS bigint[]), CAST(:f AS uuid[]), CAST(:t AS text[]), CAST(:n AS text[]),"
-                    " CAST(:v AS text[])) AS x(i, q, f, t, n, v)"
-                    " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
-                    " state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name,"
-                    " view = EXCLUDED.view, updated_at = clock_timestamp()"
-                ),
+            statements.append((
+                "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)"
+                " SELECT i, q, f, t, n, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]),"
+                " CAST(:q AS bigint[]), CAST(:f AS uuid[]), CAST(:t AS text[]), CAST(:n AS text[]),"
+                " CAST(:v AS text[])) AS x(i, q, f, t, n, v)"
+                " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
+                " state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name,"
+                " view = EXCLUDED.view, updated_at = clock_timestamp()",
                 {
                     "i": [h.view.id for h in heads],
                     "q": [h.last_seq for h in heads],
@@ -243,83 +267,34 @@ class EventStore:
                     "n": [h.view.state.name if h.view.state else None for h in heads],
                     "v": [h.view.model_dump_json() for h in heads],
                 },
-            )
+            ))
         if out.flow_run_heads:
             heads = list(out.flow_run_heads.values())
-            await run_sql(conn, (
-                    "INSERT INTO flow_runs (id, last_seq, state_type, view)"
-                    " SELECT i, q, t, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]), CAST(:q AS bigint[]),"
-                    " CAST(:t AS text[]), CAST(:v AS text[])) AS x(i, q, t, v)"
-                    " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
-                    " state_type = EXCLUDED.state_type, view = EXCLUDED.view, updated_at = clock_timestamp()"
-                ),
+            statements.append((
+                "INSERT INTO flow_runs (id, last_seq, state_type, view)"
+                " SELECT i, q, t, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]), CAST(:q AS bigint[]),"
+                " CAST(:t AS text[]), CAST(:v AS text[])) AS x(i, q, t, v)"
+                " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
+                " state_type = EXCLUDED.state_type, view = EXCLUDED.view, updated_at = clock_timestamp()",
                 {
                     "i": [h.view.id for h in heads],
                     "q": [h.last_seq for h in heads],
                     "t": [h.view.state_type.value if h.view.state_type else None for h in heads],
                     "v": [h.view.model_dump_json() for h in heads],
                 },
-            )
-        await self._write_side_tables(conn, out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
-
-    async def _write_side_tables(
-        self,
-        conn: AsyncConnection,
-        cache_rows: Sequence[CacheEntry],
-        leases_added: Sequence[Lease],
-        leases_removed: Sequence[UUID],
-        slot_deltas: dict[str, int],
-    ) -> None:
-        if cache_rows:
-            await run_sql(conn, (
-                    "INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)"
-                    " SELECT k, e, i, CAST(s AS jsonb), c FROM unnest(CAST(:k AS text[]),"
-                    " CAST(:e AS timestamptz[]), CAST(:i AS uuid[]), CAST(:s AS text[]),"
-                    " CAST(:c AS timestamptz[])) AS x(k, e, i, s, c)"
-                ),
-                {
-                    "k": [r.cache_key for r in cache_rows],
-                    "e": [r.cache_expiration for r in cache_rows],
-                    "i": [r.state.id for r in cache_rows],
-                    "s": [r.state.model_dump_json() for r in cache_rows],
-                    "c": [r.created for r in cache_rows],
-                },
-            )
-        if leases_added:
-            await run_sql(conn, (
-                    "INSERT INTO tag_leases (id, task_run_id, tags, slots)"
-                    " SELECT i, r, string_to_array(t, chr(31)), s FROM unnest(CAST(:i AS uuid[]),"
-                    " CAST(:r AS uuid[]), CAST(:t AS text[]), CAST(:s AS integer[])) AS x(i, r, t, s)"
-                ),
-                {
-                    "i": [lease.id for lease in leases_added],
-                    "r": [lease.holder_run_id for lease in leases_added],
-                    "t": [chr(31).join(lease.tags) for lease in leases_added],
-                    "s": [lease.slots for lease in leases_added],
-                },
-            )
-        if leases_removed:
-            await run_sql(conn, ("DELETE FROM tag_leases WHERE id = ANY(:ids)"), {"ids": list(leases_removed)}
-            )
-        changed = {tag: d for tag, d in slot_deltas.items() if d}
-        if changed:
-            await run_sql(conn, (
-                    "UPDATE tag_concurrency_limits l SET active_slots = GREATEST(0, l.active_slots + d.delta),"
-                    " updated_at = clock_timestamp()"
-                    " FROM unnest(CAST(:tags AS text[]), CAST(:deltas AS integer[])) AS d(tag, delta)"
-                    " WHERE l.tag = d.tag"
-                ),
-                {"tags": list(changed), "deltas": list(changed.values())},
-            )
+            ))
+        statements += _side_table_writes(out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
+        if statements:
+            await run_pipelined(conn, statements)
 
     # -- reads for the gateway, CLI and tests --------------------------------
     async def history(self, stream_id: UUID) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
-            rows = await run_sql(conn, (
-                    "SELECT seq, event_type, command_id, transition_id, status, state_type, state_name,"
-                    " payload, source_topic, source_partition, source_offset, recorded_at"
-                    " FROM events WHERE stream_id = :id ORDER BY seq"
-                ),
+            rows = await run_sql(
+                conn,
+                "SELECT seq, event_type, command_id, transition_id, status, state_type, state_name,"
+                " payload, source_topic, source_partition, source_offset, recorded_at"
+                " FROM events WHERE stream_id = :id ORDER BY seq",
                 {"id": stream_id},
             )
             return [row._asdict() for row in rows]
@@ -329,6 +304,57 @@ class EventStore:
             rows = await run_sql(conn, "SELECT view, last_seq FROM task_runs WHERE id = :id", {"id": run_id})
             row = rows[0] if rows else None
         return (TaskRunView.model_validate(row.view), row.last_seq) if row else None
+
+
+def _side_table_writes(
+    cache_rows: Sequence[CacheEntry],
+    leases_added: Sequence[Lease],
+    leases_removed: Sequence[UUID],
+    slot_deltas: dict[str, int],
+) -> list[Statement]:
+    statements: list[Statement] = []
+    if cache_rows:
+        statements.append((
+            "INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)"
+            " SELECT k, e, i, CAST(s AS jsonb), c FROM unnest(CAST(:k AS text[]),"
+            " CAST(:e AS timestamptz[]), CAST(:i AS uuid[]), CAST(:s AS text[]),"
+            " CAST(:c AS timestamptz[])) AS x(k, e, i, s, c)",
+            {
+                "k": [r.cache_key for r in cache_rows],
+                "e": [r.cache_expiration for r in cache_rows],
+                "i": [r.state.id for r in cache_rows],
+                "s": [r.state.model_dump_json() for r in cache_rows],
+                "c": [r.created for r in cache_rows],
+            },
+        ))
+    if leases_added:
+        statements.append((
+            "INSERT INTO tag_leases (id, task_run_id, tags, slots)"
+            " SELECT i, r, string_to_array(t, chr(31)), s FROM unnest(CAST(:i AS uuid[]),"
+            " CAST(:r AS uuid[]), CAST(:t AS text[]), CAST(:s AS integer[])) AS x(i, r, t, s)",
+            {
+                "i": [lease.id for lease in leases_added],
+                "r": [lease.holder_run_id for lease in leases_added],
+                "t": [chr(31).join(lease.tags) for lease in leases_added],
+                "s": [lease.slots for lease in leases_added],
+            },
+        ))
+    if leases_removed:
+        statements.append(("DELETE FROM tag_leases WHERE id = ANY(:ids)", {"ids": list(leases_removed)}))
+    changed = {tag: d for tag, d in slot_deltas.items() if d}
+    if changed:
+        statements.append((
+            "UPDATE tag_concurrency_limits l SET active_slots = GREATEST(0, l.active_slots + d.delta),"
+            " updated_at = clock_timestamp()"
+            " FROM unnest(CAST(:tags AS text[]), CAST(:deltas AS integer[])) AS d(tag, delta)"
+            " WHERE l.tag = d.tag",
+            {"tags": list(changed), "deltas": list(changed.values())},
+        ))
+    return statements
+
+
+def _flow_runs_query(ids: set[UUID]) -> Statement:
+    return ("SELECT id, last_seq, view::text AS view FROM flow_runs WHERE id = ANY(:ids)", {"ids": list(ids)})
 
 
 def _stored(row: Any) -> StoredOutcome:
