@@ -53,7 +53,7 @@ def test_replay_names_the_run_and_seq_of_an_altered_decision(driven_log, admin_d
         with psycopg.connect(dsn(copy_admin), autocommit=True) as owner:
             owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
             altered = owner.execute(
-                "UPDATE events SET payload = jsonb_set(payload, '{decision,result,status}', '\"ACCEPT\"')"
+                "UPDATE events SET payload = jsonb_set(payload::jsonb, '{decision,result,status}', '\"ACCEPT\"')::json"
                 " WHERE stream_id = %s AND seq = 3",
                 (run,),
             ).rowcount

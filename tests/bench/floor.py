@@ -23,7 +23,7 @@ MARK = b'"command_id":"'
 
 INSERT = (
     "INSERT INTO {table} (stream_key, source_partition, source_offset, payload)"
-    " SELECT k, p, o, CAST(v AS jsonb) FROM unnest(CAST(%(k)b AS text[]), CAST(%(p)b AS integer[]),"
+    " SELECT k, p, o, CAST(v AS json) FROM unnest(CAST(%(k)b AS text[]), CAST(%(p)b AS integer[]),"
     " CAST(%(o)b AS bigint[]), CAST(%(v)b AS text[])) AS x(k, p, o, v)"
 )
 

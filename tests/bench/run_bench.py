@@ -339,7 +339,7 @@ class Bench:
                                                       "runstate_bench")
         with psycopg.connect(libpq(self.admin_url), autocommit=True) as conn:
             conn.execute("CREATE TABLE floor_events (id bigserial PRIMARY KEY, stream_key text,"
-                         " source_partition integer, source_offset bigint, payload jsonb NOT NULL,"
+                         " source_partition integer, source_offset bigint, payload json NOT NULL,"
                          " recorded_at timestamptz NOT NULL DEFAULT clock_timestamp())")
             pg = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
                 "server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "max_wal_size",
@@ -432,7 +432,7 @@ class Bench:
         with psycopg.connect(libpq(r_admin)) as dst:
             dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
                         " event_type text, transition_id uuid, status text, state_type text, state_name text,"
-                        " payload jsonb)")
+                        " payload json)")
             streams = {}
             with dst.cursor().copy("COPY bench_template FROM STDIN") as cp:
                 for r in rows:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -215,14 +217,16 @@ async def test_a_command_the_database_refuses_is_dead_lettered_and_its_batch_sti
     settings = isolated_settings(base_settings, partitions=1)
     run_id, other = uuid.uuid4(), uuid.uuid4()
     key, other_key = str(run_id).encode(), str(other).encode()
-    # PostgreSQL's jsonb cannot hold U+0000: valid JSON, valid command, refused by the store.
-    poison = SetStateCommand(command_id=uuid.uuid4(), task_run_id=run_id,
-                             state={"type": "RUNNING", "message": "nul \u0000 here"})
+    # A task key too long for the (flow_run_id, task_key, dynamic_key) index: a valid command
+    # (Prefect sets no limit) whose row PostgreSQL refuses to index.
+    poisoned = uuid.uuid4()
+    long_key = base64.b64encode(random.Random(5).randbytes(12_000)).decode()
+    poison = CreateTaskRunCommand(command_id=uuid.uuid4(), id=poisoned, task_key=long_key)
     records = [
         (key, CreateTaskRunCommand(id=run_id).model_dump_json().encode()),
         (other_key, CreateTaskRunCommand(id=other).model_dump_json().encode()),
-        (key, poison.model_dump_json().encode()),
-        (key, SetStateCommand(task_run_id=run_id, state=state("COMPLETED")).model_dump_json().encode()),
+        (str(poisoned).encode(), poison.model_dump_json().encode()),
+        (key, SetStateCommand(task_run_id=run_id, state=state("RUNNING")).model_dump_json().encode()),
         (other_key, SetStateCommand(task_run_id=other, state=state("RUNNING")).model_dump_json().encode()),
     ]
     await produce(settings, records)  # before the service starts: one batch
@@ -233,5 +237,6 @@ async def test_a_command_the_database_refuses_is_dead_lettered_and_its_batch_sti
     assert [d.value for d in dead] == [records[2][1]]
     assert dict(dead[0].headers)["x-error-code"] == b"orchestration_failed"
     assert service.stats.dead_lettered == 1
-    assert [r["state_type"] for r in await history(settings, run_id)] == ["PENDING", "COMPLETED"]
+    assert [r["state_type"] for r in await history(settings, run_id)] == ["PENDING", "RUNNING"]
+    assert await history(settings, poisoned) == []
     assert [r["state_type"] for r in await history(settings, other)] == ["PENDING", "RUNNING"]

@@ -50,7 +50,7 @@ def message_of(stream_id: UUID, state_change: dict[str, Any]) -> BackfillMessage
 def _condition(since: datetime, run_id: UUID | None) -> tuple[str, dict[str, Any]]:
     condition = (
         "stream_type = 'task_run' AND recorded_at >= :since"
-        " AND jsonb_typeof(payload->'state_change') = 'object'"
+        " AND json_typeof(payload->'state_change') = 'object'"
     )
     params: dict[str, Any] = {"since": since}
     if run_id is not None:

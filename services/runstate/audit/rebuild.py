@@ -53,8 +53,8 @@ CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream
 FOLD = """
 WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type,
-           CASE WHEN stream_type = 'task_run' THEN payload->'decision' END AS d,
-           CASE WHEN stream_type = 'flow_run' THEN payload->'flow_run' END AS f
+           CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
+           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f
     FROM events e WHERE {events}
 ),
 task_heads AS (

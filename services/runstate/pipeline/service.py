@@ -71,6 +71,9 @@ DATABASE_UNREACHABLE = (
     psycopg.InterfaceError,
 )
 DATABASE_REFUSED = (sa_exc.DBAPIError, psycopg.DatabaseError)
+# psycopg files SQLSTATE class 54 (an index row too large, say) under
+# OperationalError, beside lost connections; but no retry will ever store it.
+BEYOND_LIMITS = psycopg.errors.ProgramLimitExceeded
 
 
 class RefusedBatch(Exception):
@@ -171,6 +174,8 @@ class OrchestrationService:
                 log.warning("append conflict, retrying against fresh state: %s", _reason(exc))
                 await asyncio.sleep(min(0.05 * conflicts, 1.0))
             except DATABASE_UNREACHABLE as exc:
+                if isinstance(getattr(exc, "orig", None) or exc, BEYOND_LIMITS):
+                    raise RefusedBatch(_reason(exc)) from exc
                 # The server is unreachable: wait; past the limit the batch is
                 # nacked and redelivered, never dead-lettered for an outage.
                 if waited >= MAX_TRANSIENT_WAIT_S:

@@ -226,7 +226,7 @@ class EventStore:
                 "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
                 " transition_id, status, state_type, state_name, state_id, payload,"
                 " source_topic, source_partition, source_offset)"
-                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS jsonb), tp, pa, o FROM unnest("
+                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS json), tp, pa, o FROM unnest("
                 " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
                 " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
                 " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
