@@ -9,7 +9,7 @@ from .effects import Effect
 from .policies import orchestrate, select_policy
 from .results import OrchestrationResult, SetStateRequest
 from .run import TaskRunView
-from .states import State, StateCreate, StateType, stored_data
+from .states import State, StateCreate, StateType, stored_data, with_data
 
 
 class Decision(BaseModel):
@@ -64,7 +64,7 @@ def decide(run: TaskRunView, request: SetStateRequest, ctx: OrchestrationContext
     if t.appended is None:
         result_state, run_after = run.state, run
     else:
-        as_stored = t.appended.model_copy(update={"data": stored_data(t.appended)})
+        as_stored = with_data(t.appended, stored_data(t.appended))
         result_state = t.appended
         run_after = run.model_copy(update={**t.draft.as_update(), "state": as_stored})
 

@@ -57,7 +57,7 @@ from .rules import (
     WaitForScheduledTime,
 )
 from .run import TaskRunView
-from .states import State, StateType, data_as_returned
+from .states import State, StateType, data_as_returned, with_data
 from .transforms import GLOBAL_TRANSFORMS
 from .transition import Rule, RunDraft, Transition, UniversalTransform
 
@@ -121,8 +121,7 @@ def select_policy(request: SetStateRequest) -> Policy:
 def applicable_steps(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[Step, ...]:
     """The policy's rules that apply to a (from, to) pair, in order, then the global transforms.
 
-    It depends on nothing but its arguments, and working it out for every proposal cost more
-    than running the rules themselves."""
+    It depends on nothing but its arguments, so it is worked out once per pair, not per proposal."""
     return tuple(
         step
         for step in (*policy.steps, *GLOBAL_TRANSFORMS)
@@ -152,7 +151,7 @@ def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: Orchestr
             entered.append(False)  # an earlier rule already changed the proposal
 
     if t.proposal is not None:
-        t.appended = t.proposal.model_copy(update={"data": data_as_returned(t.proposal.data)})
+        t.appended = with_data(t.proposal, data_as_returned(t.proposal.data))
 
     for step, ran in zip(reversed(steps), reversed(entered)):
         if isinstance(step, UniversalTransform):

@@ -134,6 +134,11 @@ def data_as_returned(data: Any) -> Any:
     return data
 
 
+def with_data(state: State, data: Any) -> State:
+    """`state` showing `data`; the state itself when that is already its data (it is frozen)."""
+    return state if data is state.data else state.model_copy(update={"data": data})
+
+
 def stored_data(state: State | None) -> Any:
     """What reading `state` back from the store gives for its data (§3.5): the unpersisted
     marker is never stored, and artifact_* keys live on the artifact, not in the data."""

@@ -27,6 +27,9 @@ from .states import State, StateType
 ANY_FROM: frozenset[StateType | None] = frozenset([*StateType, None])
 ANY_TO: frozenset[StateType] = frozenset(StateType)
 
+# Frozen, so one instance serves every transition no rule overrides.
+ACCEPTED = AcceptDetails()
+
 
 @dataclass
 class RunDraft:
@@ -64,19 +67,18 @@ class Transition:
     proposal: State | None
     draft: RunDraft
     status: SetStateStatus = SetStateStatus.ACCEPT
-    details: ResultDetails = field(default_factory=AcceptDetails)
+    details: ResultDetails = ACCEPTED
     slots_taken: SlotsTaken | None = None
     appended: State | None = None
     """The state written, once the pre-phase is over (Prefect's `validated_state`)."""
     post_effects: list = field(default_factory=list)
+    # Read by nearly every hook; fixed, as the run is. Plain attributes, not properties.
+    initial: State | None = field(init=False)
+    initial_type: StateType | None = field(init=False)
 
-    @property
-    def initial(self) -> State | None:
-        return self.run.state
-
-    @property
-    def initial_type(self) -> StateType | None:
-        return self.run.state_type
+    def __post_init__(self) -> None:
+        self.initial = self.run.state
+        self.initial_type = self.run.state_type
 
     @property
     def proposed_type(self) -> StateType | None:

@@ -14,14 +14,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from runstate.domain import (
     CacheEntry,
@@ -30,6 +32,7 @@ from runstate.domain import (
     Lease,
     OrchestrationContext,
     OrchestrationFailure,
+    OrchestrationResult,
     OrchestrationSettings,
     SetStateStatus,
     State,
@@ -208,23 +211,45 @@ class BadRecord:
     command_kind: str
 
 
+# "\u0000" preceded by an even number of backslashes: the escape itself, not the
+# text "\\u0000". The log keeps the payload as json (which would take it), but
+# the projections, the audit's jsonb and Prefect's text columns cannot.
+NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def parse_record(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
     """Validate one record; bad input is described, never raised."""
     value = record.value or b""
-    stream_id = _stream_id_from_key(record.key)
     if len(value) > max_bytes:
         return BadRecord(
             record,
             ErrorInfo(code="too_large", message=f"command is {len(value)} bytes; the limit is {max_bytes}"),
-            stream_id,
+            _stream_id_from_key(record.key),
             "unknown",
+        )
+    if b"\\u0000" in value and NUL_ESCAPE.search(value):
+        return BadRecord(
+            record,
+            ErrorInfo(code="invalid_command", message="a string holds U+0000, which PostgreSQL text cannot store"),
+            _stream_id_from_key(record.key),
+            _kind_of(value),
         )
     try:
         command = COMMAND_ADAPTER.validate_json(value)
     except ValidationError as exc:
-        return BadRecord(record, ErrorInfo(code="invalid_command", message=_describe(exc)), stream_id, _kind_of(value))
+        return BadRecord(
+            record,
+            ErrorInfo(code="invalid_command", message=_describe(exc)),
+            _stream_id_from_key(record.key),
+            _kind_of(value),
+        )
     except (ValueError, UnicodeDecodeError) as exc:
-        return BadRecord(record, ErrorInfo(code="invalid_command", message=f"not JSON: {exc}"), stream_id, "unknown")
+        return BadRecord(
+            record,
+            ErrorInfo(code="invalid_command", message=f"not JSON: {exc}"),
+            _stream_id_from_key(record.key),
+            "unknown",
+        )
     return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id_of(command))
 
 
@@ -254,16 +279,35 @@ def _stream_id_from_key(key: bytes | None) -> UUID | None:
         return None
 
 
-def uuid7(now: datetime) -> UUID:
-    """Time-ordered id (RFC 9562 v7), as Prefect mints state ids."""
-    millis = int(now.timestamp() * 1000)
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (millis & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= (rand >> 62 & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    return UUID(int=value)
+UUID7_RANDOM_BYTES = 10
+IDS_PER_URANDOM_CALL = 64
+_UUID7_VERSION_AND_VARIANT = 0x7 << 76 | 0b10 << 62
+_UUID7_RAND_A = 0xFFF << 64  # rand_a, beside the version: bits 62-73 of the draw
+_UUID7_RAND_B = (1 << 62) - 1  # rand_b, after the variant: the draw's low 62 bits
+
+
+class IdMinter:
+    """Mints time-ordered ids (RFC 9562 v7), as Prefect mints state ids.
+
+    One os.urandom call serves many ids, rather than a system call per id."""
+
+    def __init__(self) -> None:
+        self._random = b""
+        self._used = 0
+
+    def uuid7(self, now: datetime) -> UUID:
+        if self._used == len(self._random):
+            self._random = os.urandom(UUID7_RANDOM_BYTES * IDS_PER_URANDOM_CALL)
+            self._used = 0
+        rand = int.from_bytes(self._random[self._used : self._used + UUID7_RANDOM_BYTES], "big")
+        self._used += UUID7_RANDOM_BYTES
+        millis = int(now.timestamp() * 1000)
+        return UUID(
+            int=(millis & ((1 << 48) - 1)) << 80
+            | _UUID7_VERSION_AND_VARIANT
+            | (rand << 2) & _UUID7_RAND_A
+            | rand & _UUID7_RAND_B
+        )
 
 
 def draw_for(command_id: UUID) -> float:
@@ -280,6 +324,46 @@ def system_clock() -> datetime:
 ONE_MICROSECOND = timedelta(microseconds=1)
 
 
+# -- JSON of a task decision's messages ---------------------------------------
+# A decision's state and result recur in the result event and the state change,
+# and serialising every repetition cost more than running the rules. So each part
+# is serialised once and the messages are assembled from the parts, each member
+# written exactly as model_dump_json writes it.
+
+_DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
+_UUID_SERIALIZER = TypeAdapter(UUID).serializer
+_STRING_SERIALIZER = TypeAdapter(str).serializer
+
+
+@cache
+def _field_names(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(model.model_fields)
+
+
+def _render(model: type[BaseModel], **members: str) -> str:
+    """What `model_dump_json` writes for a `model` whose members serialise to these values."""
+    rendered = "{" + ",".join([f'"{name}":{members.pop(name)}' for name in _field_names(model)]) + "}"
+    if members:
+        raise TypeError(f"{model.__name__} has no field {next(iter(members))!r}")
+    return rendered
+
+
+def _json(model: BaseModel | None) -> str:
+    return "null" if model is None else model.model_dump_json()
+
+
+def _uuid_json(value: UUID | None) -> str:
+    return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
+
+
+def _datetime_json(value: datetime) -> str:
+    return _DATETIME_SERIALIZER.to_json(value).decode()
+
+
+def _json_string(value: str) -> str:
+    return _STRING_SERIALIZER.to_json(value).decode()
+
+
 class BatchDecider:
     """Folds one batch of commands into a BatchOutcome."""
 
@@ -292,6 +376,7 @@ class BatchDecider:
         self.snapshot = snapshot
         self.settings = settings
         self.clock = clock
+        self.ids = IdMinter()
         self.out = BatchOutcome()
 
     # -- entry point ------------------------------------------------------
@@ -375,8 +460,8 @@ class BatchDecider:
         needs_tags = bool(run.tags)
         return OrchestrationContext(
             now=now,
-            new_state_id=uuid7(now),
-            new_lease_id=uuid7(now),
+            new_state_id=self.ids.uuid7(now),
+            new_lease_id=self.ids.uuid7(now),
             random=draw_for(command_id),
             flow_run=flow,
             cache_entries=self.snapshot.cache.get(cache_key, []) if cache_key and proposed.type == StateType.RUNNING else [],
@@ -400,51 +485,71 @@ class BatchDecider:
         run_id = previous.id
         key = str(run_id).encode()
         appended = decision.appended_state
-        result_event = OrchestrationResultEvent(
-            command_id=item.command_id,
-            command_kind=command.kind,
-            stream_id=run_id,
-            transition_id=transition_id,
-            seq=seq,
-            status=decision.result.status,
-            result=decision.result,
-            state_appended=appended is not None,
-            decided_at=ctx.now,
+        result = decision.result
+        # Serialised once, each goes into every message that repeats it.
+        appended_json = _json(appended)
+        run_id_json = _uuid_json(run_id)
+        transition_id_json = _uuid_json(transition_id)
+        status_json = _json_string(result.status.value)
+        result_json = _render(
+            OrchestrationResult,
+            state=appended_json if result.state is appended else _json(result.state),
+            status=status_json,
+            details=result.details.model_dump_json(),
         )
-        result_json = result_event.model_dump_json()
+        result_event_json = _render(
+            OrchestrationResultEvent,
+            command_id=_uuid_json(item.command_id),
+            command_kind=_json_string(command.kind),
+            stream_id=run_id_json,
+            transition_id=transition_id_json,
+            seq=str(seq),
+            status=status_json,
+            result=result_json,
+            state_appended="false" if appended is None else "true",
+            error="null",
+            decided_at=_datetime_json(ctx.now),
+        )
         change_json = None
         if appended is not None:
             from_state = previous.state if event_type != "task_run_created" else None
-            change_json = StateChangeEvent(
-                task_run_id=run_id,
-                flow_run_id=previous.flow_run_id,
-                seq=seq,
-                from_state=StateRef(type=from_state.type, name=from_state.name, id=from_state.id) if from_state else None,
-                to_state=appended,
-                status=decision.result.status,
-                transition_id=transition_id,
-                timestamp=appended.timestamp,
-            ).model_dump_json()
+            change_json = _render(
+                StateChangeEvent,
+                task_run_id=run_id_json,
+                flow_run_id=_uuid_json(previous.flow_run_id),
+                seq=str(seq),
+                from_state=_json(
+                    StateRef(type=from_state.type, name=from_state.name, id=from_state.id) if from_state else None
+                ),
+                to_state=appended_json,
+                status=status_json,
+                transition_id=transition_id_json,
+                timestamp=_datetime_json(appended.timestamp),
+            )
+        decision_json = _render(
+            Decision,
+            result=result_json,
+            appended_state=appended_json,
+            run=decision.run.model_dump_json(),
+            effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
+            policy=_json_string(decision.policy),
+        )
         payload = (
-            '{"command":' + command.model_dump_json()
-            + ',"context":' + ctx.model_dump_json()
-            + ',"decision":' + decision.model_dump_json()
-            + ',"result_event":' + result_json
-            + ',"state_change":' + (change_json or "null")
-            + "}"
+            f'{{"command":{command.model_dump_json()},"context":{ctx.model_dump_json()},'
+            f'"decision":{decision_json},"result_event":{result_event_json},"state_change":{change_json or "null"}}}'
         )
         self.out.events.append(
             EventRow.of(item, run_id, seq, "task_run", event_type, transition_id,
-                        decision.result.status.value, appended, payload)
+                        result.status.value, appended, payload)
         )
         head.view = decision.run
         head.last_seq = seq
         self.out.task_run_heads[run_id] = head
-        self.out.results.append(Publication(key, result_json))
+        self.out.results.append(Publication(key, result_event_json))
         if change_json is not None:
             self.out.state_changes.append(Publication(key, change_json))
-        stored = StoredOutcome(result_json, change_json, key)
-        if transition_id is not None and decision.result.status in FINAL_STATUSES:
+        stored = StoredOutcome(result_event_json, change_json, key)
+        if transition_id is not None and result.status in FINAL_STATUSES:
             self.snapshot.by_transition[(run_id, transition_id)] = stored
         self._apply_effects(decision, run_id)
 
@@ -524,7 +629,7 @@ class BatchDecider:
                 details = details.model_copy(update={"scheduled_time": now})
             details = details.model_copy(update={"flow_run_id": flow.id})
             state = State(
-                id=uuid7(now),
+                id=self.ids.uuid7(now),
                 type=proposed.type,
                 name=proposed.name,
                 timestamp=now,

@@ -1,0 +1,45 @@
+"""The batch decider assembles its messages from parts serialised once (processor._render).
+Each message must be exactly what pydantic writes for the model it stands for, so a field
+added to a model, or a changed serialiser, cannot drift the wire format unnoticed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from runstate.domain import Decision, OrchestrationSettings
+from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
+from runstate.pipeline.processor import IncomingRecord, StoreSnapshot, decide_batch, parse_record
+
+LIFECYCLES = {
+    "succeeds": ["RUNNING", "COMPLETED"],
+    "fails and retries": ["RUNNING", "FAILED", "RUNNING", "COMPLETED"],
+    "is rejected after completing": ["RUNNING", "COMPLETED", "RUNNING"],
+}
+
+
+def decided(steps: list[str]) -> list:
+    run = uuid.uuid4()
+    commands = [CreateTaskRunCommand(id=run, empirical_policy={"retries": 1, "retry_delay": 0})]
+    commands += [SetStateCommand(task_run_id=run, state={"type": t, "data": {"n": i}}) for i, t in enumerate(steps)]
+    snapshot, outcomes = StoreSnapshot(), []
+    for offset, command in enumerate(commands):
+        record = IncomingRecord("commands", 0, offset, str(run).encode(), command.model_dump_json().encode())
+        outcomes.append(decide_batch([parse_record(record, 1 << 20)], snapshot, OrchestrationSettings()))
+    return outcomes
+
+
+@pytest.mark.parametrize("steps", LIFECYCLES.values(), ids=LIFECYCLES.keys())
+def test_assembled_messages_are_what_pydantic_writes(steps):
+    for outcome in decided(steps):
+        (result,) = outcome.results
+        assert result.value == OrchestrationResultEvent.model_validate_json(result.value).model_dump_json()
+        for change in outcome.state_changes:
+            assert change.value == StateChangeEvent.model_validate_json(change.value).model_dump_json()
+        (event,) = outcome.events
+        payload = json.loads(event.payload)
+        decision = json.dumps(payload["decision"], separators=(",", ":"), ensure_ascii=False)
+        assert decision == Decision.model_validate(payload["decision"]).model_dump_json()
+        assert json.dumps(payload["result_event"], separators=(",", ":"), ensure_ascii=False) == result.value
