@@ -244,7 +244,9 @@ async def _undecoded(message: object) -> None:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings.load()
-    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="runstate-service")
+    # FastStream's access log ("Received", "Processed") goes to DEBUG: two
+    # lines a batch were a visible part of a small batch's CPU.
+    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="runstate-service", log_level=logging.DEBUG)
     # The subscribers build their aiokafka consumers through this factory (the
     # hook FastStream's own test broker replaces); ours coalesces fetches.
     config = broker.config.broker_config

@@ -39,28 +39,46 @@ def binary_sql(query: str) -> str:
 
 async def run_sql(conn: AsyncConnection, query: str, params: dict[str, Any]) -> list[Any]:
     """Execute on the psycopg connection under SQLAlchemy's transaction."""
-    (rows,) = await run_pipelined(conn, [(query, params)])
-    return rows
-
-
-async def run_pipelined(conn: AsyncConnection, statements: Sequence[Statement]) -> list[list[Any]]:
-    """Execute statements in one psycopg pipeline: one round trip to the server
-    for all of them instead of one each (a small batch spent most of its
-    database time waiting on these round trips). The first failing statement
-    raises and the rest are skipped, as they would be one by one."""
     raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    cursors = []
-    async with driver.pipeline():
-        for query, params in statements:
-            cur = driver.cursor(row_factory=namedtuple_row)
-            await cur.execute(binary_sql(query), params, prepare=False)
-            cursors.append(cur)
-    results = []
-    for cur in cursors:
-        results.append(await cur.fetchall() if cur.description else [])
-        await cur.close()
-    return results
+    async with raw.driver_connection.cursor(row_factory=namedtuple_row) as cur:
+        await cur.execute(binary_sql(query), params, prepare=False)
+        return await cur.fetchall() if cur.description else []
+
+
+# A small batch spent most of its database time on round trips, and each one
+# also costs the event loop a wait on the socket (psycopg's pipeline mode saved
+# the round trips but not the waits). So a batch's reads are one SELECT and its
+# writes one statement of data-modifying CTEs.
+
+
+def _prefixed(statement: Statement, prefix: str) -> Statement:
+    query, params = statement
+    return _PARAM.sub(rf":{prefix}\1", query), {prefix + name: value for name, value in params.items()}
+
+
+async def read_together(conn: AsyncConnection, queries: dict[str, Statement]) -> dict[str, list[dict[str, Any]]]:
+    """Run several queries as one SELECT, each one's rows a JSON array of objects."""
+    columns, params = [], {}
+    for i, (name, statement) in enumerate(queries.items()):
+        query, named = _prefixed(statement, f"q{i}_")
+        columns.append(f"(SELECT coalesce(json_agg(r), '[]') FROM ({query}) r) AS {name}")
+        params.update(named)
+    (row,) = await run_sql(conn, "SELECT " + ", ".join(columns), params)
+    return row._asdict()
+
+
+def write_together(statements: Sequence[Statement]) -> Statement:
+    """Several INSERT / UPDATE / DELETE statements as one: all run, against one
+    snapshot, and none reads what another writes (the batch's writes are
+    independent: a lease taken and released in one batch is never written)."""
+    if len(statements) == 1:
+        return statements[0]
+    ctes, params = [], {}
+    for i, statement in enumerate(statements):
+        query, named = _prefixed(statement, f"w{i}_")
+        ctes.append(f"w{i} AS ({query})")
+        params.update(named)
+    return "WITH " + ", ".join(ctes) + " SELECT 1", params
 
 
 # A batch reads the projections, the already-decided records and the tag rows
@@ -135,7 +153,7 @@ class EventStore:
         }
         if task_ids:
             first["task_runs"] = (
-                "SELECT id, last_seq, view::text AS view FROM task_runs WHERE id = ANY(:ids)",
+                "SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)",
                 {"ids": list(task_ids)},
             )
         if flow_ids:
@@ -158,25 +176,19 @@ class EventStore:
                 " ORDER BY cache_key, created DESC",
                 {"keys": list(cache_keys), "now": now},
             )
-        found = dict(zip(first, await run_pipelined(conn, list(first.values())), strict=True))
+        found = await read_together(conn, first)
 
+        # Rows arrive as JSON objects: ids and times as strings, which the
+        # models parse; the stored messages as the very text first published.
         for row in found.get("task_runs", []):
-            snap.task_runs[row.id] = StreamHead(TaskRunView.model_validate_json(row.view), row.last_seq)
-        for row in found.get("flow_runs", []):
-            snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate_json(row.view), row.last_seq)
+            snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"])
+        _add_flow_runs(snap, found.get("flow_runs", []))
         for row in found["by_source"]:
-            snap.by_source[(row.source_partition, row.source_offset)] = _stored(row)
+            snap.by_source[(row["source_partition"], row["source_offset"])] = _stored(row)
         for row in found.get("by_transition", []):
-            snap.by_transition[(row.stream_id, row.transition_id)] = _stored(row)
+            snap.by_transition[(UUID(row["stream_id"]), UUID(row["transition_id"]))] = _stored(row)
         for row in found.get("cache", []):
-            snap.cache.setdefault(row.cache_key, []).append(
-                CacheEntry(
-                    cache_key=row.cache_key,
-                    cache_expiration=row.cache_expiration,
-                    created=row.created,
-                    state=State.model_validate(row.state),
-                )
-            )
+            snap.cache.setdefault(row["cache_key"], []).append(CacheEntry.model_validate(row))
 
         heads = [h.view for h in snap.task_runs.values()]
         tags = new_tags.union(*(run.tags for run in heads))
@@ -199,26 +211,18 @@ class EventStore:
             )
         if not second:
             return snap
-        found = dict(zip(second, await run_pipelined(conn, list(second.values())), strict=True))
-        for row in found.get("flow_runs", []):
-            snap.flow_runs[row.id] = StreamHead(FlowRunView.model_validate_json(row.view), row.last_seq)
+        found = await read_together(conn, second)
+        _add_flow_runs(snap, found.get("flow_runs", []))
         for row in found.get("tag_limits", []):
-            snap.tag_limits[row.tag] = TagLimit(
-                tag=row.tag,
-                limit=row.limit,
-                active=row.active,
-                active_slots=row.active_slots,
-                avg_slot_occupancy_seconds=row.avg_slot_occupancy_seconds,
-            )
+            snap.tag_limits[row["tag"]] = TagLimit.model_validate(row)
         for row in found.get("leases", []):
-            snap.leases.setdefault(row.task_run_id, []).append(
-                Lease(id=row.id, tags=list(row.tags), slots=row.slots, holder_run_id=row.task_run_id)
-            )
+            lease = Lease(id=row["id"], tags=row["tags"], slots=row["slots"], holder_run_id=row["task_run_id"])
+            snap.leases.setdefault(lease.holder_run_id, []).append(lease)
         return snap
 
     # -- writing a decided batch ---------------------------------------------
     async def write(self, conn: AsyncConnection, out: BatchOutcome) -> None:
-        """Every row of the batch, sent in one pipeline (one round trip)."""
+        """Every row of the batch, in one statement."""
         statements: list[Statement] = []
         if out.events:
             ev = out.events
@@ -285,7 +289,7 @@ class EventStore:
             ))
         statements += _side_table_writes(out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
         if statements:
-            await run_pipelined(conn, statements)
+            await run_sql(conn, *write_together(statements))
 
     # -- reads for the gateway, CLI and tests --------------------------------
     async def history(self, stream_id: UUID) -> list[dict[str, Any]]:
@@ -354,9 +358,14 @@ def _side_table_writes(
 
 
 def _flow_runs_query(ids: set[UUID]) -> Statement:
-    return ("SELECT id, last_seq, view::text AS view FROM flow_runs WHERE id = ANY(:ids)", {"ids": list(ids)})
+    return ("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)", {"ids": list(ids)})
 
 
-def _stored(row: Any) -> StoredOutcome:
-    state_change = row.state_change if row.state_change not in (None, "null") else None
-    return StoredOutcome(row.result_event, state_change, str(row.stream_id).encode())
+def _add_flow_runs(snap: StoreSnapshot, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"])
+
+
+def _stored(row: dict[str, Any]) -> StoredOutcome:
+    state_change = row["state_change"] if row["state_change"] not in (None, "null") else None
+    return StoredOutcome(row["result_event"], state_change, row["stream_id"].encode())
