@@ -27,6 +27,7 @@ from faststream import AckPolicy, Context, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 import psycopg
+from psycopg_pool import PoolTimeout
 from sqlalchemy import exc as sa_exc
 
 from runstate import __version__
@@ -45,7 +46,7 @@ from runstate.pipeline.processor import (
     decide_batch,
     parse_record,
 )
-from runstate.store.event_store import EventStore, make_engine
+from runstate.store.event_store import EventStore, batch_pool, make_engine
 
 log = logging.getLogger("runstate.service")
 
@@ -69,6 +70,7 @@ DATABASE_UNREACHABLE = (
     sa_exc.InterfaceError,
     psycopg.OperationalError,
     psycopg.InterfaceError,
+    PoolTimeout,
 )
 DATABASE_REFUSED = (sa_exc.DBAPIError, psycopg.DatabaseError)
 # psycopg files SQLSTATE class 54 (an index row too large, say) under
@@ -86,6 +88,7 @@ class OrchestrationService:
     def __init__(self, settings: Settings, store: EventStore) -> None:
         self.settings = settings
         self.store = store
+        self.connections = batch_pool(settings.database_url, settings.lanes)
         self.producer: AIOKafkaProducer | None = None
         self.rules_settings = OrchestrationSettings()
         self.decided = 0
@@ -107,10 +110,13 @@ class OrchestrationService:
             client_id="runstate-service",
         )
         await self.producer.start()
+        # Not waiting: a database still starting is waited for batch by batch.
+        await self.connections.open(wait=False)
 
     async def stop(self) -> None:
         if self.producer is not None:
             await self.producer.stop()
+        await self.connections.close()
         await self.store.engine.dispose()
 
     async def handle_records(self, raw_records: Sequence[object]) -> BatchOutcome:
@@ -158,7 +164,7 @@ class OrchestrationService:
         conflicts = 0
         while True:
             try:
-                async with self.store.engine.begin() as conn:
+                async with self.connections.connection() as conn, conn.transaction():
                     now = datetime.now(UTC)
                     snapshot = await self.store.load_snapshot(conn, parsed, self.settings.command_topic, now)
                     outcome = decide_batch(items, snapshot, self.rules_settings)
