@@ -44,7 +44,7 @@ class Settings:
     partitions: int = 12
     consumer_group: str = "runstate"
     max_batch: int = 1000
-    batch_timeout_ms: int = 5
+    batch_timeout_ms: int = 2
     max_command_bytes: int = 1_048_576
     lanes: int = 1
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -17,6 +17,7 @@ import os
 import signal
 
 import psycopg
+import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 MARK = b'"command_id":"'
@@ -85,4 +86,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())  # the same event loop as `runstate serve`

@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
+import uvloop  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -345,7 +346,7 @@ class Bench:
                 "server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "max_wal_size",
                 "checkpoint_timeout", "default_toast_compression", "wal_compression")}
         self.results["config"].update({
-            "lanes": a.lanes, "scale_lanes": a.scale_lanes, "max_batch": a.max_batch, "batch_timeout_ms": a.batch_timeout_ms,
+            "processes": a.processes, "lanes": a.lanes, "load_lanes": a.load_lanes, "scale_lanes": a.scale_lanes, "max_batch": a.max_batch, "batch_timeout_ms": a.batch_timeout_ms,
             "workers": a.workers, "partitions": PARTITIONS, "fail_share": 0.2, "postgres": pg,
             "main_seconds": a.main_seconds, "main_commands": a.main_commands,
         })
@@ -353,9 +354,9 @@ class Bench:
 
         # 1. the main run: throughput, latency, lag, memory at 100k and at the end.
         if "main" in a.parts:
-            log(f"runstate end-to-end: 1 consumer process, RUNSTATE_LANES={a.lanes}, {a.workers} workers, "
+            log(f"runstate end-to-end: {a.processes} consumer process(es), RUNSTATE_LANES={a.lanes}, {a.workers} workers, "
                 f"up to {a.main_commands} commands or {a.main_seconds} s")
-            async with self.consumers("main", 1, a.lanes) as (driver, topics, pids):
+            async with self.consumers("main", a.processes, a.lanes) as (driver, topics, pids):
                 runs_needed = int(a.main_commands / 3.4) + 1
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.main_seconds,
                                              runs=runs_needed, marks=(100_000,))
@@ -363,7 +364,9 @@ class Bench:
                 log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                     f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
 
-                # 2. offered load sweep on the same (warm) consumer
+            # 2. offered load sweep: one process, warmed by the sweep's first loads
+            log(f"fixed loads: 1 consumer process, RUNSTATE_LANES={a.load_lanes}")
+            async with self.consumers("load", 1, a.load_lanes) as (driver, topics, pids):
                 runs["load"] = []
                 for rate in a.loads:
                     r = await self.paced(driver, topics, pids, rate, a.load_seconds, a.load_workers)
@@ -591,10 +594,14 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="short runs, for developing the harness")
     p.add_argument("--use-env", action="store_true", help="use the servers named in the environment")
     p.add_argument("--skip-prefect", action="store_true")
-    p.add_argument("--lanes", type=int, default=int(os.environ.get("BENCH_LANES", "2")))
-    p.add_argument("--scale-lanes", type=int, default=int(os.environ.get("BENCH_SCALE_LANES", "2")))
+    p.add_argument("--processes", type=int, default=int(os.environ.get("BENCH_PROCESSES", "2")),
+                   help="consumer processes of the main (throughput) run")
+    p.add_argument("--lanes", type=int, default=int(os.environ.get("BENCH_LANES", "1")))
+    p.add_argument("--load-lanes", type=int, default=int(os.environ.get("BENCH_LOAD_LANES", "1")),
+                   help="lanes of the one consumer process of the fixed-load sweep")
+    p.add_argument("--scale-lanes", type=int, default=int(os.environ.get("BENCH_SCALE_LANES", "1")))
     p.add_argument("--max-batch", type=int, default=1000)
-    p.add_argument("--batch-timeout-ms", type=int, default=5)
+    p.add_argument("--batch-timeout-ms", type=int, default=2)
     p.add_argument("--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "1500")))
     p.add_argument("--main-commands", type=int, default=1_000_000)
     p.add_argument("--main-seconds", type=float, default=300)
@@ -639,7 +646,7 @@ def main(argv=None) -> int:
     bench = Bench(args, stack)
     bench.results["machine"] = info
     try:
-        asyncio.run(bench.run_all())
+        uvloop.run(bench.run_all())  # the driver is the instrument: keep its own latency small
     finally:
         with contextlib.suppress(Exception):
             admin_sql(stack.env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench WITH (FORCE)")
