@@ -113,8 +113,9 @@ LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
 
 SWAP = """
 TRUNCATE task_runs, flow_runs, task_cache, tag_leases;
-INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)
-    SELECT id, last_seq, flow_run_id, state_type, state_name, view FROM rb_task_runs;
+INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key, view)
+    SELECT id, last_seq, flow_run_id, state_type, state_name, view->>'task_key', view->>'dynamic_key', view::json
+    FROM rb_task_runs;
 INSERT INTO flow_runs (id, last_seq, state_type, view)
     SELECT id, last_seq, state_type, view FROM rb_flow_runs;
 INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)

@@ -66,14 +66,14 @@ class GatewayReads:
     async def task_run_by_key(self, flow_run_id: UUID | None, task_key: str, dynamic_key: str) -> TaskRun | None:
         """Prefect answers a create with the existing run when (flow_run_id, task_key,
         dynamic_key) is taken; the gateway checks the projection before sending."""
-        # Spelled out (not IS NOT DISTINCT FROM) so the flow_run_id index is usable.
+        # Spelled out (not IS NOT DISTINCT FROM) so the (flow_run_id, task_key, dynamic_key) index is usable.
         same_flow = "t.flow_run_id IS NULL" if flow_run_id is None else "t.flow_run_id = :f"
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
                     text(
                         self._TASK_RUN
-                        + f" WHERE {same_flow} AND t.view->>'task_key' = :k AND t.view->>'dynamic_key' = :d"
+                        + f" WHERE {same_flow} AND t.task_key = :k AND t.dynamic_key = :d"
                         " ORDER BY e.recorded_at LIMIT 1"
                     ),
                     {"f": flow_run_id, "k": task_key, "d": dynamic_key},

@@ -286,10 +286,10 @@ class EventStore:
         if out.task_run_heads:
             heads = list(out.task_run_heads.values())
             statements.append((
-                "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, view)"
-                " SELECT i, q, f, t, n, CAST(v AS jsonb) FROM unnest(CAST(:i AS uuid[]),"
+                "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key,"
+                " view) SELECT i, q, f, t, n, k, d, CAST(v AS json) FROM unnest(CAST(:i AS uuid[]),"
                 " CAST(:q AS bigint[]), CAST(:f AS uuid[]), CAST(:t AS text[]), CAST(:n AS text[]),"
-                " CAST(:v AS text[])) AS x(i, q, f, t, n, v)"
+                " CAST(:k AS text[]), CAST(:d AS text[]), CAST(:v AS text[])) AS x(i, q, f, t, n, k, d, v)"
                 " ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
                 " state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name,"
                 " view = EXCLUDED.view, updated_at = clock_timestamp()",
@@ -299,6 +299,8 @@ class EventStore:
                     "f": [h.view.flow_run_id for h in heads],
                     "t": [h.view.state.type.value if h.view.state else None for h in heads],
                     "n": [h.view.state.name if h.view.state else None for h in heads],
+                    "k": [h.view.task_key for h in heads],
+                    "d": [h.view.dynamic_key for h in heads],
                     "v": [h.view.model_dump_json() for h in heads],
                 },
             ))
