@@ -80,6 +80,9 @@ class IncomingRecord:
 class StreamHead:
     view: Any  # TaskRunView or FlowRunView
     last_seq: int
+    # The view as JSON when a decision already wrote it (for the payload), so
+    # the projection upsert does not serialise it again.
+    view_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -530,7 +533,7 @@ class BatchDecider:
             Decision,
             result=result_json,
             appended_state=appended_json,
-            run=decision.run.model_dump_json(),
+            run=(run_json := decision.run.model_dump_json()),
             effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
             policy=_json_string(decision.policy),
         )
@@ -542,7 +545,7 @@ class BatchDecider:
             EventRow.of(item, run_id, seq, "task_run", event_type, transition_id,
                         result.status.value, appended, payload)
         )
-        head.view = decision.run
+        head.view, head.view_json = decision.run, run_json
         head.last_seq = seq
         self.out.task_run_heads[run_id] = head
         self.out.results.append(Publication(key, result_event_json))

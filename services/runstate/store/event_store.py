@@ -301,7 +301,7 @@ class EventStore:
                     "n": [h.view.state.name if h.view.state else None for h in heads],
                     "k": [h.view.task_key for h in heads],
                     "d": [h.view.dynamic_key for h in heads],
-                    "v": [h.view.model_dump_json() for h in heads],
+                    "v": [h.view_json or h.view.model_dump_json() for h in heads],
                 },
             ))
         if out.flow_run_heads:
