@@ -333,8 +333,11 @@ class Bench:
                                  **sampler.lag_stats()})
 
     # ---------------------------------------------------------------- the runs
-    async def run_all(self) -> None:
-        a = self.args
+    def fresh_database(self) -> None:
+        """An empty `runstate_bench` for the next measurement. The main run leaves a million
+        events behind, and autovacuum working through them for minutes took CPU from the
+        measurements after it (2 processes measured 5,877/s in the main run and 2,864/s in
+        scale-out minutes later); dropping the database stops it."""
         env = self.stack.env
         self.admin_url, self.app_url = fresh_database(env["RUNSTATE_ADMIN_DATABASE_URL"], env["DATABASE_URL"],
                                                       "runstate_bench")
@@ -342,6 +345,12 @@ class Bench:
             conn.execute("CREATE TABLE floor_events (id bigserial PRIMARY KEY, stream_key text,"
                          " source_partition integer, source_offset bigint, payload json NOT NULL,"
                          " recorded_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+
+    async def run_all(self) -> None:
+        a = self.args
+        env = self.stack.env
+        self.fresh_database()
+        with psycopg.connect(libpq(self.admin_url), autocommit=True) as conn:
             pg = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
                 "server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "max_wal_size",
                 "checkpoint_timeout", "default_toast_compression", "wal_compression")}
@@ -363,6 +372,8 @@ class Bench:
                 runs["main"] = res
                 log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                     f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
+            self.template = self.rebuild_template()
+            self.fresh_database()
 
             # 2. offered load sweep: one process, warmed by the sweep's first loads
             log(f"fixed loads: 1 consumer process, RUNSTATE_LANES={a.load_lanes}")
@@ -379,6 +390,7 @@ class Bench:
 
         # 3. the floor
         if "floor" in a.parts:
+            self.fresh_database()
             log(f"floor: bare consumer, {a.workers} workers, {a.side_seconds} s")
             async with self.consumers("floor", 1, 1, floor=True) as (driver, topics, pids):
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
@@ -392,6 +404,7 @@ class Bench:
         runs["scale"] = []
         for n in (a.scale if "scale" in a.parts else []):
             log(f"scale-out: {n} consumer process(es), RUNSTATE_LANES={a.scale_lanes}, {a.side_seconds} s")
+            self.fresh_database()
             async with self.consumers(f"scale{n}", n, a.scale_lanes) as (driver, topics, pids):
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
                 res["processes"] = n
@@ -417,6 +430,16 @@ class Bench:
             if prefect:
                 prefect.stop()
 
+    def rebuild_template(self) -> list[tuple]:
+        """Whole histories of real runs decided by runstate in this run (every lifecycle shape)."""
+        with psycopg.connect(libpq(self.admin_url)) as src:
+            return src.execute(
+                "SELECT stream_id, seq, stream_type, event_type, transition_id, status, state_type, state_name,"
+                " payload::text FROM events WHERE stream_id IN ((SELECT stream_id FROM events GROUP BY stream_id"
+                " ORDER BY max(seq) DESC, stream_id LIMIT 40) UNION ALL (SELECT stream_id FROM events"
+                " GROUP BY stream_id HAVING max(seq) = 3 ORDER BY stream_id LIMIT 160))"
+                " ORDER BY stream_id, seq").fetchall()
+
     def rebuild(self) -> dict:
         a = self.args
         env = self.stack.env
@@ -424,14 +447,7 @@ class Bench:
         r_admin, r_app = fresh_database(env["RUNSTATE_ADMIN_DATABASE_URL"], env["DATABASE_URL"],
                                         "runstate_bench_rebuild")
         t0 = time.monotonic()
-        with psycopg.connect(libpq(self.admin_url)) as src:
-            # template: whole histories of real runs from the main run (all lifecycle shapes)
-            rows = src.execute(
-                "SELECT stream_id, seq, stream_type, event_type, transition_id, status, state_type, state_name,"
-                " payload::text FROM events WHERE stream_id IN ((SELECT stream_id FROM events GROUP BY stream_id"
-                " ORDER BY max(seq) DESC, stream_id LIMIT 40) UNION ALL (SELECT stream_id FROM events"
-                " GROUP BY stream_id HAVING max(seq) = 3 ORDER BY stream_id LIMIT 160))"
-                " ORDER BY stream_id, seq").fetchall()
+        rows = getattr(self, "template", None) or self.rebuild_template()
         with psycopg.connect(libpq(r_admin)) as dst:
             dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
                         " event_type text, transition_id uuid, status text, state_type text, state_name text,"
