@@ -33,7 +33,9 @@ def asyncapi_document() -> str:
     schemas = document["components"]["schemas"]
     schemas.update(command.pop("$defs", {}))
     schemas["Command"] = command
+    # What FastStream derived from the untyped handler parameter, replaced below.
     schemas.pop("EmptyPayload", None)
+    schemas.pop("commands:Message:Payload", None)
     document["components"]["messages"]["commands:SubscribeMessage"]["payload"] = {
         "$ref": "#/components/schemas/Command"
     }
