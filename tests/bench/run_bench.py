@@ -333,7 +333,7 @@ class Bench:
                                  **sampler.lag_stats()})
 
     # ---------------------------------------------------------------- the runs
-    def fresh_database(self) -> None:
+    def reset_database(self) -> None:
         """An empty `runstate_bench` for the next measurement. The main run leaves a million
         events behind, and autovacuum working through them for minutes took CPU from the
         measurements after it (2 processes measured 5,877/s in the main run and 2,864/s in
@@ -349,7 +349,7 @@ class Bench:
     async def run_all(self) -> None:
         a = self.args
         env = self.stack.env
-        self.fresh_database()
+        self.reset_database()
         with psycopg.connect(libpq(self.admin_url), autocommit=True) as conn:
             pg = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
                 "server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "max_wal_size",
@@ -373,7 +373,7 @@ class Bench:
                 log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                     f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
             self.template = self.rebuild_template()
-            self.fresh_database()
+            self.reset_database()
 
             # 2. offered load sweep: one process, warmed by the sweep's first loads
             log(f"fixed loads: 1 consumer process, RUNSTATE_LANES={a.load_lanes}")
@@ -390,7 +390,7 @@ class Bench:
 
         # 3. the floor
         if "floor" in a.parts:
-            self.fresh_database()
+            self.reset_database()
             log(f"floor: bare consumer, {a.workers} workers, {a.side_seconds} s")
             async with self.consumers("floor", 1, 1, floor=True) as (driver, topics, pids):
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
@@ -404,7 +404,7 @@ class Bench:
         runs["scale"] = []
         for n in (a.scale if "scale" in a.parts else []):
             log(f"scale-out: {n} consumer process(es), RUNSTATE_LANES={a.scale_lanes}, {a.side_seconds} s")
-            self.fresh_database()
+            self.reset_database()
             async with self.consumers(f"scale{n}", n, a.scale_lanes) as (driver, topics, pids):
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
                 res["processes"] = n

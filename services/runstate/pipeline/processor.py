@@ -224,36 +224,22 @@ def parse_record(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadR
     """Validate one record; bad input is described, never raised."""
     value = record.value or b""
     if len(value) > max_bytes:
-        return BadRecord(
-            record,
-            ErrorInfo(code="too_large", message=f"command is {len(value)} bytes; the limit is {max_bytes}"),
-            _stream_id_from_key(record.key),
-            "unknown",
-        )
+        return _bad(record, "too_large", f"command is {len(value)} bytes; the limit is {max_bytes}", "unknown")
     if b"\\u0000" in value and NUL_ESCAPE.search(value):
-        return BadRecord(
-            record,
-            ErrorInfo(code="invalid_command", message="a string holds U+0000, which PostgreSQL text cannot store"),
-            _stream_id_from_key(record.key),
-            _kind_of(value),
-        )
+        return _bad(record, "invalid_command", "a string holds U+0000, which PostgreSQL text cannot store",
+                    _kind_of(value))
     try:
         command = COMMAND_ADAPTER.validate_json(value)
     except ValidationError as exc:
-        return BadRecord(
-            record,
-            ErrorInfo(code="invalid_command", message=_describe(exc)),
-            _stream_id_from_key(record.key),
-            _kind_of(value),
-        )
+        return _bad(record, "invalid_command", _describe(exc), _kind_of(value))
     except (ValueError, UnicodeDecodeError) as exc:
-        return BadRecord(
-            record,
-            ErrorInfo(code="invalid_command", message=f"not JSON: {exc}"),
-            _stream_id_from_key(record.key),
-            "unknown",
-        )
+        return _bad(record, "invalid_command", f"not JSON: {exc}", "unknown")
     return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id_of(command))
+
+
+def _bad(record: IncomingRecord, code: str, message: str, command_kind: str) -> BadRecord:
+    # The key is read only for a bad record: a good one names its run itself.
+    return BadRecord(record, ErrorInfo(code=code, message=message), _stream_id_from_key(record.key), command_kind)
 
 
 def _describe(exc: ValidationError) -> str:

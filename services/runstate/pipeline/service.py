@@ -30,7 +30,6 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 import psycopg
 from psycopg_pool import PoolTimeout
-from sqlalchemy import exc as sa_exc
 
 from runstate import __version__
 from runstate.config import Settings
@@ -57,27 +56,20 @@ DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
 MAX_TRANSIENT_WAIT_S = 30.0
 
 
-# The store runs its hot statements on the psycopg connection itself, so both
-# psycopg's and SQLAlchemy's exception families reach this layer.
+# A batch runs on a psycopg connection from the pool: only psycopg's exception
+# family (and the pool's timeout) reaches this layer.
 # A conflict is another member's commit: a key it wrote first, or (under the
 # batch's REPEATABLE READ snapshot) a row it changed since; decide again.
 APPEND_CONFLICT = (
-    sa_exc.IntegrityError,
     psycopg.IntegrityError,
     psycopg.errors.SerializationFailure,
     psycopg.errors.DeadlockDetected,
 )
-DATABASE_UNREACHABLE = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    PoolTimeout,
-)
-DATABASE_REFUSED = (sa_exc.DBAPIError, psycopg.DatabaseError)
 # psycopg files SQLSTATE class 54 (an index row too large, say) under
 # OperationalError, beside lost connections; but no retry will ever store it.
 BEYOND_LIMITS = psycopg.errors.ProgramLimitExceeded
+DATABASE_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+DATABASE_REFUSED = psycopg.DatabaseError
 
 
 # A few batches' worth: a command's result and state change share a key. (65,536
@@ -87,12 +79,15 @@ def _partition_index(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+_UNKEYED = DefaultPartitioner()
+
+
 def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
     """aiokafka's default partitioner (Kafka's murmur2, so that backfill and
     other producers agree on a run's partition), remembered per key: hashing
     in pure Python took 5 % of the consumer's CPU, twice per command."""
     if key is None:
-        return DefaultPartitioner()(key, all_partitions, available)
+        return _UNKEYED(key, all_partitions, available)
     return all_partitions[_partition_index(key, len(all_partitions))]
 
 
@@ -198,9 +193,9 @@ class OrchestrationService:
                     raise RefusedBatch(_reason(exc)) from exc
                 log.warning("append conflict, retrying against fresh state: %s", _reason(exc))
                 await asyncio.sleep(min(0.05 * conflicts, 1.0))
+            except BEYOND_LIMITS as exc:
+                raise RefusedBatch(_reason(exc)) from exc
             except DATABASE_UNREACHABLE as exc:
-                if isinstance(getattr(exc, "orig", None) or exc, BEYOND_LIMITS):
-                    raise RefusedBatch(_reason(exc)) from exc
                 # The server is unreachable: wait; past the limit the batch is
                 # nacked and redelivered, never dead-lettered for an outage.
                 if waited >= MAX_TRANSIENT_WAIT_S:
@@ -233,8 +228,8 @@ class OrchestrationService:
 
 
 def _reason(exc: BaseException) -> str:
-    inner = getattr(exc, "orig", None) or exc
-    return str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def ensure_topics(settings: Settings) -> None:
