@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from runstate.domain import (
     EmpiricalPolicy,
@@ -27,6 +27,31 @@ from runstate.domain import (
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Bounds on a new run's retry policy, so that the retry rule's arithmetic (now +
+# delay x (1 + jitter)) stays within the datetimes Python and PostgreSQL hold.
+# Prefect sets none and answers such a run's FAILED proposal with HTTP 500.
+MAX_RETRY_DELAY_S = 10 * 365 * 86400
+MAX_RETRY_JITTER_FACTOR = 100.0
+# Lease rows store a run's tags joined by this character (tag_leases.tags).
+TAG_SEPARATOR = chr(31)
+
+
+def check_retry_policy(policy: EmpiricalPolicy) -> EmpiricalPolicy:
+    delays = policy.retry_delay if isinstance(policy.retry_delay, list) else [policy.retry_delay or 0]
+    if any(abs(delay) > MAX_RETRY_DELAY_S for delay in delays):
+        raise ValueError(f"a retry delay may be at most {MAX_RETRY_DELAY_S} seconds (10 years)")
+    if (policy.retry_jitter_factor or 0) > MAX_RETRY_JITTER_FACTOR:
+        raise ValueError(f"retry_jitter_factor may be at most {MAX_RETRY_JITTER_FACTOR:g}")
+    return policy
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    for tag in tags:
+        if any(ch < " " for ch in tag):
+            raise ValueError(f"tag {tag[:64]!r} holds a control character")
+    return tags
 
 
 class CreateTaskRunCommand(_Message):
@@ -45,6 +70,16 @@ class CreateTaskRunCommand(_Message):
     cache_expiration: datetime | None = None
     empirical_policy: EmpiricalPolicy = Field(default_factory=EmpiricalPolicy)
     state: StateCreate | None = None
+
+    @field_validator("empirical_policy")
+    @classmethod
+    def _bounded_policy(cls, policy: EmpiricalPolicy) -> EmpiricalPolicy:
+        return check_retry_policy(policy)
+
+    @field_validator("tags")
+    @classmethod
+    def _plain_tags(cls, tags: list[str]) -> list[str]:
+        return check_tags(tags)
 
     def new_run(self) -> TaskRunView:
         """The run before its initial state: what the pipeline decides against
@@ -114,7 +149,12 @@ def stream_id_of(command: Command) -> UUID:
 
 
 class ErrorInfo(BaseModel):
-    code: Literal["invalid_command", "unknown_run", "too_large", "already_exists", "orchestration_failed"]
+    """Why a command was answered without a decision (README: "What is refused")."""
+
+    code: Literal[
+        "invalid_command", "key_mismatch", "too_large", "unknown_run", "already_exists", "unstorable",
+        "orchestration_failed",
+    ]
     message: str
 
 

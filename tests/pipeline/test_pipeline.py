@@ -125,7 +125,7 @@ async def test_wait_is_decided_afresh_when_the_same_transition_is_sent_again(bas
 
 async def test_malformed_records_are_dead_lettered_and_the_next_command_is_decided(base_settings):
     settings = isolated_settings(base_settings, partitions=1, max_command_bytes=64_000)
-    run_id = uuid.uuid4()
+    run_id, other = uuid.uuid4(), uuid.uuid4()
     key = str(run_id).encode()
     async with InProcessService(settings) as service, RunstateClient(settings) as client:
         await client.create_task_run(run_id)
@@ -133,8 +133,10 @@ async def test_malformed_records_are_dead_lettered_and_the_next_command_is_decid
             (key, b"\xff\xfe not json"),
             (key, b'{"kind": "set_task_run_state", "task_run_id": "not-a-uuid", "state": {"type": "RUNNING"}}'),
             (key, json.dumps({"kind": "set_task_run_state", "task_run_id": str(run_id), "state": {"type": "BOGUS"}}).encode()),
-            (key, json.dumps({"kind": "set_task_run_state", "task_run_id": str(uuid.uuid4()), "state": {"type": "RUNNING"}}).encode()),
+            (str(other).encode(), json.dumps({"kind": "set_task_run_state", "task_run_id": str(other), "state": {"type": "RUNNING"}}).encode()),
             (key, b"x" * (settings.max_command_bytes + 1)),
+            # Keyed by this run but naming another: it sits in the wrong partition.
+            (key, json.dumps({"kind": "set_task_run_state", "task_run_id": str(other), "state": {"type": "RUNNING"}}).encode()),
         ]
         await produce(settings, bad)
         answer = await client.propose(run_id, state("RUNNING"))
@@ -142,7 +144,7 @@ async def test_malformed_records_are_dead_lettered_and_the_next_command_is_decid
         dead = await read_topic(settings, settings.dead_letter_topic, len(bad))
     assert [d.value for d in dead] == [value for _, value in bad]
     codes = [dict(d.headers)["x-error-code"].decode() for d in dead]
-    assert codes == ["invalid_command", "invalid_command", "invalid_command", "unknown_run", "too_large"]
+    assert codes == ["invalid_command", "invalid_command", "invalid_command", "unknown_run", "too_large", "key_mismatch"]
     assert "state.type" in dict(dead[2].headers)["x-error"].decode()
     assert service.stats.dead_lettered == len(bad)
     logged = await history(settings, run_id)
@@ -235,7 +237,7 @@ async def test_a_command_the_database_refuses_is_dead_lettered_and_its_batch_sti
         dead = await read_topic(settings, settings.dead_letter_topic, 1)
     assert len(results) == len(records)
     assert [d.value for d in dead] == [records[2][1]]
-    assert dict(dead[0].headers)["x-error-code"] == b"orchestration_failed"
+    assert dict(dead[0].headers)["x-error-code"] == b"unstorable"
     assert service.stats.dead_lettered == 1
     assert [r["state_type"] for r in await history(settings, run_id)] == ["PENDING", "RUNNING"]
     assert await history(settings, poisoned) == []

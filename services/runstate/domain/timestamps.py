@@ -20,7 +20,11 @@ def as_utc(value: datetime) -> datetime:
     # equality and ordering never depend on the offset a writer happened to use.
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # A ValueError is what pydantic reports as a validation error of the field.
+        raise ValueError(f"{value.isoformat()} is outside the years 1-9999 in UTC") from None
 
 
 # Validated values are always UTC, and pydantic's own JSON serialiser writes UTC

@@ -25,6 +25,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from runstate import strict_json
+
 from runstate.domain import (
     CacheEntry,
     Decision,
@@ -59,6 +61,9 @@ from runstate.messages import (
 
 log = logging.getLogger("runstate.decider")
 
+# What a result or state change may weigh when the topics' limits are not known:
+# Kafka's default max.message.bytes, less room for the key and headers.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588 - 4096
 RECORD_NAMESPACE = UUID("5d1f6a0e-8f1c-4c7e-9a57-2c4f1b7d0e11")
 FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetStateStatus.ABORT})
 
@@ -70,10 +75,26 @@ class IncomingRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    # What the record holds, so that a redelivery is told apart from a new
+    # record at a reused position (a recreated topic, an offset reset).
+    digest: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", record_digest(self.key, self.value))
 
     def derived_id(self) -> UUID:
-        """Stable id of this record: a redelivery gets the same one."""
-        return uuid.uuid5(RECORD_NAMESPACE, f"{self.topic}/{self.partition}/{self.offset}")
+        """Stable id of this record: a redelivery gets the same one, a new
+        record at the same position another."""
+        return uuid.uuid5(RECORD_NAMESPACE, f"{self.topic}/{self.partition}/{self.offset}/{self.digest.hex()}")
+
+
+def record_digest(key: bytes | None, value: bytes | None) -> bytes:
+    """128 bits of SHA-256 over the key and the value, each told apart from absent."""
+    h = hashlib.sha256()
+    for part in (key, value):
+        h.update(b"-" if part is None else b"%d:" % len(part))
+        h.update(part or b"")
+    return h.digest()[:16]
 
 
 @dataclass(slots=True)
@@ -92,6 +113,18 @@ class StoredOutcome:
     result_event: str
     state_change: str | None
     key: bytes
+    # For a lookup by source: what identifies the record that was decided.
+    digest: bytes | None = None
+    command_id: UUID | None = None
+
+    def decided(self, item: "ParsedCommand") -> bool:
+        """Whether this stored outcome is the decision of `item`'s record."""
+        if self.digest is not None:
+            return self.digest == item.record.digest
+        # Written before digests were stored: the same command id, given by the
+        # sender or derived from the position as it was derived then.
+        legacy = uuid.uuid5(RECORD_NAMESPACE, f"{item.record.topic}/{item.record.partition}/{item.record.offset}")
+        return self.command_id in (item.command.command_id, legacy)
 
 
 @dataclass
@@ -121,6 +154,7 @@ class EventRow:
     source_topic: str
     source_partition: int
     source_offset: int
+    source_digest: bytes
 
     @classmethod
     def of(
@@ -151,12 +185,13 @@ class EventRow:
             source_topic=item.record.topic,
             source_partition=item.record.partition,
             source_offset=item.record.offset,
+            source_digest=item.record.digest,
         )
 
 
 @dataclass(slots=True)
 class Publication:
-    key: bytes
+    key: bytes | None
     value: str
 
 
@@ -212,55 +247,86 @@ class BadRecord:
     error: ErrorInfo
     stream_id: UUID | None
     command_kind: str
+    command_id: UUID | None = None
 
 
 # "\u0000" preceded by an even number of backslashes: the escape itself, not the
 # text "\\u0000". The log keeps the payload as json (which would take it), but
 # the projections, the audit's jsonb and Prefect's text columns cannot.
 NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# Error messages quote little of what they refuse: they travel in results and headers.
+MAX_ERROR_MESSAGE = 1000
+# A bad record's own key is echoed on its answer only when it is plausibly an id.
+MAX_ECHOED_KEY = 256
 
 
 def parse_record(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
     """Validate one record; bad input is described, never raised."""
-    value = record.value or b""
+    try:
+        return _parse(record, max_bytes)
+    except Exception as exc:  # noqa: BLE001 - a parser bug must not stall the partition
+        log.exception("parsing the record at %s[%d]@%d failed", record.topic, record.partition, record.offset)
+        return _bad(record, "orchestration_failed", f"{type(exc).__name__}: {exc}", "unknown")
+
+
+def _parse(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
+    value = record.value
+    if value is None:
+        return _bad(record, "invalid_command", "a tombstone (a record without a value) is not a command", "unknown")
     if len(value) > max_bytes:
         return _bad(record, "too_large", f"command is {len(value)} bytes; the limit is {max_bytes}", "unknown")
-    if b"\\u0000" in value and NUL_ESCAPE.search(value):
-        return _bad(record, "invalid_command", "a string holds U+0000, which PostgreSQL text cannot store",
-                    _kind_of(value))
     try:
-        command = COMMAND_ADAPTER.validate_json(value)
+        document = strict_json.loads(value)
+    except strict_json.StrictJSONError as exc:
+        return _bad(record, "invalid_command", str(exc), "unknown")
+    kind = _kind_of(document)
+    if b"\\u0000" in value and NUL_ESCAPE.search(value):
+        return _bad(record, "invalid_command", "a string holds U+0000, which PostgreSQL text cannot store", kind)
+    try:
+        command = COMMAND_ADAPTER.validate_python(document)
     except ValidationError as exc:
-        return _bad(record, "invalid_command", _describe(exc), _kind_of(value))
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _bad(record, "invalid_command", f"not JSON: {exc}", "unknown")
-    return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id_of(command))
+        return _bad(record, "invalid_command", _describe(exc), kind)
+    stream_id = stream_id_of(command)
+    # Keyed by anything but the run's id, the record sits in a partition other
+    # than its run's: deciding it would race that run's own commands.
+    if record.key != str(stream_id).encode():
+        return BadRecord(
+            record,
+            ErrorInfo(code="key_mismatch", message=_key_mismatch(record.key, stream_id)),
+            stream_id,
+            command.kind,
+            command.command_id,
+        )
+    return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id)
 
 
 def _bad(record: IncomingRecord, code: str, message: str, command_kind: str) -> BadRecord:
     # The key is read only for a bad record: a good one names its run itself.
-    return BadRecord(record, ErrorInfo(code=code, message=message), _stream_id_from_key(record.key), command_kind)
+    return BadRecord(record, ErrorInfo(code=code, message=message[:MAX_ERROR_MESSAGE]),
+                     _stream_id_from_key(record.key), command_kind)
+
+
+def _key_mismatch(key: bytes | None, stream_id: UUID) -> str:
+    shown = "no key" if key is None else f"the key {key[:64]!r}"
+    return f"the record has {shown}; commands of run {stream_id} must be keyed by {str(stream_id)!r}"
 
 
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "<body>"
-        parts.append(f"{where}: {error['msg']}")
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        where = ".".join(str(p)[:64] for p in error["loc"]) or "<body>"
+        parts.append(f"{where}: {error['msg'][:200]}")
     more = exc.error_count() - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def _kind_of(value: bytes) -> str:
-    try:
-        kind = json.loads(value).get("kind")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return "unknown"
+def _kind_of(document: Any) -> str:
+    kind = document.get("kind") if isinstance(document, dict) else None
     return kind if isinstance(kind, str) and len(kind) < 64 else "unknown"
 
 
 def _stream_id_from_key(key: bytes | None) -> UUID | None:
-    if not key:
+    if not key or len(key) > 64:
         return None
     try:
         return UUID(key.decode())
@@ -361,10 +427,12 @@ class BatchDecider:
         snapshot: StoreSnapshot,
         settings: OrchestrationSettings,
         clock: Callable[[], datetime] = system_clock,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.snapshot = snapshot
         self.settings = settings
         self.clock = clock
+        self.max_message_bytes = max_message_bytes
         self.ids = IdMinter()
         self.out = BatchOutcome()
 
@@ -372,14 +440,19 @@ class BatchDecider:
     def run(self, items: Sequence[ParsedCommand | BadRecord]) -> BatchOutcome:
         for item in items:
             if isinstance(item, BadRecord):
-                self._reject(item.record, item.error, item.stream_id, item.command_kind, dead_letter=True)
+                self._reject(item.record, item.error, item.stream_id, item.command_kind, dead_letter=True,
+                             command_id=item.command_id)
                 continue
             prior = self.snapshot.by_source.get((item.record.partition, item.record.offset))
-            if prior is not None:
+            if prior is not None and prior.decided(item):
                 self._republish(prior)
                 continue
             try:
                 self._decide(item)
+            except OverflowError as exc:
+                # Times the rules compute from this command and its run's policy
+                # fall outside what a datetime holds: the input's fault, not ours.
+                self._refuse(item, "invalid_command", f"the proposal cannot be decided: {exc}", dead_letter=True)
             except Exception as exc:  # noqa: BLE001 - one command's failure must not stall the partition
                 log.exception("deciding command %s failed", item.command_id)
                 self._refuse(item, "orchestration_failed", f"{type(exc).__name__}: {exc}", dead_letter=True)
@@ -432,8 +505,8 @@ class BatchDecider:
         ctx = self._context(run, initial, item.command_id)
         decision = apply_initial_state(run, initial, ctx)
         head = StreamHead(view=run, last_seq=0)
-        self.snapshot.task_runs[command.id] = head
-        self._record_task_decision(item, command, head, ctx, decision, transition_id, "task_run_created")
+        if self._record_task_decision(item, command, head, ctx, decision, transition_id, "task_run_created"):
+            self.snapshot.task_runs[command.id] = head
 
     def _context(self, run: TaskRunView, proposed: StateCreate, command_id: UUID) -> OrchestrationContext:
         now = self.clock()
@@ -468,7 +541,9 @@ class BatchDecider:
         decision: Decision,
         transition_id: UUID | None,
         event_type: str,
-    ) -> None:
+    ) -> bool:
+        """Record the decision and its messages; False when they would not fit
+        the topics, in which case the command is refused and nothing changes."""
         previous: TaskRunView = head.view
         seq = head.last_seq + 1
         run_id = previous.id
@@ -515,6 +590,10 @@ class BatchDecider:
                 transition_id=transition_id_json,
                 timestamp=_datetime_json(appended.timestamp),
             )
+        too_big = self._oversized(result_event_json, change_json)
+        if too_big:
+            self._refuse(item, "too_large", too_big, dead_letter=True)
+            return False
         decision_json = _render(
             Decision,
             result=result_json,
@@ -541,6 +620,17 @@ class BatchDecider:
         if transition_id is not None and result.status in FINAL_STATUSES:
             self.snapshot.by_transition[(run_id, transition_id)] = stored
         self._apply_effects(decision, run_id)
+        return True
+
+    def _oversized(self, *messages: str | None) -> str | None:
+        """Why these messages would not fit their topics, if they would not."""
+        limit = self.max_message_bytes
+        for message in messages:
+            # len() counts characters: bytes are at most 4 times as many.
+            if message is not None and len(message) * 4 > limit and (size := len(message.encode())) > limit:
+                return (f"the decision's messages would be {size} bytes; the result and state-change"
+                        f" topics take {limit}")
+        return None
 
     def _apply_effects(self, decision: Decision, run_id: UUID) -> None:
         for effect in decision.effects:
@@ -699,7 +789,10 @@ class BatchDecider:
             stream_id=stream_id,
             error=error,
         )
-        key = str(stream_id).encode() if stream_id else (record.key or b"")
+        if stream_id is not None:
+            key: bytes | None = str(stream_id).encode()
+        else:
+            key = record.key if record.key is not None and len(record.key) <= MAX_ECHOED_KEY else None
         self.out.results.append(Publication(key, event.model_dump_json()))
 
 
@@ -708,5 +801,6 @@ def decide_batch(
     snapshot: StoreSnapshot,
     settings: OrchestrationSettings,
     clock: Callable[[], datetime] = system_clock,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> BatchOutcome:
-    return BatchDecider(snapshot, settings, clock).run(items)
+    return BatchDecider(snapshot, settings, clock, max_message_bytes).run(items)

@@ -168,7 +168,7 @@ class EventStore:
 
         first: dict[str, Statement] = {
             "by_source": (
-                "SELECT e.source_partition, e.source_offset, e.stream_id,"
+                "SELECT e.source_partition, e.source_offset, e.stream_id, e.source_digest, e.command_id,"
                 " (e.payload->'result_event')::text AS result_event,"
                 " (e.payload->'state_change')::text AS state_change"
                 " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
@@ -214,7 +214,16 @@ class EventStore:
             snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"])
         _add_flow_runs(snap, found.get("flow_runs", []))
         for row in found["by_source"]:
-            snap.by_source[(row["source_partition"], row["source_offset"])] = _stored(row)
+            stored = _stored(row)
+            # json_agg writes bytea as its hex text, \x and two digits a byte.
+            digest = row["source_digest"]
+            stored.digest = bytes.fromhex(digest[2:]) if digest else None
+            stored.command_id = UUID(row["command_id"])
+            previous = snap.by_source.get((row["source_partition"], row["source_offset"]))
+            # Several records may have sat at one position (a recreated topic):
+            # keep the one whose content is looked for, or any.
+            if previous is None or stored.digest in {p.record.digest for p in parsed}:
+                snap.by_source[(row["source_partition"], row["source_offset"])] = stored
         for row in found.get("by_transition", []):
             snap.by_transition[(UUID(row["stream_id"]), UUID(row["transition_id"]))] = _stored(row)
         for row in found.get("cache", []):
@@ -259,13 +268,13 @@ class EventStore:
             statements.append((
                 "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
                 " transition_id, status, state_type, state_name, state_id, payload,"
-                " source_topic, source_partition, source_offset)"
-                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS json), tp, pa, o FROM unnest("
+                " source_topic, source_partition, source_offset, source_digest)"
+                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS json), tp, pa, o, dg FROM unnest("
                 " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
                 " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
                 " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
-                " CAST(:pa AS integer[]), CAST(:o AS bigint[]))"
-                " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o)",
+                " CAST(:pa AS integer[]), CAST(:o AS bigint[]), CAST(:dg AS bytea[]))"
+                " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o, dg)",
                 {
                     "s": [e.stream_id for e in ev],
                     "q": [e.seq for e in ev],
@@ -281,6 +290,7 @@ class EventStore:
                     "tp": [e.source_topic for e in ev],
                     "pa": [e.source_partition for e in ev],
                     "o": [e.source_offset for e in ev],
+                    "dg": [e.source_digest for e in ev],
                 },
             ))
         if out.task_run_heads:
