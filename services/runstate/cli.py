@@ -43,7 +43,7 @@ def db_upgrade(revision: str = "head") -> None:
 @app.command()
 def serve(log_level: str = typer.Option("INFO", help="Python log level.")) -> None:
     """Run the consumer service (decides commands until SIGTERM/SIGINT)."""
-    from runstate.pipeline.service import build_app
+    from runstate.pipeline.app import build_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = load_settings()

@@ -12,7 +12,7 @@ from collections import Counter
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.messages import OrchestrationResultEvent
-from runstate.store.event_store import EventStore, make_engine
+from runstate.store.reads import LogReader, make_engine
 
 WORKERS = 8
 RUNS_PER_WORKER = 25
@@ -57,7 +57,7 @@ async def main() -> None:
         print(f"{status:8} {name or '-':16} {count}")
 
     if sample:
-        store = EventStore(make_engine(settings.database_url))
+        store = LogReader(make_engine(settings.database_url))
         try:
             rows = await store.history(sample[0])
         finally:

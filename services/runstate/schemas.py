@@ -22,7 +22,7 @@ DOCUMENT_SETTINGS = Settings(
 
 
 def asyncapi_document() -> str:
-    from runstate.pipeline.service import build_app
+    from runstate.pipeline.app import build_app
 
     app = build_app(DOCUMENT_SETTINGS)
     document = app.schema.to_specification().to_jsonable()  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from pipeline.harness import isolated_settings, read_topic, settings_env
 from runstate.messages import StateChangeEvent
-from runstate.pipeline.service import ensure_topics
+from runstate.pipeline.kafka import ensure_topics
 
 from .support import cli, dsn
 

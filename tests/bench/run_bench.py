@@ -153,7 +153,7 @@ def topic_names(label: str) -> dict[str, str]:
 
 async def create_topics(bootstrap: str, topics: dict[str, str]) -> None:
     from runstate.config import Settings
-    from runstate.pipeline.service import ensure_topics
+    from runstate.pipeline.kafka import ensure_topics
 
     s = Settings(kafka_bootstrap_servers=bootstrap, database_url="-", admin_database_url="-",
                  command_topic=topics["RUNSTATE_COMMAND_TOPIC"], result_topic=topics["RUNSTATE_RESULT_TOPIC"],

@@ -11,7 +11,9 @@ import pytest
 
 from runstate.domain import Decision, OrchestrationSettings
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
-from runstate.pipeline.processor import IncomingRecord, StoreSnapshot, decide_batch, parse_record
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.ports import StoreSnapshot
+from runstate.pipeline.records import IncomingRecord, parse_record
 
 LIFECYCLES = {
     "succeeds": ["RUNNING", "COMPLETED"],

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from runstate.messages import SetStateCommand
-from runstate.pipeline.processor import BadRecord, IncomingRecord, ParsedCommand, parse_record
+from runstate.pipeline.records import BadRecord, IncomingRecord, ParsedCommand, parse_record
 
 
 def record_of(message: str) -> IncomingRecord:

@@ -27,8 +27,8 @@ from runstate.messages import (
     SetStateCommand,
     StateChangeEvent,
 )
-from runstate.pipeline.processor import BadRecord, IncomingRecord, parse_record
-from runstate.pipeline.service import ensure_topics
+from runstate.pipeline.records import BadRecord, IncomingRecord, parse_record
+from runstate.pipeline.kafka import ensure_topics
 
 from .checker import check, read_log
 from .driver import ResultReader, Sent, make_producer, read_all

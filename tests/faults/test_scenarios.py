@@ -22,7 +22,7 @@ import pytest
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
 from runstate.pipeline.faults import POINTS
-from runstate.pipeline.service import ensure_topics
+from runstate.pipeline.kafka import ensure_topics
 
 from .checker import Report, check, pg_dsn
 from .driver import (

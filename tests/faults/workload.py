@@ -32,12 +32,9 @@ from runstate.messages import (
     CreateTaskRunCommand,
     SetStateCommand,
 )
-from runstate.pipeline.processor import (
-    IncomingRecord,
-    StoreSnapshot,
-    decide_batch,
-    parse_record,
-)
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.ports import StoreSnapshot
+from runstate.pipeline.records import IncomingRecord, parse_record
 
 NAMESPACE = UUID("0b8e1c52-3f0a-4d7e-9e63-5f1a2b3c4d5e")
 

@@ -14,7 +14,7 @@ import uvicorn
 
 from runstate.config import Settings
 from runstate.gateway import create_app
-from runstate.store.event_store import EventStore, make_engine
+from runstate.store.reads import LogReader, make_engine
 
 from pipeline.harness import InProcessService, isolated_settings
 
@@ -29,7 +29,7 @@ def free_port() -> int:
 class RunningGateway:
     settings: Settings
     api_url: str  # ends in /api, as PREFECT_API_URL expects
-    store: EventStore
+    store: LogReader
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
                     serving.result()  # raises why it stopped
                 await asyncio.sleep(0.05)
             assert server.started, "uvicorn did not start within 10 s"
-            store = EventStore(make_engine(settings.database_url))
+            store = LogReader(make_engine(settings.database_url))
             yield RunningGateway(settings, f"http://127.0.0.1:{port}/api", store)
             await store.engine.dispose()
         finally:

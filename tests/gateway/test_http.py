@@ -12,8 +12,8 @@ import pytest
 from pipeline.harness import InProcessService, isolated_settings
 
 from runstate.gateway import create_app
-from runstate.pipeline.service import ensure_topics
-from runstate.store.event_store import EventStore, make_engine
+from runstate.pipeline.kafka import ensure_topics
+from runstate.store.reads import LogReader, make_engine
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -176,7 +176,7 @@ async def test_late_decision_is_503_and_a_retry_gets_the_one_decision(base_setti
             retried = await propose(http, run_id, "RUNNING", state_details={"transition_id": tid})
             assert retried.status_code == 201, retried.text
 
-    store = EventStore(make_engine(settings.database_url))
+    store = LogReader(make_engine(settings.database_url))
     try:
         history = await store.history(uuid.UUID(run_id))
     finally:

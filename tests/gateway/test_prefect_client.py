@@ -36,6 +36,8 @@ async def run_scenarios(tmp_path: Path, api_url: str | None) -> dict[str, Any]:
         env["PREFECT_API_URL"] = api_url
     else:
         env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
+        # Prefect's own 20 s is too little for its server to start on a busy 2-core machine.
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     proc = await asyncio.create_subprocess_exec(
         str(python), str(SCRIPT), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

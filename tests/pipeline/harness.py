@@ -16,7 +16,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from runstate.config import Settings
-from runstate.pipeline.service import build_app, ensure_topics
+from runstate.pipeline.app import build_app
+from runstate.pipeline.kafka import ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import pytest
 
 from runstate.client import state
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from runstate.store.event_store import EventStore, make_engine
+from runstate.store.reads import LogReader, make_engine
 
 from .harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
 
@@ -27,7 +27,7 @@ def lifecycle(run_id: uuid.UUID) -> list[tuple[bytes, bytes, uuid.UUID]]:
 
 
 async def histories(settings, run_ids):
-    store = EventStore(make_engine(settings.database_url))
+    store = LogReader(make_engine(settings.database_url))
     try:
         return {run_id: await store.history(run_id) for run_id in run_ids}
     finally:

@@ -8,7 +8,7 @@ import uuid
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from runstate.pipeline.service import keyed_partitioner
+from runstate.pipeline.kafka import keyed_partitioner
 
 
 def test_keyed_partitioner_agrees_with_the_default_partitioner():

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from runstate.client import RunstateClient, state
 from runstate.domain import SetStateStatus
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
-from runstate.store.event_store import EventStore, make_engine
+from runstate.store.reads import LogReader, make_engine
 
 from .harness import InProcessService, isolated_settings, produce, read_topic
 
@@ -28,7 +28,7 @@ def pg_dsn(url: str) -> str:
 
 
 async def history(settings, run_id):
-    store = EventStore(make_engine(settings.database_url))
+    store = LogReader(make_engine(settings.database_url))
     try:
         return await store.history(run_id)
     finally:

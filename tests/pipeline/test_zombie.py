@@ -12,8 +12,8 @@ import pytest
 
 from runstate.client import state
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from runstate.pipeline.service import OrchestrationService
-from runstate.store.event_store import EventStore, make_engine
+from runstate.pipeline.app import connect, disconnect, new_service
+from runstate.store.reads import LogReader, make_engine
 
 from .harness import isolated_settings
 
@@ -35,17 +35,16 @@ def records(topic: str, run_ids: list[uuid.UUID]) -> list[SimpleNamespace]:
 
 async def test_two_members_deciding_the_same_records_at_once_write_one_history(base_settings):
     settings = isolated_settings(base_settings, partitions=1)
-    owner = OrchestrationService(settings, EventStore(make_engine(settings.database_url)))
-    zombie = OrchestrationService(settings, EventStore(make_engine(settings.database_url)))
-    await owner.start()
-    await zombie.start()
+    owner, zombie = new_service(settings), new_service(settings)
+    await connect(owner)
+    await connect(zombie)
     run_ids = [uuid.uuid4() for _ in range(50)]
     batch = records(settings.command_topic, run_ids)
     try:
         first, second = await asyncio.gather(owner.handle_records(batch), zombie.handle_records(batch))
     finally:
-        await owner.stop()
-        await zombie.stop()
+        await disconnect(owner)
+        await disconnect(zombie)
 
     # One of them wrote every event; the other lost the race, re-read the log and
     # answered every record with the stored result instead of deciding it again.
@@ -54,7 +53,7 @@ async def test_two_members_deciding_the_same_records_at_once_write_one_history(b
     as_json = lambda outcome: [json.loads(p.value) for p in outcome.results]  # noqa: E731
     assert as_json(first) == as_json(second)
 
-    store = EventStore(make_engine(settings.database_url))
+    store = LogReader(make_engine(settings.database_url))
     try:
         for run_id in run_ids:
             rows = await store.history(run_id)

@@ -8,6 +8,7 @@ from .context import CacheEntry, Lease, OrchestrationContext, OrchestrationSetti
 from .decision import Decision, apply_initial_state, decide, proposed_state
 from .effects import CacheInserted, Effect, SlotsReleased, SlotsTaken, TaskScheduled
 from .errors import FlowRunNotFound, OrchestrationFailure
+from .flow_runs import record_flow_state
 from .policies import (
     BACKGROUND_TASK_POLICY,
     CORE_TASK_POLICY,
@@ -37,6 +38,7 @@ from .states import (
 )
 
 __all__ = [
+    "record_flow_state",
     "AbortDetails",
     "AcceptDetails",
     "BACKGROUND_TASK_POLICY",

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from runstate import __version__
 from runstate.client import RunstateTimeout
 from runstate.config import Settings
-from runstate.store.event_store import make_engine
+from runstate.store.reads import make_engine
 
 from runstate.client import RunstateClient
 from .reads import GatewayReads

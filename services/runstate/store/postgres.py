@@ -1,33 +1,41 @@
-"""PostgreSQL adapter: the append-only event log and the projections kept
-beside it.
+"""PostgreSQL adapter of the batch path's EventStore port: the append-only
+event log and the projections kept beside it.
 
-A batch is one transaction: load what the batch's commands need (tag rows with
-FOR UPDATE, because slots are shared by every partition), let the pure core
-decide, then write every event with one multi-row INSERT and every projection
-with one upsert. The primary key (stream_id, seq) makes a second writer of the
-same history fail instead of forking it; the caller retries against fresh state.
+A batch is one session, one transaction: read what the batch's decisions need
+(tag rows with FOR UPDATE, because slots are shared by every partition), then
+write every event with one multi-row INSERT and every projection with one
+upsert. The primary key (stream_id, seq) makes a second writer of the same
+history fail instead of forking it. psycopg's errors are translated into the
+port's: whose fault a refusal is decides whether the batch is retried, split
+or waited out.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import namedtuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runstate.domain import CacheEntry, FlowRunView, Lease, State, StateType, TagLimit, TaskRunView
-from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from runstate.pipeline.processor import BatchOutcome, ParsedCommand, StoredOutcome, StoreSnapshot, StreamHead
-
-TASK_KINDS = ("set_task_run_state", "create_task_run")
-
+from runstate.domain import CacheEntry, FlowRunView, Lease, TagLimit, TaskRunView
+from runstate.pipeline.ports import (
+    BatchOutcome,
+    RecordRefused,
+    SnapshotRequest,
+    StoreConflict,
+    StoredOutcome,
+    StoreError,
+    StoreSnapshot,
+    StoreUnavailable,
+    StreamHead,
+)
 
 Statement = tuple[str, dict[str, Any]]
 
@@ -101,17 +109,6 @@ BATCH_ISOLATION = "REPEATABLE READ"
 SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=15s -c lock_timeout=20s"
 
 
-def make_engine(url: str, pool_size: int = 4) -> AsyncEngine:
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=4,
-        pool_pre_ping=True,
-        isolation_level=BATCH_ISOLATION,
-        connect_args={"options": SESSION_OPTIONS},
-    )
-
-
 def batch_pool(url: str, size: int) -> AsyncConnectionPool:
     """The consumer's connections: plain psycopg, one per lane. SQLAlchemy's
     pool pinged the server on every checkout and its async adaptation ran each
@@ -135,39 +132,64 @@ def batch_pool(url: str, size: int) -> AsyncConnectionPool:
     )
 
 
-class EventStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+# SQLSTATE classes that a record's content can cause: data exceptions (22), a
+# row or index entry beyond PostgreSQL's limits (54), constraint violations
+# other than a unique key (23; a unique key is another writer's commit).
+RECORD_SQLSTATE_CLASSES = ("22", "23", "54")
 
-    # -- reading what a batch needs ------------------------------------------
-    async def load_snapshot(
-        self, conn: Connection, parsed: Sequence[ParsedCommand], topic: str, now: datetime
-    ) -> StoreSnapshot:
-        """Everything the batch's decisions read, in one round trip for what the
-        commands name and a second one only when the runs found point further
-        (their flow runs, their tags' limits and leases)."""
-        snap = StoreSnapshot()
-        if not parsed:
-            return snap
-        task_ids = {p.stream_id for p in parsed if p.command.kind in TASK_KINDS}
-        flow_ids = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS}
-        flow_ids.update(
-            p.command.flow_run_id
-            for p in parsed
-            if isinstance(p.command, CreateTaskRunCommand) and p.command.flow_run_id
-        )
-        new_tags = {tag for p in parsed if isinstance(p.command, CreateTaskRunCommand) for tag in p.command.tags}
-        transitions = [(p.stream_id, p.transition_id) for p in parsed if p.transition_id is not None]
-        cache_keys = {
-            p.command.state.state_details.cache_key
-            for p in parsed
-            if isinstance(p.command, SetStateCommand)
-            and p.command.state.type == StateType.RUNNING
-            and p.command.state.state_details.cache_key
-        }
 
-        first: dict[str, Statement] = {
-            "by_source": (
+def translate(exc: psycopg.Error | PoolTimeout) -> StoreError:
+    """Whose fault a database error is. Anything not known to be the record's
+    is an outage: waiting costs time, dead-lettering a valid command loses it."""
+    reason = _reason(exc)
+    if isinstance(exc, psycopg.errors.UniqueViolation | psycopg.errors.SerializationFailure
+                  | psycopg.errors.DeadlockDetected):
+        return StoreConflict(reason)
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None and sqlstate[:2] in RECORD_SQLSTATE_CLASSES:
+        return RecordRefused(reason)
+    # Raised by psycopg itself, before the server saw it (a NUL in a text value, say).
+    if sqlstate is None and isinstance(exc, psycopg.DataError):
+        return RecordRefused(reason)
+    return StoreUnavailable(reason)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PostgresEventStore:
+    """The EventStore port on a pool of plain psycopg connections, one per lane."""
+
+    def __init__(self, url: str, size: int = 1) -> None:
+        self.pool = batch_pool(url, size)
+
+    async def open(self) -> None:
+        # Not waiting: a database still starting is waited for batch by batch.
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[PostgresSession]:
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                yield PostgresSession(conn)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise translate(exc) from exc
+
+
+class PostgresSession:
+    def __init__(self, conn: psycopg.AsyncConnection) -> None:
+        self.conn = conn
+
+    async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
+        """Every row the request names, in one round trip."""
+        queries: dict[str, Statement] = {}
+        if request.sources:
+            queries["by_source"] = (
                 "SELECT e.source_partition, e.source_offset, e.stream_id, e.source_digest, e.command_id,"
                 " (e.payload->'result_event')::text AS result_event,"
                 " (e.payload->'state_change')::text AS state_change"
@@ -175,92 +197,85 @@ class EventStore:
                 " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
                 " WHERE e.source_topic = :topic",
                 {
-                    "topic": topic,
-                    "parts": [p.record.partition for p in parsed],
-                    "offs": [p.record.offset for p in parsed],
+                    "topic": request.source_topic,
+                    "parts": [p for p, _ in request.sources],
+                    "offs": [o for _, o in request.sources],
                 },
             )
-        }
-        if task_ids:
-            first["task_runs"] = (
+        if request.task_run_ids:
+            queries["task_runs"] = (
                 "SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)",
-                {"ids": list(task_ids)},
+                {"ids": list(request.task_run_ids)},
             )
-        if flow_ids:
-            first["flow_runs"] = _flow_runs_query(flow_ids)
-        if transitions:
-            first["by_transition"] = (
+        if request.flow_run_ids:
+            queries["flow_runs"] = (
+                "SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)",
+                {"ids": list(request.flow_run_ids)},
+            )
+        if request.transitions:
+            queries["by_transition"] = (
                 "SELECT e.stream_id, e.transition_id,"
                 " (e.payload->'result_event')::text AS result_event,"
                 " (e.payload->'state_change')::text AS state_change"
                 " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
                 " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
                 " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')",
-                {"sids": [s for s, _ in transitions], "tids": [t for _, t in transitions]},
+                {"sids": [s for s, _ in request.transitions], "tids": [t for _, t in request.transitions]},
             )
-        if cache_keys:
-            first["cache"] = (
+        if request.cache_keys:
+            queries["cache"] = (
                 "SELECT DISTINCT ON (cache_key) cache_key, cache_expiration, created, state"
                 " FROM task_cache WHERE cache_key = ANY(:keys)"
                 " AND (cache_expiration IS NULL OR cache_expiration > :now)"
                 " ORDER BY cache_key, created DESC",
-                {"keys": list(cache_keys), "now": now},
+                {"keys": list(request.cache_keys), "now": request.now},
             )
-        found = await read_together(conn, first)
-
+        if request.tags:
+            # FOR UPDATE, in tag order: slots are shared by every partition's runs.
+            queries["tag_limits"] = (
+                'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
+                " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE",
+                {"tags": sorted(request.tags)},
+            )
+        if request.lease_holders:
+            queries["leases"] = (
+                "SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)",
+                {"ids": list(request.lease_holders)},
+            )
+        if not queries:
+            return
+        found = await read_together(self.conn, queries)
         # Rows arrive as JSON objects: ids and times as strings, which the
         # models parse; the stored messages as the very text first published.
+        snap = into
         for row in found.get("task_runs", []):
             snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"])
-        _add_flow_runs(snap, found.get("flow_runs", []))
-        for row in found["by_source"]:
+        for row in found.get("flow_runs", []):
+            snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"])
+        wanted_digests = set(request.digests)
+        for row in found.get("by_source", []):
             stored = _stored(row)
-            # json_agg writes bytea as its hex text, \x and two digits a byte.
+            # json_agg writes bytea as its hex text, \\x and two digits a byte.
             digest = row["source_digest"]
             stored.digest = bytes.fromhex(digest[2:]) if digest else None
             stored.command_id = UUID(row["command_id"])
-            previous = snap.by_source.get((row["source_partition"], row["source_offset"]))
+            position = (row["source_partition"], row["source_offset"])
             # Several records may have sat at one position (a recreated topic):
-            # keep the one whose content is looked for, or any.
-            if previous is None or stored.digest in {p.record.digest for p in parsed}:
-                snap.by_source[(row["source_partition"], row["source_offset"])] = stored
+            # keep the one whose content is looked for.
+            if position not in snap.by_source or stored.digest in wanted_digests:
+                snap.by_source[position] = stored
         for row in found.get("by_transition", []):
             snap.by_transition[(UUID(row["stream_id"]), UUID(row["transition_id"]))] = _stored(row)
         for row in found.get("cache", []):
             snap.cache.setdefault(row["cache_key"], []).append(CacheEntry.model_validate(row))
-
-        heads = [h.view for h in snap.task_runs.values()]
-        tags = new_tags.union(*(run.tags for run in heads))
-        tagged_runs = [run.id for run in heads if run.tags]
-        more_flows = {run.flow_run_id for run in heads if run.flow_run_id is not None} - flow_ids
-        second: dict[str, Statement] = {}
-        if more_flows:
-            second["flow_runs"] = _flow_runs_query(more_flows)
-        if tags:
-            # FOR UPDATE: slots are shared by every partition's runs.
-            second["tag_limits"] = (
-                'SELECT tag, "limit", active, active_slots, avg_slot_occupancy_seconds'
-                " FROM tag_concurrency_limits WHERE tag = ANY(:tags) ORDER BY tag FOR UPDATE",
-                {"tags": sorted(tags)},
-            )
-        if tagged_runs:
-            second["leases"] = (
-                "SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)",
-                {"ids": tagged_runs},
-            )
-        if not second:
-            return snap
-        found = await read_together(conn, second)
-        _add_flow_runs(snap, found.get("flow_runs", []))
         for row in found.get("tag_limits", []):
             snap.tag_limits[row["tag"]] = TagLimit.model_validate(row)
         for row in found.get("leases", []):
             lease = Lease(id=row["id"], tags=row["tags"], slots=row["slots"], holder_run_id=row["task_run_id"])
             snap.leases.setdefault(lease.holder_run_id, []).append(lease)
-        return snap
 
     # -- writing a decided batch ---------------------------------------------
-    async def write(self, conn: Connection, out: BatchOutcome) -> None:
+    async def append(self, out: BatchOutcome) -> None:
         """Every row of the batch, in one statement."""
         statements: list[Statement] = []
         if out.events:
@@ -331,25 +346,7 @@ class EventStore:
             ))
         statements += _side_table_writes(out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
         if statements:
-            await run_sql(conn, *write_together(statements))
-
-    # -- reads for the gateway, CLI and tests --------------------------------
-    async def history(self, stream_id: UUID) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
-            rows = await run_sql(
-                conn,
-                "SELECT seq, event_type, command_id, transition_id, status, state_type, state_name,"
-                " payload, source_topic, source_partition, source_offset, recorded_at"
-                " FROM events WHERE stream_id = :id ORDER BY seq",
-                {"id": stream_id},
-            )
-            return [row._asdict() for row in rows]
-
-    async def task_run(self, run_id: UUID) -> tuple[TaskRunView, int] | None:
-        async with self.engine.connect() as conn:
-            rows = await run_sql(conn, "SELECT view, last_seq FROM task_runs WHERE id = :id", {"id": run_id})
-            row = rows[0] if rows else None
-        return (TaskRunView.model_validate(row.view), row.last_seq) if row else None
+            await run_sql(self.conn, *write_together(statements))
 
 
 def _side_table_writes(
@@ -397,15 +394,6 @@ def _side_table_writes(
             {"tags": list(changed), "deltas": list(changed.values())},
         ))
     return statements
-
-
-def _flow_runs_query(ids: set[UUID]) -> Statement:
-    return ("SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)", {"ids": list(ids)})
-
-
-def _add_flow_runs(snap: StoreSnapshot, rows: list[dict[str, Any]]) -> None:
-    for row in rows:
-        snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"])
 
 
 def _stored(row: dict[str, Any]) -> StoredOutcome:

@@ -1,0 +1,140 @@
+"""The consumer service: a FastStream app over the command topic.
+
+Delivery contract, per batch:
+  1. decide every command in memory against one snapshot read in the same
+     PostgreSQL transaction that appends the events;
+  2. commit that transaction;
+  3. publish results, state changes and dead letters, and wait for the broker's
+     acknowledgement (idempotent producer, acks=all);
+  4. only then commit the consumer offsets (FastStream NACK_ON_ERROR: success
+     acks, any exception seeks back to the batch's first record).
+A crash anywhere before 4 redelivers the batch; the store recognises every
+record already decided and its stored outcome is published again.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from functools import partial
+from typing import Any
+
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+
+from runstate import __version__
+from runstate.config import Settings
+from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.pipeline.consumer import CoalescingConsumer
+from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
+from runstate.pipeline.service import OrchestrationService
+from runstate.store.postgres import PostgresEventStore
+
+
+async def _records_of(message: Any) -> Any:
+    # The batch's records go to the handler as they came: the service parses
+    # them itself, so that a malformed one becomes a dead letter instead of
+    # failing the whole batch. (Context("message") would cost a worker-thread
+    # hop per batch: fast_depends resolves it synchronously.)
+    return message.raw_message
+
+
+def new_service(settings: Settings) -> OrchestrationService:
+    """The batch service on PostgreSQL; `connect` gives it its Kafka publisher."""
+    return OrchestrationService(settings, PostgresEventStore(settings.database_url, settings.lanes))
+
+
+async def connect(service: OrchestrationService) -> None:
+    """Create or check the topics, start the publisher sized for them, open the store."""
+    limits = await ensure_topics(service.settings)
+    publisher = KafkaPublisher(service.settings, limits)
+    await publisher.start()
+    service.publisher = publisher
+    service.max_message_bytes = limits.outcome_bytes
+    await service.store.open()
+
+
+async def disconnect(service: OrchestrationService) -> None:
+    if isinstance(service.publisher, KafkaPublisher):
+        await service.publisher.stop()
+    await service.store.close()
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    """The composition root of `runstate serve`: the ports' adapters wired in."""
+    settings = settings or Settings.load()
+    # FastStream's access log ("Received", "Processed") goes to DEBUG: two
+    # lines a batch are a visible part of a small batch's CPU.
+    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="runstate-service", log_level=logging.DEBUG)
+    # The subscribers build their aiokafka consumers through this factory (the
+    # hook FastStream's own test broker replaces); ours coalesces fetches.
+    config = broker.config.broker_config
+    config.builder = partial(CoalescingConsumer, linger_ms=settings.batch_timeout_ms, **config.builder.keywords)
+    service = new_service(settings)
+
+    # Declared for the AsyncAPI document; the service publishes through its
+    # own producer so one batch's sends are in flight together.
+    broker.publisher(
+        settings.result_topic,
+        title="orchestration-results",
+        description="One orchestration result per decided command, keyed by run id.",
+        schema=OrchestrationResultEvent,
+    )
+    broker.publisher(
+        settings.state_change_topic,
+        title="state-changes",
+        description="Every appended state, keyed by task-run id, in per-run sequence order.",
+        schema=StateChangeEvent,
+    )
+    broker.publisher(
+        settings.dead_letter_topic,
+        title="dead-letter",
+        description="Commands that could not be decided: the original bytes, with x-error headers.",
+        schema=bytes,
+    )
+
+    async def on_commands(records):  # noqa: ANN001 - untyped: nothing to validate
+        await service.handle_records(records)
+
+    # Each lane is one more member of the consumer group, with partitions of
+    # its own: while one lane waits on PostgreSQL or the broker, another
+    # decides, so one process keeps its core busy.
+    for lane in range(settings.lanes):
+        broker.subscriber(
+            settings.command_topic,
+            group_id=settings.consumer_group,
+            batch=True,
+            max_records=settings.max_batch,
+            batch_timeout_ms=settings.batch_timeout_ms,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            decoder=_records_of,
+            title="commands",
+            description=(
+                "create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id."
+            ),
+            include_in_schema=lane == 0,
+        )(on_commands)
+
+    app = FastStream(
+        broker,
+        specification=AsyncAPI(broker, title="runstate", version=__version__, description=__doc__),
+    )
+
+    @app.on_startup
+    async def start_service() -> None:
+        await connect(service)
+        # Deciding a batch allocates many short-lived objects and almost no
+        # cycles: the cyclic GC's default thresholds made it a visible share of
+        # a batch's CPU. What is imported by now lives as long as the process.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+
+    @app.after_shutdown
+    async def stop_service() -> None:
+        await disconnect(service)
+
+    app.state_service = service  # type: ignore[attr-defined]
+    return app

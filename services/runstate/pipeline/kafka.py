@@ -1,0 +1,165 @@
+"""Kafka adapters of the batch path: the topics runstate creates and their size
+limits, and the Publisher port on an idempotent aiokafka producer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+from runstate.config import Settings
+from runstate.pipeline.ports import BatchOutcome
+
+log = logging.getLogger("runstate.kafka")
+
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
+# Room a record needs beside its value: key, headers, batch framing.
+RECORD_OVERHEAD_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class TopicLimits:
+    """The largest record (max.message.bytes) each output topic takes."""
+
+    results: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    state_changes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    dead_letters: int = DEAD_LETTER_MAX_BYTES
+
+    @property
+    def outcome_bytes(self) -> int:
+        """What a result or state change may weigh, less its key and framing."""
+        return min(self.results, self.state_changes) - RECORD_OVERHEAD_BYTES
+
+
+def wanted_message_bytes(settings: Settings) -> dict[str, int]:
+    """max.message.bytes for each topic runstate creates: room for the largest
+    command allowed, and for the result and state change that repeat its state;
+    the dead-letter topic takes anything the command topic takes."""
+    outcome = settings.max_command_bytes + 256 * 1024
+    return {
+        settings.command_topic: settings.max_command_bytes + 64 * 1024,
+        settings.result_topic: outcome,
+        settings.state_change_topic: outcome,
+        settings.dead_letter_topic: max(DEAD_LETTER_MAX_BYTES, 2 * settings.max_command_bytes),
+    }
+
+
+async def ensure_topics(settings: Settings) -> TopicLimits:
+    """Create runstate's topics when missing, each with an explicit size limit,
+    and read the limits of those that exist (they are left as they are)."""
+    wanted = wanted_message_bytes(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(t, settings.partitions, 1, topic_configs={"max.message.bytes": str(size)})
+            for t, size in wanted.items()
+            if t not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another member created them first
+        actual = await _max_message_bytes(admin, list(wanted))
+    finally:
+        await admin.close()
+    for topic, size in actual.items():
+        if size < wanted[topic]:
+            log.warning("topic %s takes records of up to %d bytes (max.message.bytes); runstate wants %d:"
+                        " commands whose messages do not fit are refused as too_large", topic, size, wanted[topic])
+    return TopicLimits(
+        results=actual[settings.result_topic],
+        state_changes=actual[settings.state_change_topic],
+        dead_letters=actual[settings.dead_letter_topic],
+    )
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    found: dict[str, int] = {}
+    for response in responses:
+        for error_code, _message, _type, name, entries in (r[:5] for r in response.resources):
+            if error_code:
+                raise RuntimeError(f"describing topic {name} failed with Kafka error {error_code}")
+            for entry in entries:
+                if entry[0] == "max.message.bytes":
+                    found[name] = int(entry[1])
+    return {t: found.get(t, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
+
+
+# A few batches' worth: a command's result and state change share a key.
+@lru_cache(maxsize=4096)
+def _partition_index(key: bytes, partitions: int) -> int:
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+_UNKEYED = DefaultPartitioner()
+
+
+def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner (Kafka's murmur2, so that backfill and
+    other producers agree on a run's partition), remembered per key: hashing
+    in pure Python is a visible share of the consumer's CPU, twice per command."""
+    if key is None:
+        return _UNKEYED(key, all_partitions, available)
+    return all_partitions[_partition_index(key, len(all_partitions))]
+
+
+class KafkaPublisher:
+    """The Publisher port: a batch's records all in flight together, then the acks."""
+
+    def __init__(self, settings: Settings, limits: TopicLimits) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            enable_idempotence=True,
+            # A batch's records are all appended before the sender runs, so
+            # lingering would only delay the acks the batch waits for.
+            linger_ms=0,
+            max_batch_size=256 * 1024,
+            max_request_size=max(limits.results, limits.state_changes, limits.dead_letters),
+            partitioner=keyed_partitioner,
+            client_id="runstate-service",
+        )
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def publish(self, outcome: BatchOutcome) -> None:
+        s = self.settings
+        send = self.producer.send
+        sends = [await send(s.result_topic, p.value.encode(), key=p.key) for p in outcome.results]
+        sends += [await send(s.state_change_topic, p.value.encode(), key=p.key) for p in outcome.state_changes]
+        for dead in outcome.dead_letters:
+            rec = dead.record
+            headers = [
+                ("x-error-code", dead.error.code.encode()),
+                ("x-error", dead.error.message[:4000].encode()),
+                ("x-source-topic", rec.topic.encode()),
+                ("x-source-partition", str(rec.partition).encode()),
+                ("x-source-offset", str(rec.offset).encode()),
+            ]
+            key, value = rec.key, rec.value
+            size = len(key or b"") + len(value or b"")
+            if size + RECORD_OVERHEAD_BYTES > self.limits.dead_letters:
+                # The record stays in the command topic, where the headers point;
+                # a dead letter that cannot be published would stall the partition.
+                key, value = None, None
+                headers.append(("x-dropped-bytes", str(size).encode()))
+            sends.append(await send(s.dead_letter_topic, value, key=key, headers=headers))
+        if sends:
+            await asyncio.gather(*sends)

@@ -1,0 +1,217 @@
+"""The batch path's ports: what it needs from storage and from the broker,
+and the data that crosses them.
+
+The batch logic (pipeline/batch.py) and the service use these; the
+PostgreSQL and in-memory stores (store/) and the Kafka publisher implement
+them. No adapter imports the batch logic.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from runstate.domain import CacheEntry, Lease, State, TagLimit
+from runstate.events import EventType, StreamType
+from runstate.messages import ErrorInfo
+from runstate.pipeline.records import IncomingRecord, ParsedCommand
+
+
+@dataclass(slots=True)
+class StreamHead:
+    view: Any  # TaskRunView or FlowRunView, by the stream's type
+    last_seq: int
+    # The view as JSON when a decision already wrote it (for the payload), so
+    # the projection upsert does not serialise it again.
+    view_json: str | None = None
+
+
+@dataclass(slots=True)
+class StoredOutcome:
+    """What was published for an already-decided command, to publish again."""
+
+    result_event: str
+    state_change: str | None
+    key: bytes
+    # For a lookup by source: what identifies the record that was decided.
+    digest: bytes | None = None
+    command_id: UUID | None = None
+
+    def decided(self, item: ParsedCommand) -> bool:
+        """Whether this stored outcome is the decision of `item`'s record."""
+        if self.digest is not None:
+            return self.digest == item.record.digest
+        # Written before digests were stored: the same command id, given by the
+        # sender or derived from the position as it was derived then.
+        return self.command_id in (item.command.command_id, item.record.legacy_derived_id())
+
+
+@dataclass
+class StoreSnapshot:
+    task_runs: dict[UUID, StreamHead] = field(default_factory=dict)
+    flow_runs: dict[UUID, StreamHead] = field(default_factory=dict)
+    by_source: dict[tuple[int, int], StoredOutcome] = field(default_factory=dict)
+    by_transition: dict[tuple[UUID, UUID], StoredOutcome] = field(default_factory=dict)
+    cache: dict[str, list[CacheEntry]] = field(default_factory=dict)
+    tag_limits: dict[str, TagLimit] = field(default_factory=dict)
+    leases: dict[UUID, list[Lease]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EventRow:
+    stream_id: UUID
+    seq: int
+    stream_type: StreamType
+    event_type: EventType
+    command_id: UUID
+    transition_id: UUID | None
+    status: str | None
+    state_type: str | None
+    state_name: str | None
+    state_id: UUID | None
+    payload: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    source_digest: bytes
+    # The messages inside `payload`, as published (a store may keep them apart).
+    result_event: str
+    state_change: str | None
+
+    @classmethod
+    def of(
+        cls,
+        item: ParsedCommand,
+        stream_id: UUID,
+        seq: int,
+        stream_type: StreamType,
+        event_type: EventType,
+        transition_id: UUID | None,
+        status: str,
+        appended: State | None,
+        payload: str,
+        result_event: str,
+        state_change: str | None,
+    ) -> EventRow:
+        """The row recording one decided command, with the record it came from."""
+        return cls(
+            stream_id=stream_id,
+            seq=seq,
+            stream_type=stream_type,
+            event_type=event_type,
+            command_id=item.command_id,
+            transition_id=transition_id,
+            status=status,
+            state_type=appended.type.value if appended else None,
+            state_name=appended.name if appended else None,
+            state_id=appended.id if appended else None,
+            payload=payload,
+            source_topic=item.record.topic,
+            source_partition=item.record.partition,
+            source_offset=item.record.offset,
+            source_digest=item.record.digest,
+            result_event=result_event,
+            state_change=state_change,
+        )
+
+
+@dataclass(slots=True)
+class Publication:
+    key: bytes | None
+    value: str
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    record: IncomingRecord
+    error: ErrorInfo
+
+
+@dataclass
+class BatchOutcome:
+    events: list[EventRow] = field(default_factory=list)
+    task_run_heads: dict[UUID, StreamHead] = field(default_factory=dict)
+    flow_run_heads: dict[UUID, StreamHead] = field(default_factory=dict)
+    cache_rows: list[CacheEntry] = field(default_factory=list)
+    leases_added: list[Lease] = field(default_factory=list)
+    leases_removed: list[UUID] = field(default_factory=list)
+    slot_deltas: dict[str, int] = field(default_factory=dict)
+    results: list[Publication] = field(default_factory=list)
+    state_changes: list[Publication] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+
+    def absorb(self, other: BatchOutcome) -> None:
+        """Add what another (already stored) outcome publishes and counts."""
+        self.events += other.events
+        self.results += other.results
+        self.state_changes += other.state_changes
+        self.dead_letters += other.dead_letters
+        self.duplicates += other.duplicates
+
+
+@dataclass
+class SnapshotRequest:
+    """What a batch's decisions will read. A store returns exactly these rows;
+    working out which ones are needed is the batch logic's job."""
+
+    now: datetime  # cache rows expired by then are not returned
+    source_topic: str = ""
+    sources: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
+    digests: set[bytes] = field(default_factory=set)  # of the records at those positions
+    task_run_ids: set[UUID] = field(default_factory=set)
+    flow_run_ids: set[UUID] = field(default_factory=set)
+    transitions: list[tuple[UUID, UUID]] = field(default_factory=list)  # (stream_id, transition_id)
+    cache_keys: set[str] = field(default_factory=set)
+    tags: set[str] = field(default_factory=set)  # their rows are locked until the batch ends, in tag order
+    lease_holders: set[UUID] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.sources or self.task_run_ids or self.flow_run_ids or self.transitions
+                    or self.cache_keys or self.tags or self.lease_holders)
+
+
+class StoreSession(Protocol):
+    """One batch's transaction: its reads see one snapshot, its writes are all
+    or nothing, committed when the session's context ends without an error."""
+
+    async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
+        """Add the rows `request` names to `into`."""
+
+    async def append(self, outcome: BatchOutcome) -> None:
+        """Write the outcome's events, projections, cache rows, leases and slots."""
+
+
+class EventStore(Protocol):
+    def session(self) -> AbstractAsyncContextManager[StoreSession]: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class StoreError(Exception):
+    """A store refused a session; the subclass says whose fault it was."""
+
+
+class StoreConflict(StoreError):
+    """Another writer got there first (a key it wrote, a row it changed): decide again on fresh state."""
+
+
+class RecordRefused(StoreError):
+    """The batch's own data cannot be stored (a data exception, a limit): find the record."""
+
+
+class StoreUnavailable(StoreError):
+    """Not the records' fault (unreachable, permissions, read-only, schema, disk): wait and retry."""
+
+
+class Publisher(Protocol):
+    """Publishes a batch's results, state changes and dead letters, and returns
+    once the broker has acknowledged every one of them."""
+
+    async def publish(self, outcome: BatchOutcome) -> None: ...
+

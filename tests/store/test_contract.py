@@ -1,0 +1,195 @@
+"""One contract for every EventStore adapter (pipeline/ports.py): the in-memory
+store and the PostgreSQL store must behave alike, so that tests of the pipeline's
+logic on the fast one say something about the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from runstate.client import state
+from runstate.domain import OrchestrationSettings, TagLimit
+from runstate.messages import CreateTaskRunCommand, SetStateCommand
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.ports import BatchOutcome, EventStore, StoreConflict, StoreSnapshot
+from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_record
+from runstate.pipeline.service import read_snapshot
+from runstate.store.memory import InMemoryEventStore
+from runstate.store.postgres import PostgresEventStore
+
+TOPIC = "contract.commands"
+RULES = OrchestrationSettings()
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def store(request, base_settings) -> AsyncIterator[EventStore]:
+    if request.param == "memory":
+        adapter: EventStore = InMemoryEventStore()
+    else:
+        adapter = PostgresEventStore(base_settings.database_url, size=2)
+    await adapter.open()
+    yield adapter
+    await adapter.close()
+
+
+async def set_tag_limit(store: EventStore, base_settings, tag: str, limit: int) -> None:
+    if isinstance(store, InMemoryEventStore):
+        store.set_tag_limit(TagLimit(tag=tag, limit=limit, active=True, active_slots=0))
+        return
+    dsn = make_url(base_settings.admin_database_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('INSERT INTO tag_concurrency_limits (tag, "limit", active, active_slots) VALUES (%s, %s, true, 0)',
+                     (tag, limit))
+
+
+class Log:
+    """Records at increasing offsets of one partition, decided and appended through a store."""
+
+    def __init__(self, store: EventStore, partition: int | None = None) -> None:
+        self.store = store
+        self.partition = partition if partition is not None else uuid.uuid4().int % 1_000_000
+        self.offset = 0
+
+    def record(self, command, offset: int | None = None) -> IncomingRecord:
+        if offset is None:
+            offset, self.offset = self.offset, self.offset + 1
+        key = str(getattr(command, "task_run_id", None) or command.id).encode()
+        return IncomingRecord(TOPIC, self.partition, offset, key, command.model_dump_json().encode())
+
+    async def decide(self, *records: IncomingRecord, now: datetime | None = None) -> BatchOutcome:
+        items = [parse_record(r, 1 << 20) for r in records]
+        parsed = [i for i in items if isinstance(i, ParsedCommand)]
+        async with self.store.session() as session:
+            snap = await read_snapshot(session, parsed, TOPIC, now or datetime.now(UTC))
+            outcome = decide_batch(items, snap, RULES, clock=lambda: now or datetime.now(UTC))
+            await session.append(outcome)
+        return outcome
+
+    async def snapshot(self, *records: IncomingRecord, now: datetime | None = None) -> StoreSnapshot:
+        parsed = [p for p in (parse_record(r, 1 << 20) for r in records) if isinstance(p, ParsedCommand)]
+        async with self.store.session() as session:
+            return await read_snapshot(session, parsed, TOPIC, now or datetime.now(UTC))
+
+
+async def test_an_appended_run_is_read_back_with_its_head(store):
+    log = Log(store)
+    run_id = uuid.uuid4()
+    await log.decide(log.record(CreateTaskRunCommand(id=run_id, task_key="k")))
+    snap = await log.snapshot(log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))))
+    head = snap.task_runs[run_id]
+    assert head.last_seq == 1 and head.view.task_key == "k" and head.view.state.type.value == "PENDING"
+
+
+async def test_a_duplicate_stream_and_seq_is_a_conflict_and_nothing_of_the_session_is_kept(store):
+    log = Log(store)
+    run_id, other = uuid.uuid4(), uuid.uuid4()
+    first = log.record(CreateTaskRunCommand(id=run_id))
+    await log.decide(first)
+    # A second writer that did not see the first: the same (stream_id, seq) again.
+    items = [parse_record(r, 1 << 20) for r in (log.record(CreateTaskRunCommand(id=run_id)),
+                                                log.record(CreateTaskRunCommand(id=other)))]
+    outcome = decide_batch(items, StoreSnapshot(), RULES)
+    with pytest.raises(StoreConflict):
+        async with store.session() as session:
+            await session.append(outcome)
+    snap = await log.snapshot(log.record(SetStateCommand(task_run_id=other, state=state("RUNNING"))))
+    assert other not in snap.task_runs
+
+
+async def test_lookup_by_source_returns_the_first_published_bytes(store):
+    log = Log(store)
+    run_id = uuid.uuid4()
+    record = log.record(CreateTaskRunCommand(id=run_id))
+    outcome = await log.decide(record)
+    snap = await log.snapshot(record)
+    stored = snap.by_source[(record.partition, record.offset)]
+    assert stored.result_event == outcome.results[0].value
+    assert stored.state_change == outcome.state_changes[0].value
+    assert stored.decided(parse_record(record, 1 << 20))
+
+
+async def test_a_new_record_at_a_reused_position_is_not_taken_for_the_old_one(store):
+    log = Log(store)
+    old = log.record(CreateTaskRunCommand(id=uuid.uuid4()), offset=0)
+    await log.decide(old)
+    new = log.record(CreateTaskRunCommand(id=uuid.uuid4()), offset=0)
+    outcome = await log.decide(new)  # same position, other content: decided, stored beside it
+    assert len(outcome.events) == 1 and outcome.duplicates == 0
+    again = await log.decide(new)
+    assert again.events == [] and again.duplicates == 1 and again.results[0].value == outcome.results[0].value
+
+
+async def test_lookup_by_transition_returns_only_final_decisions(store):
+    log = Log(store)
+    run_id = uuid.uuid4()
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    await log.decide(log.record(CreateTaskRunCommand(id=run_id, state=state("SCHEDULED", scheduled_time=soon))))
+    waiting, final = uuid.uuid4(), uuid.uuid4()
+    wait = await log.decide(log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING", transition_id=waiting))))
+    assert '"WAIT"' in wait.results[0].value
+    forced = SetStateCommand(task_run_id=run_id, state=state("RUNNING", transition_id=final), force=True)
+    await log.decide(log.record(forced))
+    snap = await log.snapshot(
+        log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING", transition_id=waiting))),
+        log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING", transition_id=final))),
+    )
+    assert (run_id, final) in snap.by_transition
+    assert (run_id, waiting) not in snap.by_transition
+
+
+async def test_expired_cache_rows_are_ignored(store):
+    log = Log(store)
+    key = f"cache-{uuid.uuid4()}"
+    run_id = uuid.uuid4()
+    expires = datetime.now(UTC) + timedelta(minutes=5)
+    await log.decide(log.record(CreateTaskRunCommand(id=run_id, state=state("RUNNING"))))
+    await log.decide(log.record(SetStateCommand(
+        task_run_id=run_id, state=state("COMPLETED", cache_key=key, cache_expiration=expires))))
+    probe = log.record(SetStateCommand(task_run_id=uuid.uuid4(), state=state("RUNNING", cache_key=key)))
+    assert key in (await log.snapshot(probe)).cache
+    assert key not in (await log.snapshot(probe, now=expires + timedelta(seconds=1))).cache
+
+
+async def test_tag_rows_are_locked_until_the_session_ends(store, base_settings):
+    """A second session reading a tag the first holds waits for the first to
+    commit and then sees its slots."""
+    tag = f"tag-{uuid.uuid4().hex[:8]}"
+    await set_tag_limit(store, base_settings, tag, 5)
+    log = Log(store)
+    run_id = uuid.uuid4()
+    await log.decide(log.record(CreateTaskRunCommand(id=run_id, tags=[tag])))
+    running = log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING")))
+    order: list[str] = []
+    holding = asyncio.Event()
+
+    async def first() -> None:
+        parsed = [parse_record(running, 1 << 20)]
+        async with store.session() as session:
+            snap = await read_snapshot(session, parsed, TOPIC, datetime.now(UTC))  # type: ignore[arg-type]
+            holding.set()
+            await asyncio.sleep(0.5)
+            await session.append(decide_batch(parsed, snap, RULES))
+            order.append("first committed")
+
+    async def second() -> int:
+        await holding.wait()
+        probe = parse_record(Log(store).record(CreateTaskRunCommand(id=uuid.uuid4(), tags=[tag])), 1 << 20)
+        while True:
+            try:
+                async with store.session() as session:
+                    snap = await read_snapshot(session, [probe], TOPIC, datetime.now(UTC))  # type: ignore[list-item]
+                    order.append("second read")
+                    return snap.tag_limits[tag].active_slots
+            except StoreConflict:
+                # PostgreSQL: the row changed after this session's snapshot; a retry sees it.
+                order.append("conflict")
+
+    _, slots = await asyncio.gather(first(), second())
+    assert [step for step in order if step != "conflict"] == ["first committed", "second read"]
+    assert slots == 1
