@@ -1,7 +1,8 @@
 """Small factories for runs, states, requests and contexts used across the domain tests.
 
-Defaults model the spec's "plain context" (§8): the task has a flow run that is RUNNING and
-whose run_count equals the task's flow_run_run_count; no tags, no cache, no retries.
+Defaults model the "plain context" (docs/rules.md, 'The Core policy at a glance'): the task has
+a flow run that is RUNNING and whose run_count equals the task's flow_run_run_count; no tags,
+no cache, no retries.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Policy selection, the minimal and background policies, and the global transforms (§4.2, §5)."""
+"""Policy selection, the minimal and background policies, and the global transforms (docs/rules.md,
+'Choosing a policy', 'The Minimal policy', 'The Background policy', 'Global transforms')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Table-driven tests, one table per rule of the core policy (spec §4.1)."""
+"""Table-driven tests, one table per rule of the core policy (docs/rules.md, 'The Core policy')."""
 
 from __future__ import annotations
 

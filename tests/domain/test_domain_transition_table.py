@@ -1,4 +1,5 @@
-"""Spec §8: the full from x to table of the core policy in the plain context, and its overlays."""
+"""The full from x to table of the core policy in the plain context, and its overlays
+(docs/rules.md, 'The Core policy at a glance')."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ TARGETS = [S.SCHEDULED, S.PENDING, S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED
 #   A  accept as proposed          A* accept, RUNNING named Rerunning when run_count > 0
 #   A1 accept (no retries here)    A2 accept, RUNNING named Running (count reset)
 #   X  abort "already <TYPE>"      R  reject(none) "already completed"
-# The spec's "500" row (COMPLETED, non-object data) is R here: deviation 1.
+# Prefect's "500" row (COMPLETED, non-object data) is R here: deviation 1.
 TABLE = {
     "none": (None, "A A A A A A A A A"),
     "SCHEDULED": (state(S.SCHEDULED, scheduled_time=EARLIER), "A A A* A A A A A A"),

@@ -49,7 +49,7 @@ async def run_scenarios(tmp_path: Path, api_url: str | None) -> dict[str, Any]:
 
 def comparable(step: dict[str, Any]) -> dict[str, Any]:
     """What must be equal: HTTP code, status, resulting state and details. Ids and
-    reason texts differ by construction (reasons are informational, spec §10.12);
+    reason texts differ by construction (informational: docs/rules.md, 'The request and its answer');
     a WAIT delay may differ by the second the clock ticked between the two runs."""
     details = {k: v for k, v in step["details"].items() if k not in ("reason", "delay_seconds")}
     return {**{k: v for k, v in step.items() if k not in ("state_id", "details")}, "details": details}

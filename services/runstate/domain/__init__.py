@@ -1,7 +1,7 @@
 """Pure task-run orchestration core: Prefect 3.9.1's set_state rules, with no I/O and no clock.
 
-Entry point: `decide(run, request, ctx) -> Decision`. See policies.py (and the README's compatibility section)
-for where runstate deliberately answers differently from Prefect.
+Entry point: `decide(run, request, ctx) -> Decision`. The rules, and where runstate deliberately
+answers differently from Prefect, are explained in docs/rules.md.
 """
 
 from .context import CacheEntry, Lease, OrchestrationContext, OrchestrationSettings, TagLimit

@@ -29,13 +29,13 @@ class Decision(BaseModel):
 
     @property
     def http_status(self) -> int:
-        # Prefect answers 201 exactly when a state was written (§2.2).
+        # Prefect answers 201 exactly when a state was written (docs/rules.md, 'The request and its answer').
         return 201 if self.appended_state is not None else 200
 
 
 def proposed_state(create: StateCreate, ctx: OrchestrationContext) -> State:
-    """Step 1 of §3.1: the server mints id and timestamp; a SCHEDULED proposal without a
-    scheduled_time is scheduled for now."""
+    """The proposal the rules see (docs/rules.md, 'Building the proposal'): the server mints id
+    and timestamp; a SCHEDULED proposal without a scheduled_time is scheduled for now."""
     details = create.state_details
     if create.type is StateType.SCHEDULED and details.scheduled_time is None:
         details = details.model_copy(update={"scheduled_time": ctx.now})

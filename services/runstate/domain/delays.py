@@ -10,7 +10,7 @@ R4_CLAMPING_FACTOR = 0.3
 
 def lower_clamp_multiple(upper_multiple: float) -> float:
     """c = log2(2^k / (2^k - 1)) for k = the upper multiple (1.3 -> 0.7518)."""
-    if upper_multiple >= 50:  # 2^k - 1 == 2^k in floating point beyond this
+    if upper_multiple >= 50:  # Prefect's cut-off, kept for equal answers (c < 1e-15 from here on)
         return 0.0
     power = 2.0**upper_multiple
     return math.log2(max(power / (power - 1.0), 1e-10))

@@ -1,36 +1,11 @@
-"""Task-run orchestration policies of Prefect 3.9.1 and the engine that runs them (§3.1, §4, §5).
+"""Task-run orchestration policies of Prefect 3.9.1 and the engine that runs them
+(docs/rules.md, 'Choosing a policy' and 'The transition engine').
 
-runstate gives Prefect's answer (status, details type and reason gist, delay_seconds, and the
-returned state's type and name) everywhere, with these deliberate deviations where Prefect
-fails with a server error or contradicts itself:
-
-1. COMPLETED with truthy non-object data (e.g. "<unknown>", a number, a list).
-   Prefect: R2 calls `.get` on the data and every non-forced proposal except
-   CRASHED/PAUSED/CANCELLING fails with HTTP 500. runstate: the data counts as a persisted
-   result, so the answer is REJECT(none) "already completed", like object data
-   (CRASHED/PAUSED/CANCELLING still ABORT). Why: the data is a result either way, and a 500
-   that no retry can fix leaves a worker stuck.
-2. Empty `retry_delay` list.
-   Prefect: indexing the empty list fails, so every RUNNING->FAILED answers 500, even with no
-   retries configured. runstate: no delay (0 s); retries proceed as configured. Why: an empty
-   list most plausibly means "no delays", and a run must be able to fail.
-3. `cache_key` longer than `max_cache_key_length` on a COMPLETED proposal.
-   Prefect: answers REJECT, yet persists the COMPLETED state and inserts the cache row.
-   runstate: ACCEPTs the state (the answer then matches what was written) and inserts no cache
-   row. Why: a REJECT whose state was nevertheless written is self-contradictory, and the
-   setting exists to keep such keys out of the cache.
-4. R4 with a zero tag limit next to tags that have room.
-   Prefect: ABORTs but takes, and never returns, a slot on the other tags (leak until the run
-   later writes a non-RUNNING, non-CANCELLING state). runstate: the ABORT takes no slot. The
-   answer itself is unchanged (ABORT, or the WAIT that overrides it when another tag is full).
-   Why: a slot held by a run that was told not to start starves every other run on that tag.
-
-Also by design rather than by deviation: proposals for one run are decided one after another,
-each against the run the previous decision left (Prefect on PostgreSQL lets concurrent
-proposals all succeed, §7); that ordering is the pipeline's job, the core only needs to be
-given the current run. Legacy V1 tag limits are not modelled (only reachable with pre-V2 data).
-Kept as in Prefect on purpose: RUNNING->RUNNING takes another slot, CANCELLING keeps slots,
-a cache hit beats every other RUNNING rule, deferred=true beats force=true.
+runstate gives Prefect's answer everywhere except four deliberate deviations, each where
+Prefect fails with a server error or contradicts itself (docs/rules.md, 'Where runstate differs
+from Prefect 3.9.1'): 1. COMPLETED data that is truthy but not an object counts as a result;
+2. an empty `retry_delay` list means no delay; 3. an over-long cache key is accepted and not
+cached; 4. a zero tag limit next to tags with room takes no slot.
 """
 
 from __future__ import annotations
@@ -109,7 +84,7 @@ BACKGROUND_TASK_POLICY = Policy(
 
 
 def select_policy(request: SetStateRequest) -> Policy:
-    # deferred wins over force (§5.1, surprise 1)
+    # deferred wins over force, as in Prefect (docs/rules.md, 'Choosing a policy')
     if request.state.state_details.deferred:
         return BACKGROUND_TASK_POLICY
     if request.force:
@@ -130,7 +105,7 @@ def applicable_steps(policy: Policy, from_type: StateType | None, to_type: State
 
 
 def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: OrchestrationContext) -> Transition:
-    """Run `policy` over one proposal, following §3.1 steps 4-7."""
+    """Run `policy` over one proposal (docs/rules.md, 'The transition engine')."""
     t = Transition(run=run, ctx=ctx, proposal=proposal, draft=RunDraft.of(run))
     original = (run.state_type, proposal.type)
 

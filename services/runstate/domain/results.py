@@ -1,4 +1,5 @@
-"""Request body and response of `POST /api/task_runs/{id}/set_state` (spec §2)."""
+"""Request body and response of `POST /api/task_runs/{id}/set_state` (docs/rules.md, 'The request
+and its answer')."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The orchestration rules of Prefect 3.9.1's task policies, one class per rule.
 
-Reference names and numbering follow the spec (§4.1, §5.3). Which rules run, and in what
-order, is decided by policies.py; the engine there calls the hooks.
+Class names are Prefect's; R1-R11 number the Core policy's rules in its order (docs/rules.md,
+'The Core policy' and 'The Background policy'). Which rules run, and in what order, is decided
+by policies.py; the engine there calls the hooks.
 """
 
 from __future__ import annotations

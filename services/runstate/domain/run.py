@@ -1,4 +1,5 @@
-"""The task run as orchestration sees it (spec §1.3), and the enclosing flow run."""
+"""The task run as orchestration sees it, and the enclosing flow run (docs/rules.md, 'The task run'
+and 'The enclosing flow run')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State vocabulary and the state objects of the set_state API (spec §1.1, §1.2, §3.5)."""
+"""State vocabulary and the state objects of the set_state API (docs/rules.md, 'States')."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ TERMINAL_TYPES: frozenset[StateType] = frozenset(
     {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 )
 
-# Names orchestration itself gives to states (spec §1.1); clients and rules compare on them.
+# Names orchestration itself gives to states (docs/rules.md, 'Names orchestration gives to states');
+# clients and rules compare on them.
 AWAITING_RETRY = "AwaitingRetry"
 RETRYING = "Retrying"
 RERUNNING = "Rerunning"
@@ -126,8 +127,9 @@ def is_unpersisted_marker(data: Any) -> bool:
 
 
 def data_as_returned(data: Any) -> Any:
-    """The data the response shows for a state being written (§3.5): artifact_* keys are
-    lifted out of an object into the artifact's metadata; the unpersisted marker is echoed."""
+    """The data the response shows for a state being written (docs/rules.md, 'Reading state
+    data back'): artifact_* keys are lifted out of an object into the artifact's metadata; the
+    unpersisted marker is echoed."""
     if isinstance(data, dict) and not is_unpersisted_marker(data):
         if any(key in data for key in ARTIFACT_KEYS):
             return {k: v for k, v in data.items() if k not in ARTIFACT_KEYS}
@@ -140,8 +142,9 @@ def with_data(state: State, data: Any) -> State:
 
 
 def stored_data(state: State | None) -> Any:
-    """What reading `state` back from the store gives for its data (§3.5): the unpersisted
-    marker is never stored, and artifact_* keys live on the artifact, not in the data."""
+    """What reading `state` back from the store gives for its data (docs/rules.md, 'Reading
+    state data back'): the unpersisted marker is never stored, and artifact_* keys live on the
+    artifact, not in the data."""
     if state is None or state.data is None or is_unpersisted_marker(state.data):
         return None
     return data_as_returned(state.data)

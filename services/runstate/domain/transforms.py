@@ -1,7 +1,7 @@
-"""Global transforms (§4.2): run bookkeeping that follows every written state, in every policy.
+"""Global transforms: run bookkeeping that follows every written state, in every policy
+(docs/rules.md, 'Global transforms').
 
-Items 1-3 of §4.2 (state type, name and timestamp on the run) are the run's state pointer,
-which the engine moves to the written state; these classes cover items 4-10. Each one
+The run's state pointer (type, name, timestamp) is moved by `decide`, not here. Each class
 looks at the FINAL proposal and does nothing when the proposal was nulled.
 """
 
@@ -61,7 +61,7 @@ class SetNextScheduledStartTime(UniversalTransform):
 
 
 class UpdateStateDetails(UniversalTransform):
-    """Client-sent flow_run_id / task_run_id are never trusted (§10.10)."""
+    """Client-sent flow_run_id / task_run_id are never trusted (docs/rules.md, 'Global transforms')."""
 
     def before(self, t: Transition) -> None:
         proposal = t.proposal

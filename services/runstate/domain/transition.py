@@ -1,4 +1,5 @@
-"""The working state of one orchestration and the outcome primitives rules use (§3.1).
+"""The working state of one orchestration and the outcome primitives rules use (docs/rules.md,
+'The transition engine').
 
 Everything here is mutable on purpose: it lives for the duration of one `decide` call,
 so rules can be written as small imperative hooks and the result is still a pure function
@@ -72,7 +73,7 @@ class Transition:
     appended: State | None = None
     """The state written, once the pre-phase is over (Prefect's `validated_state`)."""
     post_effects: list = field(default_factory=list)
-    # Read by nearly every hook; fixed, as the run is. Plain attributes, not properties.
+    # Set once rather than computed per read: the run never changes and nearly every hook reads them.
     initial: State | None = field(init=False)
     initial_type: StateType | None = field(init=False)
 

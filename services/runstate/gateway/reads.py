@@ -30,7 +30,7 @@ def limit_id(tag: str) -> UUID:
 
 
 def _as_read(state: State | None) -> State | None:
-    # Reading a state back gives its data as stored (spec §3.5): the
+    # Reading a state back gives its data as stored (docs/rules.md, 'Reading state data back'): the
     # "unpersisted" marker reads as null, artifact_* keys are gone.
     if state is None:
         return None

@@ -1,6 +1,6 @@
 """Prefect's paths under /api. Writes go to Kafka as commands and wait for their
 decision; reads come from PostgreSQL. Status codes and bodies follow Prefect 3.9.1
-(spec §2); see README/report for where runstate cannot fill a field."""
+(docs/rules.md, 'The request and its answer'); see README/report for where runstate cannot fill a field."""
 
 from __future__ import annotations
 
