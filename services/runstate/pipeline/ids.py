@@ -43,7 +43,9 @@ def draw_for(command_id: UUID) -> float:
     """The one uniform draw a decision may use, fixed by the command so that a
     recorded decision replays identically."""
     digest = hashlib.sha256(command_id.bytes).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    # 53 bits, exactly what a double holds: 64 bits would round up to 1.0 about
+    # once in 2**54 draws, outside the [0, 1) the context accepts.
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
 
 
 def system_clock() -> datetime:
