@@ -16,6 +16,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+CONSTRAINTS := constraints.txt
 STACK := $(VPY) deploy/stack.py
 ENV_FILE := .runstate/env
 # Loads the connection details written by `deploy/stack.py up` into the recipe's shell.
@@ -29,11 +30,12 @@ RUNSTATE_TEST_BACKEND ?= local
 
 venv: $(STAMP)
 
-# Re-installs only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml
+# The server and test extras at the versions of constraints.txt; re-installs only when
+# pyproject.toml or constraints.txt is newer than the stamp.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -c $(CONSTRAINTS) -e '.[server,test]'
 	@touch $@
 
 up: venv
@@ -87,5 +89,5 @@ faults: venv
 # Benchmarks: brings up Kafka and PostgreSQL (not the services: it starts its own consumers),
 # writes BENCHMARKS.md and BENCHMARKS.png, tears down what it started (about 10 minutes).
 bench: venv
-	$(VPY) -m pip install -q -e '.[test,bench]'
+	$(VPY) -m pip install -q -c $(CONSTRAINTS) -e '.[server,test,bench]'
 	$(VPY) tests/bench/run_bench.py $(BENCH_ARGS)
