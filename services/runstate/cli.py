@@ -163,7 +163,8 @@ def db_upgrade(
         typer.echo(f"database at revision {now}")
 
 
-@db_app.command("downgrade")
+# ignore_unknown_options: a relative revision such as -1 is an argument, not an option.
+@db_app.command("downgrade", context_settings={"ignore_unknown_options": True})
 def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision: an id, -1 for one step, or base (drops everything).")],
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation (required without a terminal)."),

@@ -79,7 +79,8 @@ def progress(total: int, label: str) -> Iterator[Progress]:
 
 # -- logs ----------------------------------------------------------------------------------
 
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# color_message: uvicorn's copy of the message with terminal colours.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
 
 class JsonLogFormatter(logging.Formatter):
