@@ -31,8 +31,8 @@ RUNSTATE_TEST_BACKEND ?= local
 venv: $(STAMP)
 
 # The server and test extras at the versions of constraints.txt; re-installs only when
-# pyproject.toml or constraints.txt is newer than the stamp.
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# pyproject.toml, constraints.txt or the version (runstate/__init__.py) is newer than the stamp.
+$(STAMP): pyproject.toml $(CONSTRAINTS) services/runstate/__init__.py
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c $(CONSTRAINTS) -e '.[server,test]'

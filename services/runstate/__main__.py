@@ -11,8 +11,11 @@ SERVER_MODULES = frozenset(
 
 
 def main() -> None:
+    # Commands import what they need when they run, so a missing module can surface there too.
     try:
         from runstate.cli import app
+
+        app(prog_name="runstate")
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
             raise
@@ -21,7 +24,6 @@ def main() -> None:
             " pip install 'runstate[server]'\n"
         )
         raise SystemExit(2) from exc
-    app(prog_name="runstate")
 
 
 if __name__ == "__main__":
