@@ -21,6 +21,7 @@ log = logging.getLogger("runstate.kafka")
 
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
+DESCRIBE_ATTEMPTS = 20
 # Room a record needs beside its value: key, headers, batch framing.
 RECORD_OVERHEAD_BYTES = 4096
 
@@ -85,16 +86,22 @@ async def ensure_topics(settings: Settings) -> TopicLimits:
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
-    found: dict[str, int] = {}
-    for response in responses:
-        for error_code, _message, _type, name, entries in (r[:5] for r in response.resources):
-            if error_code:
-                raise RuntimeError(f"describing topic {name} failed with Kafka error {error_code}")
-            for entry in entries:
-                if entry[0] == "max.message.bytes":
-                    found[name] = int(entry[1])
-    return {t: found.get(t, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
+    # A topic created a moment ago may not be known to the broker answering yet.
+    for attempt in range(DESCRIBE_ATTEMPTS):
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+        found: dict[str, int] = {}
+        failed: list[tuple[str, int]] = []
+        for response in responses:
+            for error_code, _message, _type, name, entries in (r[:5] for r in response.resources):
+                if error_code:
+                    failed.append((name, error_code))
+                for entry in entries:
+                    if entry[0] == "max.message.bytes":
+                        found[name] = int(entry[1])
+        if not failed:
+            return {t: found.get(t, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
+        await asyncio.sleep(0.2 * (attempt + 1))
+    raise RuntimeError(f"describing topics failed with Kafka errors {failed}")
 
 
 # A few batches' worth: a command's result and state change share a key.
