@@ -215,3 +215,30 @@ class Publisher(Protocol):
 
     async def publish(self, outcome: BatchOutcome) -> None: ...
 
+
+
+class ServiceMetrics(Protocol):
+    """What the batch service reports as it works; pipeline/app.py wires in the
+    Prometheus adapter, tests and tools may leave the default that ignores it."""
+
+    def phase(self, name: str, seconds: float) -> None:
+        """Time spent in one phase of a batch: parse, snapshot, decide, write, publish."""
+
+    def batch(self, outcome: BatchOutcome, records: int, decided_at: float,
+              record_timestamps_ms: list[int]) -> None:
+        """A batch was stored and published: its decisions, refusals and redeliveries."""
+
+    def outage(self, what: str | None) -> None:
+        """An outage began (what refused) or ended (None)."""
+
+
+class NoMetrics:
+    def phase(self, name: str, seconds: float) -> None:
+        pass
+
+    def batch(self, outcome: BatchOutcome, records: int, decided_at: float,
+              record_timestamps_ms: list[int]) -> None:
+        pass
+
+    def outage(self, what: str | None) -> None:
+        pass

@@ -31,6 +31,7 @@ class IncomingRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None  # the record's Kafka timestamp, for latency only
     # What the record holds, so that a redelivery is told apart from a new
     # record at a reused position (a recreated topic, an offset reset).
     digest: bytes = field(init=False, repr=False)

@@ -32,8 +32,10 @@ from runstate.pipeline.faults import CrashPoint
 from runstate.pipeline.ports import (
     BatchOutcome,
     EventStore,
+    NoMetrics,
     Publisher,
     RecordRefused,
+    ServiceMetrics,
     StoreConflict,
     StoreSession,
     StoreSnapshot,
@@ -78,10 +80,12 @@ async def read_snapshot(
 class OrchestrationService:
     """Decides batches of command records and publishes what they produced."""
 
-    def __init__(self, settings: Settings, store: EventStore, publisher: Publisher | None = None) -> None:
+    def __init__(self, settings: Settings, store: EventStore, publisher: Publisher | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
+        self.metrics: ServiceMetrics = metrics or NoMetrics()
         self.rules_settings = OrchestrationSettings()
         # What a result or state change may weigh (the topics' limit, set at start-up).
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
@@ -96,12 +100,19 @@ class OrchestrationService:
         self._outage_logged = 0.0
 
     async def handle_records(self, raw_records: Sequence[Any]) -> BatchOutcome:
-        records = [IncomingRecord(r.topic, r.partition, r.offset, r.key, r.value) for r in raw_records]
+        started = time.perf_counter()
+        records = [IncomingRecord(r.topic, r.partition, r.offset, r.key, r.value, getattr(r, "timestamp", None))
+                   for r in raw_records]
         items = [parse_record(r, self.settings.max_command_bytes) for r in records]
+        self.metrics.phase("parse", time.perf_counter() - started)
         outcome = await self._store(items)
         self.crash.reached("after_db_commit")
+        started = time.perf_counter()
         await self._publish(outcome)
+        self.metrics.phase("publish", time.perf_counter() - started)
         self.crash.reached("after_publish")
+        self.metrics.batch(outcome, len(records), time.time(),
+                           [r.timestamp_ms for r in records if r.timestamp_ms is not None])
         self.decided += len(outcome.events)
         self.duplicates += outcome.duplicates
         self.dead_lettered += len(outcome.dead_letters)
@@ -136,13 +147,17 @@ class OrchestrationService:
         conflicts = 0
         while True:
             try:
+                clock = time.perf_counter()
                 async with self.store.session() as session:
                     now = datetime.now(UTC)
                     snapshot = await read_snapshot(session, parsed, self.settings.command_topic, now)
+                    clock = self._lap("snapshot", clock)
                     outcome = decide_batch(items, snapshot, self.rules_settings,
                                            max_message_bytes=self.max_message_bytes)
+                    clock = self._lap("decide", clock)
                     await session.append(outcome)
                     self.crash.reached("before_db_commit")
+                self._lap("write", clock)  # the writes and the commit
                 self._outage_over()
                 return outcome
             except StoreConflict as exc:
@@ -174,6 +189,11 @@ class OrchestrationService:
             except Exception as exc:  # noqa: BLE001 - any send failure: retried, never skipped
                 await self._wait_out_outage("broker", exc)
 
+    def _lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.metrics.phase(phase, now - since)
+        return now
+
     async def _wait_out_outage(self, what: str, exc: BaseException) -> None:
         """One line when an outage begins, one every OUTAGE_LOG_EVERY_S while it
         lasts; the lane waits, with a growing pause, and tries again."""
@@ -183,6 +203,7 @@ class OrchestrationService:
         if self.outage is None:
             self.outage, self.outage_since, self._outage_logged = reason, now, now
             self.outage_retries = 0
+            self.metrics.outage(reason)
             log.error("outage (%s); this lane waits and retries until it is over", reason)
         elif now - self._outage_logged >= OUTAGE_LOG_EVERY_S:
             self.outage, self._outage_logged = reason, now
@@ -194,3 +215,4 @@ class OrchestrationService:
         if self.outage is not None:
             log.warning("outage over after %.1f s (%s)", time.monotonic() - self.outage_since, self.outage)
             self.outage = None
+            self.metrics.outage(None)
