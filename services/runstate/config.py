@@ -47,6 +47,7 @@ class Settings:
     batch_timeout_ms: int = 2
     max_command_bytes: int = 1_048_576
     lanes: int = 1
+    gateway_max_body_bytes: int = 1_048_576
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -79,6 +80,7 @@ class Settings:
             batch_timeout_ms=int(get("RUNSTATE_BATCH_TIMEOUT_MS", str(cls.batch_timeout_ms))),
             max_command_bytes=int(get("RUNSTATE_MAX_COMMAND_BYTES", str(cls.max_command_bytes))),
             lanes=int(get("RUNSTATE_LANES", str(cls.lanes))),
+            gateway_max_body_bytes=int(get("RUNSTATE_GATEWAY_MAX_BODY_BYTES", str(cls.gateway_max_body_bytes))),
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

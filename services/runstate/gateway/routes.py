@@ -4,6 +4,7 @@ decision; reads come from PostgreSQL. Status codes and bodies follow Prefect 3.9
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -11,6 +12,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import WrapValidator
 
 from runstate.client import RunstateTimeout
 from runstate.domain import AcceptDetails, OrchestrationResult, SetStateStatus, State, StateCreate, StateType
@@ -25,6 +27,7 @@ from runstate.messages import (
 )
 
 from .app import Gateway, PendingDecision
+from .limits import refuse_overflow
 from .models import (
     ConcurrencyLimit,
     ConcurrencyLimitCreate,
@@ -45,6 +48,7 @@ SERVER_API_VERSION = "0.8.4"
 """What /version answers (prefect.client.constants.SERVER_API_VERSION in 3.9.1)."""
 
 FLOW_NAMESPACE = uuid.UUID("6f0c2a51-93a4-4b7e-8d8e-2b0b7f3c9e15")
+TASK_RUN_NAMESPACE = uuid.UUID("3d7e5b8a-1c2f-4e6d-9a0b-5f4c3e2d1a09")
 INTEGRITY_CONFLICT = (
     "Data integrity conflict. This usually means a unique or foreign key constraint was violated. "
     "See server logs for details."
@@ -56,6 +60,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorBody}}
 DECIDED: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: {"model": ErrorBody},
+    413: {"model": ErrorBody, "description": "The body or the command it makes is larger than runstate takes."},
     500: {"model": ErrorBody},
     503: {"model": ErrorBody, "description": "No decision within the gateway's timeout; it is still made later."},
 }
@@ -66,6 +71,8 @@ def gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
+# The wrap validator must sit inside Annotated with Body(): FastAPI drops it otherwise.
+StateBody = Annotated[StateCreate, WrapValidator(refuse_overflow), Body(description="The intended state.")]
 
 
 def _not_found(detail: str) -> JSONResponse:
@@ -122,8 +129,12 @@ async def hello() -> str:
     return "👋"
 
 
-@router.get("/ready", tags=["Root"])
+@router.get("/ready", tags=["Root"], responses={503: {"description": "The result reader or the database is down."}})
 async def ready(gw: GatewayDep) -> JSONResponse:
+    """Ready when decisions can be received (the result reader runs) and reads can be
+    served (PostgreSQL answers); /health stays true either way."""
+    if not gw.bus.reader_alive:
+        return JSONResponse(status_code=503, content={"message": "The result reader is not running"})
     try:
         await gw.reads.ping()
     except Exception:  # noqa: BLE001 - any failure means "not ready"
@@ -181,8 +192,8 @@ async def read_flow_run(gw: GatewayDep, flow_run_id: UUID = Path(..., alias="id"
 @router.post("/flow_runs/{id:uuid}/set_state", tags=["Flow Runs"], status_code=201, responses=DECIDED, response_model=OrchestrationResult)
 async def set_flow_run_state(
     gw: GatewayDep,
+    state: StateBody,
     flow_run_id: UUID = Path(..., alias="id"),
-    state: StateCreate = Body(..., description="The intended state."),
     force: bool = Body(False),
 ) -> OrchestrationResult | JSONResponse:
     """runstate records flow-run states as given (they are context for the task rules),
@@ -205,12 +216,27 @@ async def read_flow_run_states(gw: GatewayDep, flow_run_id: UUID) -> list[State]
 async def create_task_run(task_run: TaskRunCreate, response: Response, gw: GatewayDep) -> TaskRun | JSONResponse:
     """Creates the run with its initial state (PENDING when absent, applied forced as
     Prefect does). An existing run with the same (flow_run_id, task_key, dynamic_key)
-    is returned instead, with 200."""
+    is returned instead, with 200, also to creates sent at the same time."""
+    key = (task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
+    # Creates of one key wait for each other in this process; without an id, the
+    # run id is derived from the key, so creates through other gateway processes
+    # address the same run and the pipeline answers all but the first with it.
+    async with gw.creating.hold(key):
+        return await _create_task_run(task_run, response, gw)
+
+
+def task_run_id_for(flow_run_id: UUID | None, task_key: str, dynamic_key: str) -> UUID:
+    """The id of a task run created without one: the same for the same key."""
+    return uuid.uuid5(TASK_RUN_NAMESPACE, json.dumps([str(flow_run_id) if flow_run_id else None, task_key,
+                                                      dynamic_key]))
+
+
+async def _create_task_run(task_run: TaskRunCreate, response: Response, gw: Gateway) -> TaskRun | JSONResponse:
     existing = await gw.reads.task_run_by_key(task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
     if existing is not None:
         response.status_code = 200
         return existing
-    run_id = task_run.id or uuid.uuid4()
+    run_id = task_run.id or task_run_id_for(task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
     command = CreateTaskRunCommand(
         command_id=uuid.uuid4(),
         id=run_id,
@@ -251,8 +277,8 @@ async def read_task_run(gw: GatewayDep, task_run_id: UUID = Path(..., alias="id"
 async def set_task_run_state(
     response: Response,
     gw: GatewayDep,
+    state: StateBody,
     task_run_id: UUID = Path(..., alias="id", description="The task run id"),
-    state: StateCreate = Body(..., description="The intended state."),
     force: bool = Body(
         False,
         description="If false, orchestration rules will be applied that may alter or prevent the state "
