@@ -346,15 +346,27 @@ class RunstateClient:
                 f"{self.settings.max_command_bytes} (RUNSTATE_MAX_COMMAND_BYTES)"
             )
         waiter = self._register(command, transition)
+        sending = asyncio.ensure_future(self._publish(waiter, value))
         try:
-            await self._read_partition(waiter.partition)
-            assert self._producer is not None
-            delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key)
-            await delivered
+            # The waiter may fail first (the reader died, the client stopped):
+            # then the caller hears it now, not after the broker's timeout.
+            await asyncio.wait([sending, waiter.future], return_when=asyncio.FIRST_COMPLETED)
+            failed = waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception()
+            if failed and not sending.done():
+                sending.cancel()
+                raise waiter.future.exception()  # type: ignore[misc]
+            await sending
         except BaseException:
+            sending.cancel()
             waiter.future.cancel()
             raise
         return waiter
+
+    async def _publish(self, waiter: _Waiter, value: bytes) -> None:
+        await self._read_partition(waiter.partition)
+        assert self._producer is not None
+        delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key)
+        await delivered
 
     @staticmethod
     def _transition_of(command: Command) -> tuple[UUID, UUID] | None:
