@@ -31,7 +31,8 @@ MAX_JSON_DEPTH = 128
 body adds a few levels, and stays well inside what the pipeline parses (200)."""
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 """Integers must fit 64 bits (PostgreSQL's bigint, Java's long)."""
-_MAX_INT_CHARS = 20  # len("-9223372036854775808"): longer literals are refused unparsed
+_INF = float("inf")
+_MAX_INT_CHARS = 20  # len("-9223372036854775808"): longer literals are refused unconverted
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -46,7 +47,7 @@ def _constant(name: str) -> Any:
 
 def _float(literal: str) -> float:
     value = float(literal)
-    if value in (float("inf"), float("-inf")):
+    if value in (_INF, -_INF):
         raise BodyRefused(f"the number {literal[:40]} is out of range (it is not a finite 64-bit float)")
     return value
 
@@ -61,26 +62,34 @@ def _int(literal: str) -> int:
 
 
 def _walk(parsed: Any, max_depth: int, strings: bool) -> None:
-    """Depth of the parsed value, iteratively (the value may be as deep as the
-    interpreter's recursion limit); with `strings`, every string must encode."""
-    stack: list[tuple[Any, int]] = [(parsed, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            if depth + 1 > max_depth:
+    """Check the parsed body level by level (iteratively: it may be as deep as the
+    interpreter's recursion limit): its depth and, with `strings`, that every
+    string encodes as UTF-8."""
+    level = [parsed]
+    depth = 0
+    while level:
+        below: list[Any] = []
+        containers = False
+        for value in level:
+            kind = type(value)
+            if kind is dict:
+                containers = True
+                below.extend(value.values())
+                if strings:
+                    below.extend(value)
+            elif kind is list:
+                containers = True
+                below.extend(value)
+            elif strings and kind is str:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BodyRefused("the JSON holds a lone surrogate (\\ud800-\\udfff) in a string") from None
+        if containers:
+            depth += 1
+            if depth > max_depth:
                 raise BodyRefused(f"the JSON is nested deeper than {max_depth} levels")
-            stack.extend((v, depth + 1) for v in value.values())
-            if strings:
-                stack.extend((k, depth + 1) for k in value)
-        elif isinstance(value, list):
-            if depth + 1 > max_depth:
-                raise BodyRefused(f"the JSON is nested deeper than {max_depth} levels")
-            stack.extend((v, depth + 1) for v in value)
-        elif strings and isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BodyRefused("the JSON holds a lone surrogate (\\ud800-\\udfff) in a string") from None
+        level = below
 
 
 def check_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -97,11 +106,12 @@ def check_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
     except RecursionError:
         # The C parser stops at the interpreter's recursion limit, far past ours.
         raise BodyRefused(f"the JSON is nested deeper than {max_depth} levels") from None
-    # Strings cannot nest, so a body with few brackets needs no walk at all.
+    # Most bodies need no walk: few brackets cannot nest deeply, and a lone
+    # surrogate can only be written as an escape.
     deep = text.count("[") + text.count("{") > max_depth
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    if deep or surrogates:
-        _walk(parsed, max_depth, surrogates)
+    strings = _SURROGATE_ESCAPE.search(text) is not None
+    if deep or strings:
+        _walk(parsed, max_depth, strings)
 
 
 def _is_json(content_type: str | None) -> bool:
