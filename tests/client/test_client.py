@@ -28,7 +28,7 @@ from runstate.client import (
 )
 from runstate.domain import SetStateStatus
 from runstate.messages import OrchestrationResultEvent
-from runstate.pipeline.service import ensure_topics
+from runstate.pipeline.kafka import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 

@@ -1,117 +1,56 @@
 """What a request body may be before a route sees it.
 
 Every body is read whole, up to the size limit (413 past it, whether or not it
-declared a Content-Length), and a JSON body must be standard JSON that the
-pipeline can decide: nested at most MAX_JSON_DEPTH deep, no NaN or Infinity,
-every number finite and every integer within 64 bits, valid UTF-8 without lone
-surrogates. Anything else is a 422 in Prefect's error body saying what was wrong,
-never a 500 or a command the pipeline would have to refuse.
-
-These checks belong to the gateway's edge only; the pipeline applies its own to
-records that reach the command topic another way.
+declared a Content-Length), and a JSON body must be what the pipeline accepts
+from any producer (runstate.strict_json: I-JSON, nested at most 64 deep, no NaN
+or Infinity, numbers within a double and integers within 64 bits, no duplicate
+member names, valid UTF-8 without lone surrogates, no U+0000). Anything else is a 422 in
+Prefect's error body saying what was wrong, never a 500 and never a command the
+pipeline would have to dead-letter. A body that is not JSON at all is left to
+FastAPI, which answers Prefect's own 422 for it.
 """
 
 from __future__ import annotations
 
 import email.message
 import json
-import re
 from collections.abc import Callable
-from typing import Any
 
-from pydantic import ValidatorFunctionWrapHandler
-from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-DEFAULT_MAX_BODY_BYTES = 1_048_576
-MAX_JSON_DEPTH = 128
-"""Deepest nesting of arrays and objects in a body. The command that carries a
-body adds a few levels, and stays well inside what the pipeline parses (200)."""
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
-"""Integers must fit 64 bits (PostgreSQL's bigint, Java's long)."""
-_INF = float("inf")
-_MAX_INT_CHARS = 20  # len("-9223372036854775808"): longer literals are refused unconverted
+from runstate import strict_json
+from runstate.pipeline.records import NUL_ESCAPE
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+DEFAULT_MAX_BODY_BYTES = 1_048_576
 
 
 class BodyRefused(ValueError):
     """Why a body cannot be taken: the message goes to the client."""
 
 
-def _constant(name: str) -> Any:
-    raise BodyRefused(f"{name} is not standard JSON; send finite numbers only")
-
-
-def _float(literal: str) -> float:
-    value = float(literal)
-    if value in (_INF, -_INF):
-        raise BodyRefused(f"the number {literal[:40]} is out of range (it is not a finite 64-bit float)")
-    return value
-
-
-def _int(literal: str) -> int:
-    if len(literal) > _MAX_INT_CHARS:
-        raise BodyRefused(f"the integer {literal[:24]}... ({len(literal)} digits) is out of range (64 bits)")
-    value = int(literal)
-    if not INT_MIN <= value <= INT_MAX:
-        raise BodyRefused(f"the integer {literal} is out of range (64 bits)")
-    return value
-
-
-def _walk(parsed: Any, max_depth: int, strings: bool) -> None:
-    """Check the parsed body level by level (iteratively: it may be as deep as the
-    interpreter's recursion limit): its depth and, with `strings`, that every
-    string encodes as UTF-8."""
-    level = [parsed]
-    depth = 0
-    while level:
-        below: list[Any] = []
-        containers = False
-        for value in level:
-            kind = type(value)
-            if kind is dict:
-                containers = True
-                below.extend(value.values())
-                if strings:
-                    below.extend(value)
-            elif kind is list:
-                containers = True
-                below.extend(value)
-            elif strings and kind is str:
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise BodyRefused("the JSON holds a lone surrogate (\\ud800-\\udfff) in a string") from None
-        if containers:
-            depth += 1
-            if depth > max_depth:
-                raise BodyRefused(f"the JSON is nested deeper than {max_depth} levels")
-        level = below
-
-
-def check_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise BodyRefused when the body is JSON the gateway will not take. A body that
-    is not JSON at all passes: FastAPI answers that with its own 422."""
+def _syntax_error(body: bytes) -> bool:
+    # Decoded as FastAPI decodes it, so a body FastAPI would take is never left to it unchecked.
     try:
-        text = body.decode("utf-8-sig")  # what FastAPI's parser decodes too
-    except UnicodeDecodeError as exc:
-        raise BodyRefused(f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    try:
-        parsed = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int)
+        json.loads(body.decode("utf-8-sig"))
     except json.JSONDecodeError:
-        return
-    except RecursionError:
-        # The C parser stops at the interpreter's recursion limit, far past ours.
-        raise BodyRefused(f"the JSON is nested deeper than {max_depth} levels") from None
-    # Most bodies need no walk: few brackets cannot nest deeply, and a lone
-    # surrogate can only be written as an escape.
-    deep = text.count("[") + text.count("{") > max_depth
-    strings = _SURROGATE_ESCAPE.search(text) is not None
-    if deep or strings:
-        _walk(parsed, max_depth, strings)
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+def check_json(body: bytes) -> None:
+    """Raise BodyRefused when the body is JSON the pipeline would refuse."""
+    try:
+        strict_json.loads(body)
+    except strict_json.StrictJSONError as refused:
+        if _syntax_error(body):
+            return
+        raise BodyRefused(str(refused)) from None
+    if b"\\u0000" in body and NUL_ESCAPE.search(body):
+        raise BodyRefused("a string holds U+0000, which PostgreSQL text cannot store")
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -193,14 +132,3 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-def refuse_overflow(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """Wrap validator for request models: a datetime that cannot be converted to UTC
-    (year 1 or 9999 with an offset) is a validation error, not an OverflowError."""
-    try:
-        return handler(value)
-    except OverflowError as exc:
-        raise PydanticCustomError(
-            "value_error", "a datetime is out of range once converted to UTC ({error})", {"error": str(exc)}
-        ) from None

@@ -11,19 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from runstate.domain import EmpiricalPolicy, State, StateCreate, StateType
 from runstate.domain.timestamps import UtcDateTime
 
-from .limits import refuse_overflow
-
 
 class _Action(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-    # A datetime that overflows when converted to UTC is a 422, not an OverflowError.
-    _no_overflow = model_validator(mode="wrap")(refuse_overflow)
 
 
 class _Response(BaseModel):

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import WrapValidator
+from pydantic import ValidationError
 
 from runstate.client import RunstateTimeout
 from runstate.domain import AcceptDetails, OrchestrationResult, SetStateStatus, State, StateCreate, StateType
@@ -27,7 +28,6 @@ from runstate.messages import (
 )
 
 from .app import Gateway, PendingDecision
-from .limits import refuse_overflow
 from .models import (
     ConcurrencyLimit,
     ConcurrencyLimitCreate,
@@ -55,6 +55,7 @@ INTEGRITY_CONFLICT = (
 )
 
 router = APIRouter(prefix="/api")
+C = TypeVar("C", bound=Command)
 
 ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorBody}}
 DECIDED: dict[int | str, dict[str, Any]] = {
@@ -71,8 +72,7 @@ def gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
-# The wrap validator must sit inside Annotated with Body(): FastAPI drops it otherwise.
-StateBody = Annotated[StateCreate, WrapValidator(refuse_overflow), Body(description="The intended state.")]
+StateBody = Annotated[StateCreate, Body(description="The intended state.")]
 
 
 def _not_found(detail: str) -> JSONResponse:
@@ -86,15 +86,28 @@ def _error(error: ErrorInfo) -> JSONResponse:
         return JSONResponse(status_code=404, content={"exception_message": error.message})
     if error.code == "already_exists":
         return JSONResponse(status_code=409, content={"detail": INTEGRITY_CONFLICT})
-    if error.code in ("invalid_command", "too_large"):
-        # The gateway validates with the pipeline's own models, so this means the
-        # two disagree; answer as a validation error rather than hide it.
+    if error.code == "too_large":
+        # Its result or state change would not fit its topic.
+        return JSONResponse(status_code=413, content={"exception_message": error.message})
+    if error.code in ("invalid_command", "unstorable"):
+        # The body itself is the cause (the gateway checks what it can before sending;
+        # PostgreSQL refusing a too-long key, say, is only found on the way in).
         return JSONResponse(
             status_code=422,
             content={"exception_message": "Invalid request received.", "exception_detail": [{"msg": error.message}],
                      "request_body": None},
         )
     return JSONResponse(status_code=500, content={"exception_message": "Internal Server Error"})
+
+
+def _command(model: type[C], **fields: Any) -> C:
+    """Build a command from a validated request: the command's own edge bounds
+    (retry arithmetic, tags) refuse what the request models let through, as a 422."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors, body=None) from None
 
 
 async def _decide(gw: Gateway, command: Command, what: str) -> OrchestrationResultEvent:
@@ -167,7 +180,8 @@ async def create_flow(flow: FlowCreate) -> Flow:
 @router.post("/flow_runs/", tags=["Flow Runs"], status_code=201, responses=DECIDED, response_model=FlowRun)
 async def create_flow_run(flow_run: FlowRunCreate, gw: GatewayDep) -> FlowRun | JSONResponse:
     run_id = uuid.uuid4()
-    command = CreateFlowRunCommand(
+    command = _command(
+        CreateFlowRunCommand,
         command_id=uuid.uuid4(),
         id=run_id,
         name=flow_run.name or f"flow-run-{run_id.hex[:8]}",
@@ -198,7 +212,7 @@ async def set_flow_run_state(
 ) -> OrchestrationResult | JSONResponse:
     """runstate records flow-run states as given (they are context for the task rules),
     so the answer is always ACCEPT with the recorded state."""
-    command = SetFlowRunStateCommand(command_id=uuid.uuid4(), flow_run_id=flow_run_id, state=state)
+    command = _command(SetFlowRunStateCommand, command_id=uuid.uuid4(), flow_run_id=flow_run_id, state=state)
     result = await _decide(gw, command, f"the state of flow run {flow_run_id}")
     if result.error is not None:
         return _error(result.error)
@@ -237,7 +251,8 @@ async def _create_task_run(task_run: TaskRunCreate, response: Response, gw: Gate
         response.status_code = 200
         return existing
     run_id = task_run.id or task_run_id_for(task_run.flow_run_id, task_run.task_key, task_run.dynamic_key)
-    command = CreateTaskRunCommand(
+    command = _command(
+        CreateTaskRunCommand,
         command_id=uuid.uuid4(),
         id=run_id,
         name=task_run.name or f"{task_run.task_key or 'task'}-{run_id.hex[:8]}",
@@ -294,7 +309,8 @@ async def set_task_run_state(
     details = state.state_details
     if details.transition_id is None:
         details = details.model_copy(update={"transition_id": uuid.uuid4()})
-    command = SetStateCommand(
+    command = _command(
+        SetStateCommand,
         command_id=uuid.uuid4(),
         task_run_id=task_run_id,
         state=state.model_copy(update={"state_details": details}),
