@@ -227,6 +227,7 @@ class RunstateClient:
         for waiter in list(self._by_command.values()):
             if not waiter.future.done():
                 waiter.future.set_exception(exc)
+                waiter.future.exception()  # a submit() future nobody awaits must not log it again
 
     def _deliver(self, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
         """Resolve the waiters this record answers. Never raises: a record that is not
