@@ -3,11 +3,9 @@ Prefect's error bodies."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -22,56 +20,10 @@ from runstate.store.reads import make_engine
 
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from .reads import GatewayReads
+from .routes import router
+from .state import DEFAULT_RESULT_TIMEOUT, Gateway, PendingDecision
 
 log = logging.getLogger("runstate.gateway")
-
-DEFAULT_RESULT_TIMEOUT = 10.0
-"""Seconds a request waits for its decision before answering 503."""
-
-
-class KeyedLocks:
-    """One asyncio lock per key, kept only while someone holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-@dataclass
-class Gateway:
-    """What every handler needs; one per process."""
-
-    bus: RunstateClient
-    reads: GatewayReads
-    result_timeout: float
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    creating: KeyedLocks = field(default_factory=KeyedLocks)
-    """Task-run creates in flight, by (flow_run_id, task_key, dynamic_key)."""
-
-
-class PendingDecision(Exception):
-    """The command was published but its decision did not arrive in time."""
-
-    def __init__(self, message: str, transition_id: str | None = None) -> None:
-        super().__init__(message)
-        self.transition_id = transition_id
-
 
 def create_app(settings: Settings | None = None, *, result_timeout: float = DEFAULT_RESULT_TIMEOUT) -> FastAPI:
     """Build the app. Settings are loaded at startup when not given, so the app can
@@ -89,8 +41,6 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
         finally:
             await bus.stop()
             await engine.dispose()
-
-    from .routes import router  # routes import Gateway from here
 
     app = FastAPI(
         title="runstate gateway",

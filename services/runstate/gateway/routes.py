@@ -27,7 +27,7 @@ from runstate.messages import (
     SetStateCommand,
 )
 
-from .app import Gateway, PendingDecision
+from .state import Gateway, PendingDecision
 from .models import (
     ConcurrencyLimit,
     ConcurrencyLimitCreate,
