@@ -107,3 +107,41 @@ def test_verifier_reports_gaps_and_unreadable_events_without_stopping(driven_log
     verifier.check(events[0])
     mismatch = verifier.check(RecordedEvent(run, 2, events[1].event_type, events[1].command, events[1].context, changed))
     assert mismatch.differences == (f"run.run_count: {changed['run']['run_count']} != {changed['run']['run_count'] - 7}",)
+
+
+CHAINED_COLUMNS = (
+    "stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
+    " source_topic, source_partition, source_offset, source_digest, hash, recorded_at"
+)
+
+
+def test_a_rewrite_by_the_owner_that_keeps_the_decisions_is_caught_by_the_hash_chain(
+        driven_log, admin_database_url, database_url):
+    """The owner can switch the append-only triggers off; re-deciding cannot see a
+    change to what a decision does not read (here: which record it came from and a
+    state's message), but the hash chain names the first rewritten event."""
+    run = driven_log.runs["flaky"]
+    with scratch_database(admin_database_url, database_url, "audit_chain") as (copy_app, copy_admin):
+        with psycopg.connect(dsn(driven_log.settings.admin_database_url)) as src, \
+                psycopg.connect(dsn(copy_admin), autocommit=True) as dst:
+            rows = src.execute(f"SELECT {CHAINED_COLUMNS}, payload::text FROM events WHERE stream_id = %s"
+                               " ORDER BY seq", (run,)).fetchall()
+            assert len(rows) == 5 and all(r[14] is not None for r in rows)
+            marks = ", ".join(["%s"] * 16)
+            dst.cursor().executemany(
+                f"INSERT INTO events ({CHAINED_COLUMNS}, payload) VALUES ({marks}, CAST(%s AS json))", rows)
+        env = settings_env(replace(driven_log.settings, database_url=copy_app))
+        assert cli(env, "replay", "--verify", "--run", str(run)).returncode == 0  # the verbatim copy verifies
+
+        with psycopg.connect(dsn(copy_admin), autocommit=True) as owner:
+            owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
+            owner.execute("UPDATE events SET source_offset = source_offset + 1000 WHERE stream_id = %s AND seq = 2",
+                          (run,))
+            owner.execute("UPDATE events SET payload = replace(payload::text, '\"message\":null',"
+                          " '\"message\":\"edited\"')::json WHERE stream_id = %s AND seq = 4", (run,))
+            owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
+        done = cli(env, "replay", "--verify", "--run", str(run))
+        assert done.returncode == 1, done.stdout + done.stderr
+        findings = [line for line in done.stdout.splitlines() if line.startswith("DIFFERS")]
+        assert [f.split(":")[0] for f in findings if "hash chain broken" in f] == [
+            f"DIFFERS run {run} seq 2", f"DIFFERS run {run} seq 4"]

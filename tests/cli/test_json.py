@@ -50,7 +50,8 @@ def test_replay_json_reports_every_decision(cli_env, cli_settings, decided_run):
     report = json.loads(done.stdout)
     with psycopg.connect(dsn(cli_settings.database_url)) as conn:
         events = conn.execute("SELECT count(*) FROM events WHERE stream_type = 'task_run'").fetchone()[0]
-    assert report == {"events": events, "ok": True, "mismatches": []}
+        chained = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert report == {"events": events, "chained": chained, "ok": True, "mismatches": []}
     assert events >= 3
 
 

@@ -80,21 +80,25 @@ def replay(
     with _database(settings.database_url) as engine:
         total = count_to_verify(engine, run)
         if run is not None and total == 0:
-            raise fail(f"no task-run events recorded for run {run}")
+            raise fail(f"no events recorded for run {run}")
         with progress(total, "replaying") as bar:
             report = verify_log(engine, run, batch_size=batch_size, on_batch=bar.update, on_mismatch=on_mismatch)
     if as_json:
         emit_json({
             "events": report.events,
+            "chained": report.chained,
             "ok": report.ok,
             "mismatches": [
                 {"run": str(m.stream_id), "seq": m.seq, "differences": list(m.differences)} for m in report.mismatches
             ],
         })
     elif report.ok:
-        typer.echo(f"verified {report.events} decisions: every one is reproduced by the current rules")
+        typer.echo(f"verified {report.events} decisions: every one is reproduced by the current rules;"
+                   f" the hash chains of {report.chained} events are unbroken")
     else:
-        typer.echo(f"{len(report.mismatches)} of {report.events} decisions differ")
+        broken = sum(1 for m in report.mismatches if m.differences[0].startswith("hash chain broken"))
+        typer.echo(f"{len(report.mismatches) - broken} of {report.events} decisions differ;"
+                   f" {broken} broken links in the hash chains of {report.chained} events")
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
 

@@ -29,6 +29,7 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
+from runstate.events import GENESIS, event_hash
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 
 COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
@@ -141,18 +142,50 @@ class StreamVerifier:
 
 @dataclass
 class VerifyReport:
-    events: int
+    events: int  # task-run decisions re-decided
     mismatches: list[Mismatch]
+    chained: int = 0  # events of every stream whose hash link was checked
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
 
+class ChainVerifier:
+    """Feed events of every stream in (stream_id, seq) order; get a Mismatch at
+    the first event whose stored hash is not the hash of its columns chained to
+    the previous event's (runstate/events.py, event_hash)."""
+
+    def __init__(self) -> None:
+        self._stream: UUID | None = None
+        self._previous = GENESIS
+
+    def check(self, row: Any) -> Mismatch | None:
+        if row.stream_id != self._stream:
+            self._stream, self._previous = row.stream_id, GENESIS
+        if row.hash is None:  # stored before events were chained
+            self._previous = GENESIS
+            return None
+        expected = event_hash(
+            self._previous,
+            stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type, event_type=row.event_type,
+            command_id=row.command_id, transition_id=row.transition_id, status=row.status,
+            state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
+            source_topic=row.source_topic, source_partition=row.source_partition, source_offset=row.source_offset,
+            source_digest=None if row.source_digest is None else bytes(row.source_digest), payload=row.payload,
+        )
+        self._previous = bytes(row.hash)
+        if expected == self._previous:
+            return None
+        return Mismatch(row.stream_id, row.seq, (
+            "hash chain broken: this event is not what was written after the one before it "
+            "(a rewritten or inserted event)",))
+
+
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:
     if run_id is None:
-        return "stream_type = 'task_run'", {}
-    return "stream_type = 'task_run' AND stream_id = :run", {"run": run_id}
+        return "TRUE", {}
+    return "stream_id = :run", {"run": run_id}
 
 
 def count_to_verify(engine: Engine, run_id: UUID | None = None) -> int:
@@ -168,21 +201,30 @@ def verify_log(
     on_batch: Callable[[int], None] | None = None,
     on_mismatch: Callable[[Mismatch], None] | None = None,
 ) -> VerifyReport:
-    """Replay every task-run stream (or one run). Mismatches are kept in the report and,
-    if given, passed to on_mismatch as they are found (so a long run shows them early)."""
+    """Check every stream's hash chain and replay every task-run decision (or one
+    run's). Mismatches are kept in the report and, if given, passed to on_mismatch
+    as they are found (so a long run shows them early)."""
     condition, params = _condition(run_id)
     verifier = StreamVerifier()
+    chain = ChainVerifier()
     report = VerifyReport(events=0, mismatches=[])
-    columns = "event_type, payload->'command' AS command, payload->'context' AS context, payload->'decision' AS decision"
+    columns = ("stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
+               " source_topic, source_partition, source_offset, source_digest, hash, payload::text AS payload")
     for rows in scan_events(engine, columns, condition=condition, params=params, batch_size=batch_size):
         for row in rows:
-            event = RecordedEvent(row.stream_id, row.seq, row.event_type, row.command, row.context, row.decision)
-            mismatch = verifier.check(event)
-            if mismatch is not None:
-                report.mismatches.append(mismatch)
-                if on_mismatch:
-                    on_mismatch(mismatch)
-        report.events += len(rows)
+            found = [chain.check(row)]
+            if row.stream_type == "task_run":
+                report.events += 1
+                payload = json.loads(row.payload)
+                event = RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
+                                      payload.get("context"), payload.get("decision"))
+                found.append(verifier.check(event))
+            for mismatch in found:
+                if mismatch is not None:
+                    report.mismatches.append(mismatch)
+                    if on_mismatch:
+                        on_mismatch(mismatch)
+        report.chained += len(rows)
         if on_batch:
             on_batch(len(rows))
     return report

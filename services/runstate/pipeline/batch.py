@@ -298,9 +298,11 @@ class BatchDecider:
             state_change=change_json or "null",
         )
         self.out.events.append(
-            EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
-                        result.status.value, appended, payload, result_event_json, change_json)
+            row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
+                               result.status.value, appended, payload, result_event_json, change_json,
+                               head.last_hash)
         )
+        head.last_hash = row.hash
         head.view, head.view_json = decision.run, run_json
         head.last_seq = seq
         self.out.task_run_heads[run_id] = head
@@ -417,9 +419,10 @@ class BatchDecider:
             state_change="null",
         )
         self.out.events.append(
-            EventRow.of(item, flow.id, seq, StreamType.FLOW_RUN, event_type, None, "ACCEPT", state, payload,
-                        result_json, None)
+            row := EventRow.of(item, flow.id, seq, StreamType.FLOW_RUN, event_type, None, "ACCEPT", state,
+                               payload, result_json, None, head.last_hash)
         )
+        head.last_hash = row.hash
         head.view = flow
         head.last_seq = seq
         self.out.flow_run_heads[flow.id] = head

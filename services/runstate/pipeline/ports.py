@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from runstate.domain import CacheEntry, Lease, State, TagLimit
-from runstate.events import EventType, StreamType
+from runstate.events import GENESIS, EventType, StreamType, event_hash
 from runstate.messages import ErrorInfo
 from runstate.pipeline.records import IncomingRecord, ParsedCommand
 
@@ -27,6 +27,8 @@ class StreamHead:
     # The view as JSON when a decision already wrote it (for the payload), so
     # the projection upsert does not serialise it again.
     view_json: str | None = None
+    # The hash of the stream's last event, the next event's link (None: none stored).
+    last_hash: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +82,8 @@ class EventRow:
     # The messages inside `payload`, as published (a store may keep them apart).
     result_event: str
     state_change: str | None
+    # Chained to the previous event of the stream (runstate/events.py, event_hash).
+    hash: bytes = b""
 
     @classmethod
     def of(
@@ -95,9 +99,11 @@ class EventRow:
         payload: str,
         result_event: str,
         state_change: str | None,
+        previous_hash: bytes | None,
     ) -> EventRow:
-        """The row recording one decided command, with the record it came from."""
-        return cls(
+        """The row recording one decided command, with the record it came from,
+        chained to the stream's previous event."""
+        row = cls(
             stream_id=stream_id,
             seq=seq,
             stream_type=stream_type,
@@ -116,6 +122,15 @@ class EventRow:
             result_event=result_event,
             state_change=state_change,
         )
+        row.hash = event_hash(
+            previous_hash or GENESIS,
+            stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type, event_type=row.event_type,
+            command_id=row.command_id, transition_id=row.transition_id, status=row.status,
+            state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
+            source_topic=row.source_topic, source_partition=row.source_partition,
+            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
+        )
+        return row
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ class _Tables:
     cache: list[CacheEntry] = field(default_factory=list)
     tag_limits: dict[str, TagLimit] = field(default_factory=dict)
     leases: dict[UUID, Lease] = field(default_factory=dict)
+    hashes: dict[tuple[UUID, int], bytes] = field(default_factory=dict)  # (stream_id, seq) -> hash
 
 
 class InMemoryEventStore:
@@ -77,11 +78,13 @@ class InMemorySession:
         for run_id in request.task_run_ids:
             if run_id in t.task_runs:
                 seq, view = t.task_runs[run_id]
-                into.task_runs[run_id] = StreamHead(TaskRunView.model_validate_json(view), seq)
+                into.task_runs[run_id] = StreamHead(TaskRunView.model_validate_json(view), seq,
+                                                    last_hash=t.hashes.get((run_id, seq)))
         for run_id in request.flow_run_ids:
             if run_id in t.flow_runs:
                 seq, view = t.flow_runs[run_id]
-                into.flow_runs[run_id] = StreamHead(FlowRunView.model_validate_json(view), seq)
+                into.flow_runs[run_id] = StreamHead(FlowRunView.model_validate_json(view), seq,
+                                                    last_hash=t.hashes.get((run_id, seq)))
         positions = set(request.sources)
         for row in t.events:
             position = (row.source_partition, row.source_offset)
@@ -127,6 +130,7 @@ class InMemorySession:
                 states.add(e.state_id)
         for outcome in self.staged:
             t.events += outcome.events
+            t.hashes.update(((e.stream_id, e.seq), e.hash) for e in outcome.events)
             for head in outcome.task_run_heads.values():
                 t.task_runs[head.view.id] = (head.last_seq, head.view_json or head.view.model_dump_json())
             for head in outcome.flow_run_heads.values():

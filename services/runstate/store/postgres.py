@@ -204,12 +204,14 @@ class PostgresSession:
             )
         if request.task_run_ids:
             queries["task_runs"] = (
-                "SELECT id, last_seq, view FROM task_runs WHERE id = ANY(:ids)",
+                "SELECT r.id, r.last_seq, r.view, e.hash FROM task_runs r"
+                " LEFT JOIN events e ON e.stream_id = r.id AND e.seq = r.last_seq WHERE r.id = ANY(:ids)",
                 {"ids": list(request.task_run_ids)},
             )
         if request.flow_run_ids:
             queries["flow_runs"] = (
-                "SELECT id, last_seq, view FROM flow_runs WHERE id = ANY(:ids)",
+                "SELECT r.id, r.last_seq, r.view, e.hash FROM flow_runs r"
+                " LEFT JOIN events e ON e.stream_id = r.id AND e.seq = r.last_seq WHERE r.id = ANY(:ids)",
                 {"ids": list(request.flow_run_ids)},
             )
         if request.transitions:
@@ -249,15 +251,15 @@ class PostgresSession:
         # models parse; the stored messages as the very text first published.
         snap = into
         for row in found.get("task_runs", []):
-            snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"])
+            snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"],
+                                                         last_hash=_bytea(row["hash"]))
         for row in found.get("flow_runs", []):
-            snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"])
+            snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"],
+                                                         last_hash=_bytea(row["hash"]))
         wanted_digests = set(request.digests)
         for row in found.get("by_source", []):
             stored = _stored(row)
-            # json_agg writes bytea as its hex text, \\x and two digits a byte.
-            digest = row["source_digest"]
-            stored.digest = bytes.fromhex(digest[2:]) if digest else None
+            stored.digest = _bytea(row["source_digest"])
             stored.command_id = UUID(row["command_id"])
             position = (row["source_partition"], row["source_offset"])
             # Several records may have sat at one position (a recreated topic):
@@ -283,13 +285,13 @@ class PostgresSession:
             statements.append((
                 "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id,"
                 " transition_id, status, state_type, state_name, state_id, payload,"
-                " source_topic, source_partition, source_offset, source_digest)"
-                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS json), tp, pa, o, dg FROM unnest("
+                " source_topic, source_partition, source_offset, source_digest, hash)"
+                " SELECT s, q, st, et, c, t, stt, sty, sn, si, CAST(p AS json), tp, pa, o, dg, h FROM unnest("
                 " CAST(:s AS uuid[]), CAST(:q AS bigint[]), CAST(:st AS text[]), CAST(:et AS text[]),"
                 " CAST(:c AS uuid[]), CAST(:t AS uuid[]), CAST(:stt AS text[]), CAST(:sty AS text[]),"
                 " CAST(:sn AS text[]), CAST(:si AS uuid[]), CAST(:p AS text[]), CAST(:tp AS text[]),"
-                " CAST(:pa AS integer[]), CAST(:o AS bigint[]), CAST(:dg AS bytea[]))"
-                " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o, dg)",
+                " CAST(:pa AS integer[]), CAST(:o AS bigint[]), CAST(:dg AS bytea[]), CAST(:h AS bytea[]))"
+                " AS x(s, q, st, et, c, t, stt, sty, sn, si, p, tp, pa, o, dg, h)",
                 {
                     "s": [e.stream_id for e in ev],
                     "q": [e.seq for e in ev],
@@ -306,6 +308,7 @@ class PostgresSession:
                     "pa": [e.source_partition for e in ev],
                     "o": [e.source_offset for e in ev],
                     "dg": [e.source_digest for e in ev],
+                    "h": [e.hash for e in ev],
                 },
             ))
         if out.task_run_heads:
@@ -394,6 +397,11 @@ def _side_table_writes(
             {"tags": list(changed), "deltas": list(changed.values())},
         ))
     return statements
+
+
+def _bytea(value: str | None) -> bytes | None:
+    # json_agg writes bytea as its hex text: \x and two digits a byte.
+    return bytes.fromhex(value[2:]) if value else None
 
 
 def _stored(row: dict[str, Any]) -> StoredOutcome:
