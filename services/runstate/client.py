@@ -17,7 +17,7 @@ from uuid import UUID
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from runstate.config import Settings
+from runstate.config import WorkerSettings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.messages import (
     Command,
@@ -37,8 +37,8 @@ class RunstateTimeout(TimeoutError):
 
 
 class RunstateClient:
-    def __init__(self, settings: Settings | None = None, *, client_id: str = "runstate-client") -> None:
-        self.settings = settings or Settings.load()
+    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client") -> None:
+        self.settings = settings or WorkerSettings.load()
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -259,7 +259,7 @@ def state(type_: StateType | str, name: str | None = None, **details: Any) -> St
 
 
 async def state_changes(
-    settings: Settings | None = None,
+    settings: WorkerSettings | None = None,
     *,
     group_id: str | None = None,
     from_beginning: bool = False,
@@ -267,7 +267,7 @@ async def state_changes(
     """Every appended state, in per-run order. With a group id, offsets are
     committed after each event is yielded (at-least-once: de-duplicate on
     (task_run_id, seq))."""
-    s = settings or Settings.load()
+    s = settings or WorkerSettings.load()
     consumer = AIOKafkaConsumer(
         s.state_change_topic,
         bootstrap_servers=s.kafka_bootstrap_servers,

@@ -4,7 +4,6 @@ seq of a decision altered afterwards in a copy of the database."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -62,7 +61,7 @@ def test_replay_names_the_run_and_seq_of_an_altered_decision(driven_log, admin_d
             with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the guard is back
                 owner.execute("UPDATE events SET status = 'ACCEPT' WHERE stream_id = %s", (run,))
 
-        env = settings_env(replace(driven_log.settings, database_url=copy_app))
+        env = settings_env(driven_log.settings.replace(database_url=copy_app))
         for scope in (["--run", str(run)], ["--all"]):
             done = cli(env, "replay", "--verify", *scope)
             assert done.returncode == 1, done.stdout + done.stderr
