@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings.sources.utils import parse_env_vars
 
 from runstate.envfile import find_env_file, read_env_file
 
@@ -37,7 +36,8 @@ class EnvFileSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         values = read_env_file(find_env_file())
-        return parse_env_vars(values, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+        return {k if self.case_sensitive else k.lower(): v for k, v in values.items()
+                if not (self.env_ignore_empty and v == "")}
 
 
 class _RunstateSettings(BaseSettings):
@@ -46,8 +46,7 @@ class _RunstateSettings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=True,
         env_ignore_empty=True,
-        validate_by_name=True,
-        validate_by_alias=True,
+        populate_by_name=True,  # fields by name in code, by their variable (alias) from the environment
         frozen=True,
         extra="forbid",
     )
