@@ -29,7 +29,7 @@ from runstate.envfile import read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
 # The local stack's package (`from stack import LocalStack, free_port`) for every test module.
-sys.path.insert(0, str(REPO / "deploy"))
+sys.path.append(str(REPO / "deploy"))
 ENV_FILE = REPO / ".runstate" / "env"
 BACKEND = os.environ.get("RUNSTATE_TEST_BACKEND", "local").strip().lower() or "local"
 CONNECT_TIMEOUT_S = 5.0

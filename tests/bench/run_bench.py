@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "deploy"))
+sys.path.append(str(REPO / "deploy"))
 
 import psycopg  # noqa: E402
 import uvloop  # noqa: E402
