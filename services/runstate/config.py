@@ -153,7 +153,7 @@ class Settings(WorkerSettings):
     def _postgresql_url(cls, url: SecretStr) -> SecretStr:
         from sqlalchemy.exc import ArgumentError
 
-        from runstate.store.urls import parse  # the database libraries: the service's, not a worker's
+        from runstate.database_urls import parse  # the database libraries: the service's, not a worker's
 
         try:
             backend = parse(url).get_backend_name()

@@ -17,7 +17,7 @@ def shown(value: object) -> str:
     """A value as `config show` prints it: a URL keeps all but its password, other secrets nothing."""
     if not isinstance(value, SecretStr):
         return str(value)
-    from runstate.store.urls import masked
+    from runstate.database_urls import masked
 
     try:
         return masked(value)

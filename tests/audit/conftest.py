@@ -13,7 +13,7 @@ from runstate.audit.limits import set_limit
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.messages import OrchestrationResultEvent
-from runstate.store.urls import parse, reveal
+from runstate.database_urls import parse, reveal
 
 from .support import scratch_database
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import psycopg
 from runstate.store.migrate import upgrade
-from runstate.store.urls import libpq_dsn as dsn
-from runstate.store.urls import with_database
+from runstate.database_urls import libpq_dsn as dsn
+from runstate.database_urls import with_database
 
 REPO = Path(__file__).resolve().parents[2]
 EVENT_COLUMNS = (

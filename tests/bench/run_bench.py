@@ -39,8 +39,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from stack import LocalStack, StackError, free_port  # noqa: E402
 
-from runstate.store.urls import libpq_dsn as libpq  # noqa: E402
-from runstate.store.urls import parse, reveal, with_database  # noqa: E402
+from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
+from runstate.database_urls import parse, reveal, with_database  # noqa: E402
 
 from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
 from workload import Driver, percentile  # noqa: E402

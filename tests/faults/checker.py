@@ -34,7 +34,7 @@ from runstate.domain import (
     decide,
 )
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from runstate.store.urls import libpq_dsn as pg_dsn
+from runstate.database_urls import libpq_dsn as pg_dsn
 
 from .driver import read_all
 from .workload import Cmd, Reference

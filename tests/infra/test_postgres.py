@@ -83,7 +83,7 @@ def test_a_password_with_spaces_and_quotes_reaches_libpq(database_url: str) -> N
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    from runstate.store.urls import libpq_dsn, parse
+    from runstate.database_urls import libpq_dsn, parse
 
     password = "p@ss w:rd/%+'\""
     url = parse(database_url).set(password=password)

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from runstate.client import state
 from runstate.domain import SetStateStatus, StateCreate
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from runstate.store.urls import parse
+from runstate.database_urls import parse
 
 from .harness import InProcessService, isolated_settings, produce, read_all, read_topic
 from .test_pipeline import history, pg_dsn

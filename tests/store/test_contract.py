@@ -21,7 +21,7 @@ from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_recor
 from runstate.pipeline.service import read_snapshot
 from runstate.store.memory import InMemoryEventStore
 from runstate.store.postgres import PostgresEventStore
-from runstate.store.urls import libpq_dsn
+from runstate.database_urls import libpq_dsn
 
 TOPIC = "contract.commands"
 RULES = OrchestrationSettings()

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from runstate.store.urls import DatabaseURL, parse, reveal
+from runstate.database_urls import DatabaseURL, parse, reveal
 
 CONNECT_TIMEOUT_S = 5
 # Smaller than every real key: (stream_id, seq) > START includes the whole log because seq > 0.

@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from runstate.store.urls import DatabaseURL, parse, reveal
+from runstate.database_urls import DatabaseURL, parse, reveal
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -35,7 +35,7 @@ from runstate.pipeline.ports import (
     StoreUnavailable,
     StreamHead,
 )
-from runstate.store.urls import DatabaseURL, libpq_dsn
+from runstate.database_urls import DatabaseURL, libpq_dsn
 
 Statement = tuple[str, dict[str, Any]]
 
