@@ -7,6 +7,7 @@ import os
 import typer
 from pydantic import SecretStr
 
+from runstate.cli_support import EXIT_USAGE, JsonFlag, emit_json, fail
 from runstate.config import Settings, SettingsError, WorkerSettings
 from runstate.envfile import find_env_file, read_env_file
 
@@ -46,14 +47,17 @@ def rows(settings: WorkerSettings) -> list[tuple[str, str, str]]:
 @config_app.command("show")
 def show(
     worker: bool = typer.Option(False, "--worker", help="Only what a Kafka-only worker needs (no database)."),
+    as_json: JsonFlag = False,
 ) -> None:
     """Print every setting: variable, value (passwords masked) and where it came from."""
     try:
         settings = (WorkerSettings if worker else Settings).load()
     except SettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise fail(str(exc), EXIT_USAGE) from exc
     table = rows(settings)
+    if as_json:
+        emit_json([{"variable": var, "value": value, "source": source} for var, value, source in table])
+        return
     width = max(len(var) for var, _, _ in table)
     for var, value, source in table:
         typer.echo(f"{var:<{width}}  {value}  ({source})")
