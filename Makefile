@@ -17,9 +17,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := constraints.txt
-STACK := $(VPY) deploy/stack.py
+STACK := $(VPY) deploy/stack
 ENV_FILE := .runstate/env
-# Loads the connection details written by `deploy/stack.py up` into the recipe's shell.
+# Loads the connection details written by `deploy/stack up` into the recipe's shell.
 LOAD_ENV := set -a && . ./$(ENV_FILE) && set +a
 MIGRATE := $(VENV)/bin/runstate db upgrade
 PYTEST_ARGS ?=
@@ -41,12 +41,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) services/runstate/__init__.py
 up: venv
 	$(STACK) up
 
-# stack.py down needs only the standard library: it works before the venv exists.
+# deploy/stack down and status need only the standard library: they work before the venv exists.
 down:
-	@if [ -x $(VPY) ]; then $(STACK) down; else $(PYTHON) deploy/stack.py down; fi
+	@if [ -x $(VPY) ]; then $(STACK) down; else $(PYTHON) deploy/stack down; fi
 
 status:
-	@if [ -x $(VPY) ]; then $(STACK) status; else $(PYTHON) deploy/stack.py status; fi
+	@if [ -x $(VPY) ]; then $(STACK) status; else $(PYTHON) deploy/stack status; fi
 
 migrate: venv
 	@test -f $(ENV_FILE) || { echo "$(ENV_FILE) missing: run 'make up' first" >&2; exit 1; }

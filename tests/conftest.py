@@ -2,7 +2,7 @@
 
 RUNSTATE_TEST_BACKEND selects where they come from:
 
-* ``local`` (default): the servers `make up` / `make test` started (deploy/stack.py), or any
+* ``local`` (default): the servers `make up` / `make test` started (deploy/stack), or any
   servers named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL / RUNSTATE_ADMIN_DATABASE_URL. The
   variables are read from the environment (`make test` exports .runstate/env) and, when
   missing there, from .runstate/env itself.
@@ -17,40 +17,26 @@ that says what was tried and how to start the stack.
 from __future__ import annotations
 
 import os
-import shlex
 import socket
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from runstate.envfile import read_env_file
+
 REPO = Path(__file__).resolve().parent.parent
+# The local stack's package (`from stack import LocalStack, free_port`) for every test module.
+sys.path.append(str(REPO / "deploy"))
 ENV_FILE = REPO / ".runstate" / "env"
 BACKEND = os.environ.get("RUNSTATE_TEST_BACKEND", "local").strip().lower() or "local"
 CONNECT_TIMEOUT_S = 5.0
 
 
-def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
-    """The `export KEY=value` lines that deploy/stack.py writes."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, raw = line.partition("=")
-        if sep:
-            parts = shlex.split(raw)
-            values[key.strip()] = parts[0] if parts else ""
-    return values
-
-
 def _setting(name: str) -> str | None:
-    return os.environ.get(name) or read_env_file().get(name)
+    return os.environ.get(name) or read_env_file(ENV_FILE).get(name)
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -22,6 +22,7 @@ from runstate.cli_support import (
     fail,
     load_settings,
 )
+from runstate.config_cli import config_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="runstate: task-run state orchestration.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
@@ -105,7 +106,7 @@ def asyncapi(out: str = typer.Option("-", help="File to write, or - for stdout."
 
 def _admin_urls() -> tuple[str, str]:
     settings = load_settings()
-    return settings.admin_database_url, settings.database_url
+    return settings.admin_database_url.get_secret_value(), settings.database_url.get_secret_value()
 
 
 def _current_revision(admin_url: str) -> str | None:
@@ -222,6 +223,7 @@ def db_history(as_json: JsonFlag = False) -> None:
 
 def _register(root: typer.Typer) -> None:
     root.add_typer(db_app, name="db")
+    root.add_typer(config_app, name="config")
     audit_commands.register(root)
 
 

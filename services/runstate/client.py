@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from runstate.config import Settings
+from runstate.config import WorkerSettings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.messages import (
     Command,
@@ -93,8 +93,8 @@ class _Waiter:
 
 
 class RunstateClient:
-    def __init__(self, settings: Settings | None = None, *, client_id: str = "runstate-client") -> None:
-        self.settings = settings or Settings.load()
+    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client") -> None:
+        self.settings = settings or WorkerSettings.load()
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -486,7 +486,7 @@ class SyncRunstateClient:
     callback running on its own loop.
     """
 
-    def __init__(self, settings: Settings | None = None, *, client_id: str = "runstate-client") -> None:
+    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client") -> None:
         self.client = RunstateClient(settings, client_id=client_id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -607,7 +607,7 @@ COMMIT_INTERVAL_S = 1.0
 
 
 async def state_changes(
-    settings: Settings | None = None,
+    settings: WorkerSettings | None = None,
     *,
     group_id: str | None = None,
     from_beginning: bool = False,
@@ -624,7 +624,7 @@ async def state_changes(
     on (task_run_id, seq). Records that are not a state change are skipped and
     logged.
     """
-    s = settings or Settings.load()
+    s = settings or WorkerSettings.load()
     consumer = AIOKafkaConsumer(
         s.state_change_topic,
         bootstrap_servers=s.kafka_bootstrap_servers,
@@ -677,7 +677,7 @@ async def state_changes(
             await consumer.stop()
 
 
-def sync_state_changes(settings: Settings | None = None, **options: Any) -> Iterator[StateChangeEvent]:
+def sync_state_changes(settings: WorkerSettings | None = None, **options: Any) -> Iterator[StateChangeEvent]:
     """`state_changes()` for code that is not async (same options), on a private
     event loop; close the iterator (or leave its for loop) to commit and stop."""
     loop = asyncio.new_event_loop()

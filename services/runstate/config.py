@@ -1,86 +1,165 @@
-"""Settings, read from the environment and, as a fallback, from `.runstate/env`
-(the file `make up` writes), so every entry point finds the local stack."""
+"""Settings, from the environment and, for what it lacks, from `.runstate/env` (the file
+`make up` writes), so every entry point finds the local stack.
+
+WorkerSettings is what a client that only talks to Kafka needs (runstate.client); Settings is
+the service's: WorkerSettings plus the database and the consumer's tuning. Both are
+pydantic-settings models, so constructing one reads the environment and validates it;
+`load()` turns what is wrong into SettingsError, one line naming the variables. The
+variable of each field is its alias (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RUNSTATE_*)."""
 
 from __future__ import annotations
 
-import os
-import shlex
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from runstate.envfile import find_env_file, read_env_file
+
+# Kafka's rule for topic names.
+TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+HINT = "export it, or run `make up` to start the local stack"
 
 
-def _env_file_values() -> dict[str, str]:
-    here = Path.cwd()
-    for folder in (here, *here.parents):
-        candidate = folder / ".runstate" / "env"
-        if candidate.is_file():
-            values: dict[str, str] = {}
-            for line in candidate.read_text().splitlines():
-                line = line.strip()
-                if line.startswith("export "):
-                    line = line[len("export ") :]
-                if "=" not in line or line.startswith("#"):
-                    continue
-                key, _, raw = line.partition("=")
-                parts = shlex.split(raw)
-                values[key.strip()] = parts[0] if parts else ""
-            return values
-    return {}
+class SettingsError(RuntimeError):
+    """A setting is missing or invalid; the message is one line naming the variables."""
 
 
-class MissingSetting(RuntimeError):
-    pass
+# The name the CLI catches (it predates invalid values being reported too).
+MissingSetting = SettingsError
 
 
-@dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str
-    database_url: str
-    admin_database_url: str
-    command_topic: str = "runstate.commands"
-    result_topic: str = "runstate.results"
-    state_change_topic: str = "runstate.state-changes"
-    dead_letter_topic: str = "runstate.dead-letter"
-    partitions: int = 12
-    consumer_group: str = "runstate"
-    max_batch: int = 1000
-    batch_timeout_ms: int = 2
-    max_command_bytes: int = 1_048_576
-    lanes: int = 1
-    gateway_max_body_bytes: int = 1_048_576
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+class EnvFileSource(EnvSettingsSource):
+    """`.runstate/env` of the working directory or its nearest parent, read as the
+    environment is (only the fields' variables; empty values count as unset)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        values = read_env_file(find_env_file())
+        return {k if self.case_sensitive else k.lower(): v for k, v in values.items()
+                if not (self.env_ignore_empty and v == "")}
+
+
+class _RunstateSettings(BaseSettings):
+    # field -> the field whose value it takes when not set
+    defaults_from: ClassVar[dict[str, str]] = {}
+    model_config = SettingsConfigDict(
+        case_sensitive=True,
+        env_ignore_empty=True,
+        populate_by_name=True,  # fields by name in code, by their variable (alias) from the environment
+        frozen=True,
+        extra="forbid",
+    )
 
     @classmethod
-    def load(cls, **overrides: object) -> "Settings":
-        file_values = _env_file_values()
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, EnvFileSource(settings_cls)
 
-        def get(name: str, default: str | None = None) -> str | None:
-            return os.environ.get(name) or file_values.get(name) or default
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Arguments, then the environment, then .runstate/env, then the defaults."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError(cls.explain(exc)) from None
 
-        def required(name: str) -> str:
-            value = get(name)
-            if not value:
-                raise MissingSetting(
-                    f"{name} is not set (export it, or run `make up` to start the local stack)"
-                )
-            return value
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with `changes` (model_copy(update=...) would skip validation)."""
+        return type(self)(**{**self.model_dump(), **changes})
 
-        database_url = required("DATABASE_URL")
-        values: dict[str, object] = dict(
-            kafka_bootstrap_servers=required("KAFKA_BOOTSTRAP_SERVERS"),
-            database_url=database_url,
-            admin_database_url=get("RUNSTATE_ADMIN_DATABASE_URL", database_url),
-            command_topic=get("RUNSTATE_COMMAND_TOPIC", cls.command_topic),
-            result_topic=get("RUNSTATE_RESULT_TOPIC", cls.result_topic),
-            state_change_topic=get("RUNSTATE_STATE_CHANGE_TOPIC", cls.state_change_topic),
-            dead_letter_topic=get("RUNSTATE_DEAD_LETTER_TOPIC", cls.dead_letter_topic),
-            partitions=int(get("RUNSTATE_PARTITIONS", str(cls.partitions))),
-            consumer_group=get("RUNSTATE_CONSUMER_GROUP", cls.consumer_group),
-            max_batch=int(get("RUNSTATE_MAX_BATCH", str(cls.max_batch))),
-            batch_timeout_ms=int(get("RUNSTATE_BATCH_TIMEOUT_MS", str(cls.batch_timeout_ms))),
-            max_command_bytes=int(get("RUNSTATE_MAX_COMMAND_BYTES", str(cls.max_command_bytes))),
-            lanes=int(get("RUNSTATE_LANES", str(cls.lanes))),
-            gateway_max_body_bytes=int(get("RUNSTATE_GATEWAY_MAX_BODY_BYTES", str(cls.gateway_max_body_bytes))),
-        )
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Field name -> environment variable."""
+        return {name: str(field.validation_alias or name) for name, field in cls.model_fields.items()}
+
+    @classmethod
+    def explain(cls, exc: ValidationError) -> str:
+        """One line: the variables not set, then each invalid one and why (secrets not shown).
+        A field that defaults to another (see `defaults_from`) is not reported again for it."""
+        variables = cls.variables()
+        field_of = {var: name for name, var in variables.items()}
+        errors = [(field_of.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "", e) for e in exc.errors()]
+        inputs = {name: e["input"] for name, e in errors}
+        missing: list[str] = []
+        invalid: list[str] = []
+        for name, error in errors:
+            source = cls.defaults_from.get(name)
+            if source in inputs and (error["type"] == "missing" or error["input"] == inputs[source]):
+                continue
+            var = variables.get(name, name)
+            if error["type"] == "missing":
+                missing.append(var)
+                continue
+            field = cls.model_fields.get(name)
+            secret = field is not None and field.annotation is SecretStr
+            message = str(error["msg"]).removeprefix("Value error, ")
+            shown = "" if secret or not var else f"={error['input']!r}"
+            invalid.append(f"{var}{shown}: {message[:1].lower()}{message[1:]}")
+        parts = []
+        if len(missing) == 1:
+            parts.append(f"{missing[0]} is not set ({HINT})")
+        elif missing:
+            parts.append(f"{', '.join(missing)} are not set ({HINT.replace('export it', 'export them')})")
+        return "; ".join(parts + invalid)
+
+
+class WorkerSettings(_RunstateSettings):
+    """What a Kafka-only client needs: where the brokers are and the topic names."""
+
+    kafka_bootstrap_servers: str = Field(min_length=1, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    command_topic: str = Field("runstate.commands", pattern=TOPIC_NAME, validation_alias="RUNSTATE_COMMAND_TOPIC")
+    result_topic: str = Field("runstate.results", pattern=TOPIC_NAME, validation_alias="RUNSTATE_RESULT_TOPIC")
+    state_change_topic: str = Field(
+        "runstate.state-changes", pattern=TOPIC_NAME, validation_alias="RUNSTATE_STATE_CHANGE_TOPIC"
+    )
+    dead_letter_topic: str = Field(
+        "runstate.dead-letter", pattern=TOPIC_NAME, validation_alias="RUNSTATE_DEAD_LETTER_TOPIC"
+    )
+
+
+class Settings(WorkerSettings):
+    """The service's settings (consumer, gateway, CLI tools): the worker's plus the database
+    and the consumer's tuning. The owner's URL (migrations) defaults to DATABASE_URL."""
+
+    database_url: SecretStr = Field(validation_alias="DATABASE_URL")
+    admin_database_url: SecretStr = Field(validation_alias="RUNSTATE_ADMIN_DATABASE_URL")
+    partitions: int = Field(12, ge=1, validation_alias="RUNSTATE_PARTITIONS")
+    consumer_group: str = Field("runstate", min_length=1, validation_alias="RUNSTATE_CONSUMER_GROUP")
+    max_batch: int = Field(1000, ge=1, validation_alias="RUNSTATE_MAX_BATCH")
+    batch_timeout_ms: int = Field(2, ge=0, validation_alias="RUNSTATE_BATCH_TIMEOUT_MS")
+    max_command_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_MAX_COMMAND_BYTES")
+    lanes: int = Field(1, ge=1, validation_alias="RUNSTATE_LANES")
+    gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
+
+    defaults_from: ClassVar[dict[str, str]] = {"admin_database_url": "database_url"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _owner_url_defaults_to_app_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not (data.get("admin_database_url") or data.get("RUNSTATE_ADMIN_DATABASE_URL")):
+            app_url = data.get("database_url") or data.get("DATABASE_URL")
+            if app_url:
+                data = {**data, "admin_database_url": app_url}
+        return data
+
+    @field_validator("database_url", "admin_database_url")
+    @classmethod
+    def _postgresql_url(cls, url: SecretStr) -> SecretStr:
+        from sqlalchemy.exc import ArgumentError
+
+        from runstate.database_urls import parse  # the database libraries: the service's, not a worker's
+
+        try:
+            backend = parse(url).get_backend_name()
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (postgresql+psycopg://user@host:port/database)") from None
+        if backend != "postgresql":
+            raise ValueError(f"not a PostgreSQL URL (it names {backend})")
+        return url

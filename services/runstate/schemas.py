@@ -8,16 +8,18 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from runstate.config import Settings
 from runstate.messages import COMMAND_ADAPTER, json_schemas
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 # Documents describe the default topic names, not whatever the local env says.
-DOCUMENT_SETTINGS = Settings(
+DOCUMENT_SETTINGS = Settings.model_construct(  # model_construct: the defaults, no environment
     kafka_bootstrap_servers="localhost:9092",
-    database_url="postgresql+psycopg://runstate_app@localhost/runstate",
-    admin_database_url="postgresql+psycopg://runstate_owner@localhost/runstate",
+    database_url=SecretStr("postgresql+psycopg://runstate_app@localhost/runstate"),
+    admin_database_url=SecretStr("postgresql+psycopg://runstate_owner@localhost/runstate"),
 )
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +13,7 @@ from runstate.audit.limits import set_limit
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.messages import OrchestrationResultEvent
-from sqlalchemy.engine import make_url
+from runstate.database_urls import parse, reveal
 
 from .support import scratch_database
 
@@ -28,8 +28,8 @@ def audit_settings(kafka_bootstrap: str, database_url: str, admin_database_url: 
 @pytest.fixture
 def bogus_database_env(audit_settings: Settings) -> dict[str, str]:
     """The audit settings, but PostgreSQL on a port nothing listens on."""
-    url = make_url(audit_settings.database_url).set(port=1).render_as_string(hide_password=False)
-    return settings_env(replace(audit_settings, database_url=url))
+    url = reveal(parse(audit_settings.database_url).set(port=1))
+    return settings_env(audit_settings.replace(database_url=url))
 
 
 @dataclass

@@ -16,22 +16,14 @@ from typing import Any
 
 import psycopg
 from runstate.store.migrate import upgrade
-from sqlalchemy.engine import make_url
+from runstate.database_urls import libpq_dsn as dsn
+from runstate.database_urls import with_database
 
 REPO = Path(__file__).resolve().parents[2]
 EVENT_COLUMNS = (
     "stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type, state_name,"
     " payload, source_topic, source_partition, source_offset, recorded_at"
 )
-
-
-def dsn(url: str) -> str:
-    """psycopg connection string of a SQLAlchemy URL."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 @contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -68,7 +67,7 @@ def test_unreachable_postgres_is_one_line_and_exit_1(bogus_database_env, args):
 
 @pytest.mark.kafka
 def test_unreachable_kafka_is_one_line_and_exit_1(audit_settings):
-    env = settings_env(replace(audit_settings, kafka_bootstrap_servers="127.0.0.1:1"))
+    env = settings_env(audit_settings.replace(kafka_bootstrap_servers="127.0.0.1:1"))
     done = cli(env, "backfill", "--since", "2024-01-01T00:00:00Z", timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]

@@ -117,7 +117,7 @@ def test_rebuild_accepts_an_async_engine_and_a_sync_engine(driven_log):
     from sqlalchemy import create_engine
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    url = driven_log.settings.database_url
+    url = driven_log.settings.database_url.get_secret_value()
     live = projections(url)
     for engine in (create_engine(url), create_async_engine(url)):
         report = rebuild(engine, batch_size=1000)

@@ -4,7 +4,6 @@ seq of a decision altered afterwards in a copy of the database."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -62,7 +61,7 @@ def test_replay_names_the_run_and_seq_of_an_altered_decision(driven_log, admin_d
             with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the guard is back
                 owner.execute("UPDATE events SET status = 'ACCEPT' WHERE stream_id = %s", (run,))
 
-        env = settings_env(replace(driven_log.settings, database_url=copy_app))
+        env = settings_env(driven_log.settings.replace(database_url=copy_app))
         for scope in (["--run", str(run)], ["--all"]):
             done = cli(env, "replay", "--verify", *scope)
             assert done.returncode == 1, done.stdout + done.stderr
@@ -130,7 +129,7 @@ def test_a_rewrite_by_the_owner_that_keeps_the_decisions_is_caught_by_the_hash_c
             marks = ", ".join(["%s"] * 16)
             dst.cursor().executemany(
                 f"INSERT INTO events ({CHAINED_COLUMNS}, payload) VALUES ({marks}, CAST(%s AS json))", rows)
-        env = settings_env(replace(driven_log.settings, database_url=copy_app))
+        env = settings_env(driven_log.settings.replace(database_url=copy_app))
         assert cli(env, "replay", "--verify", "--run", str(run)).returncode == 0  # the verbatim copy verifies
 
         with psycopg.connect(dsn(copy_admin), autocommit=True) as owner:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -32,18 +31,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "deploy"))
 
 import psycopg  # noqa: E402
 import uvloop  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from stack import LocalStack, StackError, free_port  # noqa: E402
+
+from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
+from runstate.database_urls import parse, reveal, with_database  # noqa: E402
 
 from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
 from workload import Driver, percentile  # noqa: E402
 
 WORK = REPO / ".runstate" / "bench"
-STACK = [sys.executable, str(REPO / "deploy" / "stack.py")]
 PARTITIONS = 12
 
 
@@ -53,24 +55,14 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- environment
 
-def read_env_file() -> dict[str, str]:
-    values = {}
-    for line in (REPO / ".runstate" / "env").read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            key, _, raw = line[len("export "):].partition("=")
-            parts = shlex.split(raw)
-            values[key] = parts[0] if parts else ""
-    return values
-
-
 class Stack:
-    """deploy/stack.py up --servers-only: Kafka and PostgreSQL without the runstate services
-    (the benchmark starts its own consumers with chosen settings); down at the end if this
-    run started it."""
+    """The local stack's servers only (LocalStack.up(servers_only=True)): Kafka and PostgreSQL
+    without the runstate services, since the benchmark starts its own consumers with chosen
+    settings; down at the end if this run started it."""
 
     def __init__(self, use_env: bool) -> None:
         self.use_env = use_env
+        self.local = LocalStack()
         self.started = False
         self.env: dict[str, str] = {}
         self.kafka_pid: int | None = None
@@ -80,31 +72,20 @@ class Stack:
             self.env = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL",
                                                    "RUNSTATE_ADMIN_DATABASE_URL")}
             return
-        out = subprocess.run(STACK + ["up", "--servers-only"], capture_output=True, text=True, cwd=REPO)
-        sys.stdout.write(out.stdout)
-        sys.stderr.write(out.stderr)
-        if out.returncode != 0:
-            raise SystemExit(f"deploy/stack.py up failed ({out.returncode})")
-        self.started = "already up" not in out.stdout
-        self.env = read_env_file()
-        state = json.loads((REPO / ".runstate" / "state.json").read_text())
-        for comp in state.get("components", []):
-            if comp["name"] == "kafka" and comp.get("pid"):
-                self.kafka_pid = comp["pid"]
+        try:
+            self.started = self.local.up(servers_only=True)
+        except StackError as err:
+            raise SystemExit(f"deploy/stack up failed: {err.line}" + (f" (see {err.log})" if err.log else "")) from err
+        self.env = self.local.env()
+        self.kafka_pid = self.local.pid("kafka")
 
     def down(self) -> None:
         if self.started:
-            subprocess.run(STACK + ["down"], cwd=REPO)
+            self.local.down()
 
 
 def db_url(url: str, database: str) -> str:
-    return make_url(url).set(database=database).render_as_string(hide_password=False)
-
-
-def libpq(url: str) -> str:
-    u = make_url(url)
-    return f"host={u.host} port={u.port} user={u.username} dbname={u.database}" + \
-        (f" password={u.password}" if u.password else "")
+    return with_database(url, database)
 
 
 def admin_sql(admin_url: str, *statements: str) -> None:
@@ -129,7 +110,7 @@ def set_compression(admin_url: str, name: str) -> None:
 def fresh_database(admin_url: str, app_url: str, name: str) -> tuple[str, str]:
     from runstate.store.migrate import upgrade
 
-    owner = make_url(admin_url).username
+    owner = parse(admin_url).username
     admin_sql(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name} OWNER {owner}")
     set_compression(admin_url, name)
     a, b = db_url(admin_url, name), db_url(app_url, name)
@@ -151,11 +132,11 @@ def topic_names(label: str) -> dict[str, str]:
     }
 
 
-async def create_topics(bootstrap: str, topics: dict[str, str]) -> None:
+async def create_topics(bootstrap: str, app_url: str, topics: dict[str, str]) -> None:
     from runstate.config import Settings
     from runstate.pipeline.kafka import ensure_topics
 
-    s = Settings(kafka_bootstrap_servers=bootstrap, database_url="-", admin_database_url="-",
+    s = Settings(kafka_bootstrap_servers=bootstrap, database_url=app_url,
                  command_topic=topics["RUNSTATE_COMMAND_TOPIC"], result_topic=topics["RUNSTATE_RESULT_TOPIC"],
                  state_change_topic=topics["RUNSTATE_STATE_CHANGE_TOPIC"],
                  dead_letter_topic=topics["RUNSTATE_DEAD_LETTER_TOPIC"], partitions=PARTITIONS)
@@ -266,7 +247,7 @@ class Bench:
     @contextlib.asynccontextmanager
     async def consumers(self, label: str, processes: int, lanes: int, floor: bool = False):
         topics = topic_names(label)
-        await create_topics(self.bootstrap, topics)
+        await create_topics(self.bootstrap, self.app_url, topics)
         procs: list = []
         try:
             if floor:
@@ -510,12 +491,11 @@ class PrefectServer:
         from prefect_env import prefect_python  # builds .cache/prefect-venv on first use
 
         self.python = prefect_python()
-        owner = make_url(self.admin_url).username
+        owner = parse(self.admin_url).username
         admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)",
                   f"CREATE DATABASE prefect OWNER {owner}")
         set_compression(self.admin_url, "prefect")
-        u = make_url(self.admin_url)
-        url = f"postgresql+asyncpg://{u.username}{':' + u.password if u.password else ''}@{u.host}:{u.port}/prefect"
+        url = reveal(parse(self.admin_url).set(drivername="postgresql+asyncpg", database="prefect"))
         self.port = free_port()
         home = WORK / "prefect-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -568,14 +548,6 @@ class PrefectServer:
                 self.proc.wait(10)
         with contextlib.suppress(Exception):
             admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -657,7 +629,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     info = machine()
     stack = Stack(args.use_env)
-    log("bringing up the stack (deploy/stack.py up)" if not args.use_env else "using the servers in the environment")
+    log("bringing up the stack (deploy/stack up --servers-only)" if not args.use_env else "using the servers in the environment")
     stack.up()
     bench = Bench(args, stack)
     bench.results["machine"] = info

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -66,7 +65,7 @@ def test_replay_json_names_an_altered_decision_and_exits_1(cli_settings, decided
                 "UPDATE events SET payload = jsonb_set(payload::jsonb, '{decision,result,status}', '\"REJECT\"')::json"
                 " WHERE stream_id = %s AND seq = 2", (run,))
             owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
-        done = invoke(settings_env(replace(cli_settings, database_url=copy_app)), "replay", "--verify", "--json")
+        done = invoke(settings_env(cli_settings.replace(database_url=copy_app)), "replay", "--verify", "--json")
     assert done.exit_code == 1
     report = json.loads(done.stdout)  # only the JSON document: no DIFFERS lines before it
     assert (report["events"], report["ok"]) == (3, False)

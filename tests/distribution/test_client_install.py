@@ -1,5 +1,5 @@
-"""`pip install runstate` is the worker and subscriber client: it needs only aiokafka and
-pydantic, installs next to prefect==3.9.1, and from that environment drives a run through
+"""`pip install runstate` is the worker and subscriber client: it needs only aiokafka,
+pydantic and pydantic-settings, installs next to prefect==3.9.1, and from that environment drives a run through
 the real service. The service, gateway and CLI come with the [server] extra."""
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def wheel_metadata(wheel: Path) -> email.message.Message:
         return email.parser.Parser().parsestr(archive.read(name).decode())
 
 
-def test_the_base_install_requires_only_aiokafka_and_pydantic_as_ranges(wheel):
+def test_the_base_install_requires_only_aiokafka_pydantic_and_pydantic_settings_as_ranges(wheel):
     metadata = wheel_metadata(wheel)
     requirements = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
     base = [r for r in requirements if r.marker is None]
-    assert sorted(r.name for r in base) == ["aiokafka", "pydantic"]
+    assert sorted(r.name for r in base) == ["aiokafka", "pydantic", "pydantic-settings"]
     server = {r.name for r in requirements if r.marker is not None and r.marker.evaluate({"extra": "server"})}
     assert {"faststream", "sqlalchemy", "psycopg", "alembic", "typer", "rich", "fastapi", "uvicorn", "uvloop"} <= server
     pinned = [str(r) for r in requirements if any(s.operator in ("==", "===") for s in r.specifier)]

@@ -34,16 +34,12 @@ from runstate.domain import (
     decide,
 )
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from sqlalchemy.engine import make_url
+from runstate.database_urls import libpq_dsn as pg_dsn
 
 from .driver import read_all
 from .workload import Cmd, Reference
 
 FINAL = ("ACCEPT", "REJECT", "ABORT")
-
-
-def pg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @dataclass

@@ -4,7 +4,6 @@ isolated topics, and the gateway served by uvicorn on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,12 +16,7 @@ from runstate.gateway import create_app
 from runstate.store.reads import LogReader, make_engine
 
 from pipeline.harness import InProcessService, isolated_settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from stack import free_port
 
 
 @dataclass

@@ -75,3 +75,18 @@ async def test_async_psycopg_engine_reads(database_url: str) -> None:
             assert await conn.scalar(sa.text("SELECT 41 + 1")) == 42
     finally:
         await engine.dispose()
+
+
+def test_a_password_with_spaces_and_quotes_reaches_libpq(database_url: str) -> None:
+    """libpq_dsn quotes what a URL-shaped conninfo could not carry (the local cluster trusts
+    loopback, so any password connects; a badly quoted one does not even parse)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from runstate.database_urls import libpq_dsn, parse
+
+    password = "p@ss w:rd/%+'\""
+    url = parse(database_url).set(password=password)
+    assert conninfo_to_dict(libpq_dsn(url))["password"] == password
+    with psycopg.connect(libpq_dsn(url)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("runstate_app",)

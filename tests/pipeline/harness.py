@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def isolated_settings(base: Settings, partitions: int = 4, **overrides: Any) -> Settings:
     """Fresh topics and consumer group, so tests never see each other's records."""
     token = uuid.uuid4().hex[:10]
-    return replace(
-        base,
+    return base.replace(
         command_topic=f"t{token}.commands",
         result_topic=f"t{token}.results",
         state_change_topic=f"t{token}.state-changes",
@@ -40,8 +38,8 @@ def isolated_settings(base: Settings, partitions: int = 4, **overrides: Any) -> 
 def settings_env(settings: Settings) -> dict[str, str]:
     return {
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "DATABASE_URL": settings.database_url,
-        "RUNSTATE_ADMIN_DATABASE_URL": settings.admin_database_url,
+        "DATABASE_URL": settings.database_url.get_secret_value(),
+        "RUNSTATE_ADMIN_DATABASE_URL": settings.admin_database_url.get_secret_value(),
         "RUNSTATE_COMMAND_TOPIC": settings.command_topic,
         "RUNSTATE_RESULT_TOPIC": settings.result_topic,
         "RUNSTATE_STATE_CHANGE_TOPIC": settings.state_change_topic,

@@ -7,17 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from dataclasses import replace
 
 import psycopg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
-from sqlalchemy.engine import make_url
 
 from runstate.client import state
 from runstate.domain import SetStateStatus, StateCreate
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+from runstate.database_urls import parse
 
 from .harness import InProcessService, isolated_settings, produce, read_all, read_topic
 from .test_pipeline import history, pg_dsn
@@ -175,7 +174,7 @@ async def test_a_decision_whose_result_would_not_fit_its_topic_is_refused_as_too
 
 async def test_a_revoked_insert_is_an_outage_waited_out_not_a_reason_to_dead_letter(base_settings):
     settings = isolated_settings(base_settings, partitions=2)
-    app_role = make_url(settings.database_url).username
+    app_role = parse(settings.database_url).username
     admin_dsn = pg_dsn(settings.admin_database_url)
     runs = [uuid.uuid4() for _ in range(6)]
     async with InProcessService(settings) as service:
@@ -243,7 +242,7 @@ async def test_new_records_at_reused_offsets_are_decided_and_old_ones_recognised
     await _recreate_command_topic(first)
     await produce(first, lifecycle(new_run))  # offsets 0 and 1 again
     # A new group reads the recreated topic from its start, as after an offset reset.
-    second = replace(first, consumer_group=f"{first.consumer_group}-reset")
+    second = first.replace(consumer_group=f"{first.consumer_group}-reset")
     async with InProcessService(second):
         results = await read_topic(second, second.result_topic, 4)
     answers = [OrchestrationResultEvent.model_validate_json(r.value) for r in results]
@@ -251,7 +250,7 @@ async def test_new_records_at_reused_offsets_are_decided_and_old_ones_recognised
     assert [a.status for a in answers[2:]] == [SetStateStatus.ACCEPT, SetStateStatus.ACCEPT]
     assert [r["state_type"] for r in await history(first, new_run)] == ["PENDING", "RUNNING"]
     # The same records read once more (another reset): recognised, answered as before.
-    third = replace(first, consumer_group=f"{first.consumer_group}-again")
+    third = first.replace(consumer_group=f"{first.consumer_group}-again")
     async with InProcessService(third) as service:
         again = await read_topic(third, third.result_topic, 6)
         assert service.stats.duplicates == 2

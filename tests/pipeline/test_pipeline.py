@@ -11,20 +11,16 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from runstate.client import RunstateClient, state
 from runstate.domain import SetStateStatus
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
 from runstate.store.reads import LogReader, make_engine
+from runstate.database_urls import libpq_dsn as pg_dsn
 
 from .harness import InProcessService, isolated_settings, produce, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
-
-
-def pg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def history(settings, run_id):

@@ -36,7 +36,7 @@ class RecordingPublisher:
 
 def service(monkeypatch) -> tuple[OrchestrationService, InMemoryEventStore, RecordingPublisher]:
     monkeypatch.setattr(service_module, "OUTAGE_FIRST_DELAY_S", 0.001)  # keep the waits short
-    settings = Settings(kafka_bootstrap_servers="unused:9092", database_url="unused", admin_database_url="unused",
+    settings = Settings(kafka_bootstrap_servers="unused:9092", database_url="postgresql+psycopg://unused@unused/unused",
                         command_topic=TOPIC)
     store, publisher = InMemoryEventStore(), RecordingPublisher()
     return OrchestrationService(settings, store, publisher), store, publisher

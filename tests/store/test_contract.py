@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from runstate.client import state
 from runstate.domain import OrchestrationSettings, TagLimit
@@ -22,6 +21,7 @@ from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_recor
 from runstate.pipeline.service import read_snapshot
 from runstate.store.memory import InMemoryEventStore
 from runstate.store.postgres import PostgresEventStore
+from runstate.database_urls import libpq_dsn
 
 TOPIC = "contract.commands"
 RULES = OrchestrationSettings()
@@ -42,8 +42,7 @@ async def set_tag_limit(store: EventStore, base_settings, tag: str, limit: int) 
     if isinstance(store, InMemoryEventStore):
         store.set_tag_limit(TagLimit(tag=tag, limit=limit, active=True, active_slots=0))
         return
-    dsn = make_url(base_settings.admin_database_url).set(drivername="postgresql").render_as_string(False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(base_settings.admin_database_url), autocommit=True) as conn:
         conn.execute('INSERT INTO tag_concurrency_limits (tag, "limit", active, active_slots) VALUES (%s, %s, true, 0)',
                      (tag, limit))
 

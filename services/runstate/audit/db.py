@@ -12,9 +12,11 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import Row, make_url
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runstate.database_urls import DatabaseURL, parse, reveal
 
 CONNECT_TIMEOUT_S = 5
 # Smaller than every real key: (stream_id, seq) > START includes the whole log because seq > 0.
@@ -30,21 +32,19 @@ def first_line(exc: BaseException) -> str:
     return message.splitlines()[0] if message else type(exc).__name__
 
 
-def where(url: str) -> str:
-    parsed = make_url(url)
+def where(url: DatabaseURL) -> str:
+    parsed = parse(url)
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
 
 
-def sync_url(url: str | Engine | AsyncEngine) -> str:
-    """Accept a URL string, a sync Engine or an AsyncEngine (whose URL works synchronously too)."""
-    if isinstance(url, str):
-        return url
-    return url.url.render_as_string(hide_password=False)
+def sync_url(url: DatabaseURL | Engine | AsyncEngine) -> str:
+    """Accept a URL, a sync Engine or an AsyncEngine (whose URL works synchronously too)."""
+    return reveal(url.url if isinstance(url, (Engine, AsyncEngine)) else url)
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: DatabaseURL) -> Engine:
     """An engine that has proved it can connect, or ServerUnreachable."""
-    engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, pool_pre_ping=True)
+    engine = create_engine(parse(url), connect_args={"connect_timeout": CONNECT_TIMEOUT_S}, pool_pre_ping=True)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -7,20 +7,21 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import make_url
+
+from runstate.database_urls import DatabaseURL, parse, reveal
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(admin_url: str, app_url: str) -> Config:
+def alembic_config(admin_url: DatabaseURL, app_url: DatabaseURL) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", admin_url.replace("%", "%%"))
-    owner = make_url(admin_url).username
-    app_role = make_url(app_url).username
+    config.set_main_option("sqlalchemy.url", reveal(admin_url).replace("%", "%%"))
+    owner = parse(admin_url).username
+    app_role = parse(app_url).username
     config.attributes["app_role"] = app_role if app_role and app_role != owner else None
     return config
 
 
-def upgrade(admin_url: str, app_url: str, revision: str = "head") -> None:
+def upgrade(admin_url: DatabaseURL, app_url: DatabaseURL, revision: str = "head") -> None:
     command.upgrade(alembic_config(admin_url, app_url), revision)

@@ -21,7 +21,6 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runstate.domain import CacheEntry, FlowRunView, Lease, TagLimit, TaskRunView
@@ -36,6 +35,7 @@ from runstate.pipeline.ports import (
     StoreUnavailable,
     StreamHead,
 )
+from runstate.database_urls import DatabaseURL, libpq_dsn
 
 Statement = tuple[str, dict[str, Any]]
 
@@ -109,7 +109,7 @@ BATCH_ISOLATION = "REPEATABLE READ"
 SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=15s -c lock_timeout=20s"
 
 
-def batch_pool(url: str, size: int) -> AsyncConnectionPool:
+def batch_pool(url: DatabaseURL, size: int) -> AsyncConnectionPool:
     """The consumer's connections: plain psycopg, one per lane. SQLAlchemy's
     pool pinged the server on every checkout and its async adaptation ran each
     call through a greenlet, a sixth of a small batch's CPU (py-spy). A
@@ -121,7 +121,7 @@ def batch_pool(url: str, size: int) -> AsyncConnectionPool:
         await conn.set_autocommit(True)  # each batch opens its own transaction block
 
     return AsyncConnectionPool(
-        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+        libpq_dsn(url),
         min_size=size,
         max_size=size,
         kwargs={"options": SESSION_OPTIONS},

@@ -10,11 +10,12 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from runstate.store.postgres import BATCH_ISOLATION, SESSION_OPTIONS, run_sql
+from runstate.database_urls import DatabaseURL, parse
 
 
-def make_engine(url: str, pool_size: int = 4) -> AsyncEngine:
+def make_engine(url: DatabaseURL, pool_size: int = 4) -> AsyncEngine:
     return create_async_engine(
-        url,
+        parse(url),
         pool_size=pool_size,
         max_overflow=4,
         pool_pre_ping=True,

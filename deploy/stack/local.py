@@ -1,0 +1,191 @@
+"""LocalStack: Kafka, PostgreSQL and the runstate services as plain processes under one folder.
+
+`make up/down/status` drive the default one (.runstate) through `python deploy/stack`; the fault
+suite starts a private one in a temporary folder and restarts its servers; the benchmark starts
+the servers only and its own consumers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from .external import external_record, external_settings, wait_external
+from .kafka import KafkaNode
+from .layout import DEFAULT_ROOT, Layout, relative
+from .output import StackError, say
+from .ports import HOST, Ports
+from .postgres import PostgresServer
+from .processes import Launcher, is_up, kill_group, stop
+from .records import Record, StateFiles
+from .services import SERVICES, Context, Service, start_service
+
+
+class Server(Protocol):
+    """A Kafka node or a PostgreSQL server: started (again) by the stack, on fixed ports."""
+
+    name: str
+
+    def start(self, launcher: Launcher, apt_log: Path) -> Record: ...
+
+    def env(self) -> dict[str, str]: ...
+
+
+class LocalStack:
+    def __init__(self, root: Path = DEFAULT_ROOT, *, services: Sequence[Service] = SERVICES,
+                 use_environment: bool = True) -> None:
+        """`use_environment`: servers named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are used
+        instead of local ones (see external.py); a private stack turns it off."""
+        self.layout = Layout(root)
+        self.files = StateFiles(self.layout)
+        self.services = list(services)
+        self.use_environment = use_environment
+        self._launcher = Launcher()
+        self._servers: dict[str, Server] = {}  # what this object started, for restart()
+
+    @property
+    def env_file(self) -> Path:
+        return self.layout.env_file
+
+    @property
+    def apt_log(self) -> Path:
+        return self.layout.root / "apt.log"
+
+    # ------------------------------------------------------------------ what is recorded
+
+    def components(self) -> list[Record]:
+        return self.files.components()
+
+    def env(self) -> dict[str, str]:
+        """The connection variables of the running stack (what .runstate/env exports)."""
+        return self.files.env()
+
+    def pid(self, name: str) -> int | None:
+        return next((c.pid for c in self.components() if c.name == name), None)
+
+    def status(self) -> list[tuple[Record, bool]]:
+        """Each recorded component and whether it is up."""
+        return [(c, is_up(c, HOST)) for c in self.components()]
+
+    # ------------------------------------------------------------------ up and down
+
+    def up(self, *, servers_only: bool = False) -> bool:
+        """Start the stack unless it is already up. True when this call started it. On failure
+        everything this call started is stopped and StackError raised.
+
+        servers_only: Kafka and PostgreSQL without the runstate services, for benchmarks and
+        fault tests that start consumers with settings of their own."""
+        services = [] if servers_only else self.services
+        with self.files.locked():
+            comps = self.components()
+            if comps:
+                names = {c.name for c in comps}
+                if all(is_up(c, HOST) for c in comps) and all(s.name in names for s in services):
+                    say("already up (" + ", ".join(c.describe() for c in comps) + "); connection details in "
+                        f"{relative(self.env_file)}")
+                    return False
+                say("the previous stack is partly down: stopping what is left of it first")
+                self._stop(comps)
+            self._up(services)
+            return True
+
+    def down(self) -> None:
+        """Stop exactly what `up` recorded."""
+        with self.files.locked():
+            comps = self.components()
+            if not comps:
+                say(f"nothing to stop (no stack recorded in {relative(self.layout.state_file)})")
+            else:
+                self._stop(comps)
+            self.files.clear()
+        self._servers.clear()
+
+    def restart(self, name: str, *, hard: bool = False, down_for: float = 0.0) -> float:
+        """Stop a server this object started (its stop signal, or `hard`: SIGKILL of its whole
+        process group), wait `down_for` s, start it again on the same ports. Returns the seconds
+        from the stop to ready."""
+        server = self._servers[name]
+        t0 = time.monotonic()
+        with self.files.locked():
+            comps = self.components()
+            old = next(c for c in comps if c.name == name)
+            old.popen = next((r.popen for r in self._launcher.spawned if r.pid == old.pid), None)
+            if hard:
+                kill_group(old)
+            else:
+                stop(old, old.stop_signal)
+            time.sleep(down_for)
+            new = server.start(self._launcher, self.apt_log)
+            self.files.save([new if c.name == name else c for c in comps], self.env())
+        return time.monotonic() - t0
+
+    def _up(self, services: list[Service]) -> None:
+        t_all = time.monotonic()
+        last = self.files.last_run()
+        ext = external_settings(os.environ, last) if self.use_environment else {}
+        ports = Ports(last.get("ports", {}))
+        externals: list[Record] = []
+        servers: list[Server] = []
+        if "KAFKA_BOOTSTRAP_SERVERS" in ext:
+            externals.append(external_record("kafka", ext["KAFKA_BOOTSTRAP_SERVERS"]))
+        else:
+            servers.append(KafkaNode(self.layout.root / "kafka", ports["kafka"], ports["kafka_controller"]))
+        if "DATABASE_URL" in ext:
+            externals.append(external_record("postgres", ext["DATABASE_URL"]))
+        else:
+            servers.append(PostgresServer(self.layout.root / "postgres", ports["postgres"]))
+        launcher = self._launcher = Launcher()
+        try:
+            for rec in externals:
+                wait_external(rec)
+            started = self._start_all(servers, launcher)
+            ctx = Context(env=dict(ext), ports=ports, layout=self.layout)
+            for server in servers:
+                ctx.env.update(server.env())
+            components = externals + started
+            for svc in services:
+                components.append(start_service(svc, ctx, launcher))
+            self.files.save(components, ctx.env)
+            self.files.save_last_run(ports.chosen, {k: v for k, v in ctx.env.items() if k not in ext})
+        except BaseException:
+            launcher.stop_all(timeout=15)
+            self.files.clear()
+            raise
+        self._servers = {s.name: s for s in servers}
+        say(f"up in {time.monotonic() - t_all:.1f} s; connection details in {relative(self.env_file)}:")
+        for k, v in ctx.env.items():
+            say(f"  {k}={v}")
+
+    def _start_all(self, servers: list[Server], launcher: Launcher) -> list[Record]:
+        """Start the servers side by side; the first failure is raised once all have finished."""
+        results: dict[str, Record] = {}
+        errors: list[StackError] = []
+
+        def start(server: Server) -> None:
+            try:
+                results[server.name] = server.start(launcher, self.apt_log)
+            except StackError as err:
+                errors.append(err)
+            except Exception as exc:  # noqa: BLE001 - reported as this server's failure
+                errors.append(StackError(f"{server.name}: unexpected error: {type(exc).__name__}: {exc}"))
+
+        threads = [threading.Thread(target=start, args=(s,), name=s.name) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return [results[s.name] for s in servers]
+
+    def _stop(self, comps: list[Record]) -> None:
+        # services (recorded after the infrastructure) first, in reverse start order
+        for c in reversed(comps):
+            if c.external is not None:
+                say(f"{c.name}: external ({c.probe_host}:{c.probe_port}), left alone")
+                continue
+            how = stop(c, c.stop_signal)
+            say(f"{c.name}: pid {c.pid} {how}")

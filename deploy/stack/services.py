@@ -1,0 +1,115 @@
+"""The long-running runstate processes that `up` starts once Kafka and PostgreSQL are ready."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .kafka_probes import kafka_group_stable
+from .layout import REPO, Layout
+from .output import StackError, say
+from .ports import HOST, Ports, tcp_open
+from .processes import Launcher, exited
+from .records import Record
+
+
+@dataclasses.dataclass
+class Context:
+    """What a service sees when `up` starts it."""
+
+    env: dict[str, str]  # connection variables so far (infrastructure + earlier services' exports)
+    ports: Ports  # ports chosen for this run, by name
+    layout: Layout
+
+    def port(self, name: str) -> int:
+        """A free port for `name`, the previous run's one when it is still free."""
+        return self.ports[name]
+
+    def dir(self, name: str) -> Path:
+        return self.layout.dir(name)
+
+
+@dataclasses.dataclass
+class Service:
+    """A long-running runstate process that `up` starts after Kafka and PostgreSQL are ready,
+    in list order, and `down` stops in reverse order.
+
+    exports(ctx) -> extra variables for .runstate/env (e.g. RUNSTATE_HTTP_URL); computed before
+    the start so that argv can use them. prepare(ctx) -> one-shot commands run to completion
+    before the start (e.g. the migrations). argv(ctx) -> the command (run with the environment of
+    `up` plus ctx.env). ready(ctx) -> True once the service serves; polled for `timeout` s.
+    `port`, if given, names a ctx port that status checks."""
+
+    name: str
+    argv: Callable[[Context], list[str]]
+    ready: Callable[[Context], bool]
+    exports: Callable[[Context], dict[str, str]] = lambda ctx: {}
+    prepare: Callable[[Context], list[list[str]]] = lambda ctx: []
+    timeout: float = 30.0
+    stop_signal: int = signal.SIGTERM
+    port: str | None = None
+
+
+def runstate_cli(*args: str) -> list[str]:
+    """The project's CLI, run by this interpreter (the virtualenv's, under make)."""
+    return [sys.executable, "-m", "runstate.cli", *args]
+
+
+# The long-running runstate processes, in start order.
+SERVICES: list[Service] = [
+    # The consumer service (`runstate serve`): applies the migrations first, then joins the
+    # consumer group on the command topic; ready once the group is Stable with a member.
+    Service(
+        name="consumer",
+        prepare=lambda ctx: [runstate_cli("db", "upgrade")],
+        argv=lambda ctx: runstate_cli("serve"),
+        ready=lambda ctx: kafka_group_stable(ctx.env["KAFKA_BOOTSTRAP_SERVERS"],
+                                             os.environ.get("RUNSTATE_CONSUMER_GROUP") or "runstate"),
+        timeout=60.0,
+    ),
+    # The Prefect-compatible HTTP gateway; PREFECT_API_URL can point at RUNSTATE_HTTP_URL.
+    Service(
+        name="gateway",
+        argv=lambda ctx: runstate_cli("gateway", "--host", HOST, "--port", str(ctx.port("gateway")),
+                                      "--log-level", "WARNING"),
+        ready=lambda ctx: tcp_open(HOST, ctx.port("gateway")),
+        port="gateway",
+        exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api"},
+        timeout=60.0,
+    ),
+]
+
+
+def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
+    t0 = time.monotonic()
+    ctx.env.update(svc.exports(ctx))
+    log = ctx.dir(svc.name) / f"{svc.name}.log"
+    env = {**os.environ, **ctx.env}
+    for argv in svc.prepare(ctx):
+        with open(log, "ab") as out:
+            out.write(f"$ {shlex.join(argv)}\n".encode())
+            out.flush()
+            rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                                env=env).returncode
+        if rc != 0:
+            raise StackError(f"{svc.name}: `{shlex.join(argv[1:] if argv[0] == sys.executable else argv)}` "
+                             f"failed (exit code {rc})", log)
+    rec = launcher.spawn(svc.name, svc.argv(ctx), log, cwd=REPO, env={**os.environ, **ctx.env},
+                         stop_signal=svc.stop_signal, port=ctx.port(svc.port) if svc.port else None)
+    deadline = time.monotonic() + svc.timeout
+    while not svc.ready(ctx):
+        code = exited(rec)
+        if code is not None:
+            raise StackError(f"{svc.name} exited during startup (exit code {code})", log)
+        if time.monotonic() > deadline:
+            raise StackError(f"{svc.name} did not become ready within {svc.timeout:.0f} s", log)
+        time.sleep(0.5)
+    say(f"{svc.name}: ready in {time.monotonic() - t0:.1f} s (pid {rec.pid})")
+    return rec
