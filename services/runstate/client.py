@@ -39,6 +39,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from runstate.config import WorkerSettings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.messages import (
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_HEADER,
     Command,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
@@ -366,7 +368,8 @@ class RunstateClient:
     async def _publish(self, waiter: _Waiter, value: bytes) -> None:
         await self._read_partition(waiter.partition)
         assert self._producer is not None
-        delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key)
+        delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key,
+                                              headers=[(SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode())])
         await delivered
 
     @staticmethod

@@ -25,8 +25,28 @@ from runstate.domain import (
 )
 
 
+# The major version of every message runstate reads and writes (README, "Message
+# evolution"): a field added in a minor change is ignored by older readers; a change
+# that old readers would misread takes a new version, which they refuse.
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_HEADER = "x-schema-version"
+
+
+def check_schema_version(version: int) -> int:
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"schema_version {version} is newer than this consumer understands ({SCHEMA_VERSION})")
+    return version
+
+
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Fields a newer producer added are ignored, not refused (the state itself stays
+    # strict, as Prefect's API is: see StateCreate).
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("schema_version", check_fields=False)
+    @classmethod
+    def _understood(cls, version: int) -> int:
+        return check_schema_version(version)
 
 
 # Bounds on a new run's retry policy, so that the retry rule's arithmetic (now +
@@ -60,6 +80,7 @@ class CreateTaskRunCommand(_Message):
 
     kind: Literal["create_task_run"] = "create_task_run"
     command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     id: UUID
     name: str = ""
     flow_run_id: UUID | None = None
@@ -104,6 +125,7 @@ class SetStateCommand(_Message):
 
     kind: Literal["set_task_run_state"] = "set_task_run_state"
     command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     task_run_id: UUID
     state: StateCreate
     force: bool = False
@@ -115,6 +137,7 @@ class SetStateCommand(_Message):
 class CreateFlowRunCommand(_Message):
     kind: Literal["create_flow_run"] = "create_flow_run"
     command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     id: UUID
     name: str = ""
     flow_id: UUID | None = None
@@ -128,6 +151,7 @@ class SetFlowRunStateCommand(_Message):
 
     kind: Literal["set_flow_run_state"] = "set_flow_run_state"
     command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     flow_run_id: UUID
     state: StateCreate
 
@@ -174,6 +198,7 @@ class OrchestrationResultEvent(BaseModel):
     )
     error: ErrorInfo | None = None
     decided_at: datetime | None = None
+    schema_version: int = SCHEMA_VERSION
 
 
 class StateRef(BaseModel):
@@ -195,6 +220,7 @@ class StateChangeEvent(BaseModel):
     status: SetStateStatus
     transition_id: UUID | None
     timestamp: datetime
+    schema_version: int = SCHEMA_VERSION
 
 
 def json_schemas() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from sqlalchemy import Engine
 
 from runstate.audit.db import ServerUnreachable, count_events, scan_events
-from runstate.messages import StateChangeEvent
+from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER, StateChangeEvent
 
 KAFKA_START_TIMEOUT_S = 15.0
 
@@ -105,7 +105,8 @@ async def backfill(
         sent = []
         for row in rows:
             message = message_of(row.stream_id, row.state_change)
-            sent.append(await producer.send(topic, message.value, key=message.key))
+            sent.append(await producer.send(topic, message.value, key=message.key,
+                                            headers=[(SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode())]))
         await asyncio.gather(*sent)
         published += len(rows)
         if on_batch:

@@ -35,6 +35,7 @@ from runstate.domain import (
 )
 from runstate.events import EventType, FlowRunEventPayload, StreamType, TaskRunEventPayload
 from runstate.messages import (
+    SCHEMA_VERSION,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
     ErrorInfo,
@@ -66,6 +67,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588 - 4096
 FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetStateStatus.ABORT})
 ONE_MICROSECOND = timedelta(microseconds=1)
 TASK_KINDS = ("set_task_run_state", "create_task_run")
+SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
 
 
 def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) -> SnapshotRequest:
@@ -260,6 +262,7 @@ class BatchDecider:
             state_appended="false" if appended is None else "true",
             error="null",
             decided_at=datetime_json(ctx.now),
+            schema_version=SCHEMA_VERSION_JSON,
         )
         change_json = None
         if appended is not None:
@@ -276,6 +279,7 @@ class BatchDecider:
                 status=status_json,
                 transition_id=transition_id_json,
                 timestamp=datetime_json(appended.timestamp),
+                schema_version=SCHEMA_VERSION_JSON,
             )
         too_big = self._oversized(result_event_json, change_json)
         if too_big:

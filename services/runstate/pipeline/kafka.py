@@ -15,6 +15,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from runstate.config import Settings
+from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER
 from runstate.pipeline.ports import BatchOutcome
 
 log = logging.getLogger("runstate.kafka")
@@ -22,6 +23,7 @@ log = logging.getLogger("runstate.kafka")
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 DEAD_LETTER_MAX_BYTES = 8 * 1024 * 1024
 DESCRIBE_ATTEMPTS = 20
+SCHEMA_VERSION_BYTES = str(SCHEMA_VERSION).encode()
 # Room a record needs beside its value: key, headers, batch framing.
 RECORD_OVERHEAD_BYTES = 4096
 
@@ -149,8 +151,10 @@ class KafkaPublisher:
     async def publish(self, outcome: BatchOutcome) -> None:
         s = self.settings
         send = self.producer.send
-        sends = [await send(s.result_topic, p.value.encode(), key=p.key) for p in outcome.results]
-        sends += [await send(s.state_change_topic, p.value.encode(), key=p.key) for p in outcome.state_changes]
+        version = [(SCHEMA_VERSION_HEADER, SCHEMA_VERSION_BYTES)]
+        sends = [await send(s.result_topic, p.value.encode(), key=p.key, headers=version) for p in outcome.results]
+        sends += [await send(s.state_change_topic, p.value.encode(), key=p.key, headers=version)
+                  for p in outcome.state_changes]
         for dead in outcome.dead_letters:
             rec = dead.record
             headers = [
