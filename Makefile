@@ -1,7 +1,8 @@
 # runstate — developer and CI entry points. See README.md.
 #
 #   make run     venv + local Kafka/PostgreSQL + migrations + demo (stack stays up; `make down` stops it)
-#   make test    venv + stack + migrations + pytest, then the stack is stopped (always)
+#   make test    venv + lint + stack + migrations + pytest, then the stack is stopped (always)
+#   make lint    ruff (lint and import order) over services, tests, deploy; mypy over services/runstate
 #   make up / make down / make status
 #
 # Variables:
@@ -26,7 +27,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 RUNSTATE_TEST_BACKEND ?= local
 
-.PHONY: venv up down status migrate run test faults bench
+.PHONY: venv lint up down status migrate run test faults bench
 
 venv: $(STAMP)
 
@@ -37,6 +38,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) services/runstate/__init__.py
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c $(CONSTRAINTS) -e '.[server,test]'
 	@touch $@
+
+# Fails fast: `make test` runs this before it starts the stack.
+lint: venv
+	$(VENV)/bin/ruff check services tests deploy
+	$(VENV)/bin/mypy services/runstate
 
 up: venv
 	$(STACK) up
@@ -60,8 +66,8 @@ run: up
 	@echo "Stop it with: make down"
 
 # The stack is stopped whatever happens (trap on EXIT); pytest's exit status is the target's,
-# except that 5 ("no tests collected") counts as a failure.
-test: venv
+# except that 5 ("no tests collected") counts as a failure. Lint runs first and stops it early.
+test: venv lint
 ifeq ($(RUNSTATE_TEST_BACKEND),testcontainers)
 	@status=0; RUNSTATE_TEST_BACKEND=testcontainers $(VPY) -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests — failing" >&2; status=1; fi; \

@@ -8,6 +8,6 @@ if not __package__:
     # top-level ones; import the package by its name from deploy/ instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from stack.cli import main  # noqa: E402
+from stack.cli import main
 
 sys.exit(main())

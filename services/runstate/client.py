@@ -112,7 +112,7 @@ class RunstateClient:
         self.skipped_records = 0
         """Records on the result partitions read that were not a valid result (logged)."""
 
-    async def __aenter__(self) -> "RunstateClient":
+    async def __aenter__(self) -> RunstateClient:
         await self.start()
         return self
 
@@ -494,7 +494,7 @@ class SyncRunstateClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "SyncRunstateClient":
+    def __enter__(self) -> SyncRunstateClient:
         self.start()
         return self
 

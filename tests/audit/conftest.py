@@ -7,13 +7,14 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+
 from pipeline.harness import InProcessService, isolated_settings, read_topic, settings_env
 from runstate.audit.db import open_engine
 from runstate.audit.limits import set_limit
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
-from runstate.messages import OrchestrationResultEvent
 from runstate.database_urls import parse, reveal
+from runstate.messages import OrchestrationResultEvent
 
 from .support import scratch_database
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from runstate.store.migrate import upgrade
+
 from runstate.database_urls import libpq_dsn as dsn
 from runstate.database_urls import with_database
+from runstate.store.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[2]
 EVENT_COLUMNS = (

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+
 from pipeline.harness import isolated_settings, read_topic, settings_env
 from runstate.messages import StateChangeEvent
 from runstate.pipeline.kafka import ensure_topics

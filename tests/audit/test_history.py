@@ -6,6 +6,7 @@ import json
 from itertools import pairwise
 
 import pytest
+
 from pipeline.harness import settings_env
 
 from .support import cli

@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+
 from pipeline.harness import settings_env
 
 from .support import cli, dsn

@@ -8,8 +8,9 @@ import uuid
 
 import psycopg
 import pytest
-from pipeline.harness import settings_env
 from psycopg.types.json import Jsonb
+
+from pipeline.harness import settings_env
 from runstate.audit.rebuild import RebuildReport, rebuild
 
 from .support import cli, copy_events, dsn, projections, scratch_database

@@ -7,6 +7,7 @@ import json
 
 import psycopg
 import pytest
+
 from pipeline.harness import settings_env
 from runstate.audit.db import open_engine
 from runstate.audit.replay import RecordedEvent, StreamVerifier, verify_log

@@ -103,7 +103,7 @@ class Consumer:
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Consumer":
+    def start(self) -> Consumer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],

@@ -37,13 +37,12 @@ import psycopg  # noqa: E402
 import uvloop  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
-from stack import LocalStack, StackError, free_port  # noqa: E402
+from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
+from workload import Driver, percentile  # noqa: E402
 
 from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
 from runstate.database_urls import parse, reveal, with_database  # noqa: E402
-
-from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
-from workload import Driver, percentile  # noqa: E402
+from stack import LocalStack, StackError, free_port  # noqa: E402
 
 WORK = REPO / ".runstate" / "bench"
 PARTITIONS = 12
@@ -171,7 +170,7 @@ class Sampler:
         self.marks: dict[int, dict] = {}  # results received -> sample, first sample at or past the mark
         self.mark_at: list[int] = []
 
-    async def __aenter__(self) -> "Sampler":
+    async def __aenter__(self) -> Sampler:
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await self.admin.start()
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
@@ -516,10 +515,9 @@ class PrefectServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited ({self.proc.returncode}); see {WORK}/prefect-server.log")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.api + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.api + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
             time.sleep(0.5)
         raise RuntimeError("prefect server did not become ready")
 

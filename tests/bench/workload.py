@@ -96,7 +96,7 @@ class Driver:
         self.received = 0
         self.hops: list[float] = []  # ms from the result's CreateTime to its arrival here
 
-    async def __aenter__(self) -> "Driver":
+    async def __aenter__(self) -> Driver:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1,
                                          max_batch_size=256 * 1024, client_id="bench-driver")
         await self.producer.start()

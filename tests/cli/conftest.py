@@ -13,12 +13,13 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from typer.testing import CliRunner
+
 from audit.support import scratch_database
 from pipeline.harness import InProcessService, isolated_settings, read_topic, settings_env
 from runstate.cli import app
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+
 from audit.support import scratch_database
 from pipeline.harness import settings_env
 from runstate.config import Settings

@@ -7,6 +7,7 @@ import ast
 import re
 
 import typer
+
 from runstate.cli import app
 from runstate.cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 

@@ -9,6 +9,7 @@ import uuid
 import psycopg
 import pytest
 import typer
+
 from audit.support import copy_events, dsn, scratch_database
 from pipeline.harness import read_all, settings_env
 from runstate.cli import app

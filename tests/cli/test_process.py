@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 import runstate
 from pipeline.harness import isolated_settings, settings_env
 

@@ -14,8 +14,8 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
-from pipeline.harness import InProcessService, isolated_settings
 
+from pipeline.harness import InProcessService, isolated_settings
 from runstate.client import (
     CommandTooLarge,
     RunstateClient,
@@ -307,9 +307,8 @@ def test_sync_state_changes_skips_bad_records_and_commits_on_close(base_settings
             await drive(settings, run_id, ["RUNNING"])
         await produce_to(settings, settings.state_change_topic,
                          [(str(run_id).encode(), v, partition_of(run_id)) for v in (None, b"[" * 10_000, b"{}")])
-        async with InProcessService(settings):
-            async with RunstateClient(settings) as client:
-                await client.propose(run_id, state("COMPLETED"))
+        async with InProcessService(settings), RunstateClient(settings) as client:
+            await client.propose(run_id, state("COMPLETED"))
 
     asyncio.run(prepare())
     seqs = []

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from packaging.requirements import Requirement
+
 import runstate
 from audit.support import dsn
-from packaging.requirements import Requirement
 from pipeline.harness import InProcessService, isolated_settings, settings_env
 from runstate.__main__ import SERVER_MODULES
 

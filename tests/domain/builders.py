@@ -7,7 +7,7 @@ no cache, no retries.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -24,7 +24,7 @@ from runstate.domain import (
     decide,
 )
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 EARLIER = NOW - timedelta(seconds=60)
 RUN_ID = UUID("00000000-0000-4000-8000-00000000a001")

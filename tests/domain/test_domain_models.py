@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -159,7 +159,7 @@ ARTEFACT_DATA = {"value": 1, "artifact_key": "k", "artifact_type": "t", "artifac
     ],
 )
 def test_data_as_returned_and_as_stored(data, returned, stored):
-    written = State(id=REFERENCE["state"]["id"], type="COMPLETED", timestamp=datetime.now(timezone.utc), data=data)
+    written = State(id=REFERENCE["state"]["id"], type="COMPLETED", timestamp=datetime.now(UTC), data=data)
     assert data_as_returned(data) == returned
     assert stored_data(written) == stored
 
@@ -169,6 +169,6 @@ def test_stored_data_of_no_state_is_none():
 
 
 def test_datetime_microseconds_survive_a_json_round_trip():
-    at = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc) + timedelta(microseconds=7)
+    at = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC) + timedelta(microseconds=7)
     original = State(id=REFERENCE["state"]["id"], type="RUNNING", timestamp=at)
     assert State.model_validate_json(original.model_dump_json()) == original

@@ -23,7 +23,9 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+
 from runstate.config import Settings
+from runstate.database_urls import libpq_dsn as pg_dsn
 from runstate.domain import (
     Decision,
     OrchestrationContext,
@@ -34,7 +36,6 @@ from runstate.domain import (
     decide,
 )
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from runstate.database_urls import libpq_dsn as pg_dsn
 
 from .driver import read_all
 from .workload import Cmd, Reference

@@ -23,6 +23,7 @@ from typing import Any
 from uuid import UUID
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
 from pipeline.harness import REPO, ServiceProcess
 from runstate.config import Settings
 

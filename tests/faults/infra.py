@@ -11,10 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stack import LocalStack
-
 from runstate.config import Settings
 from runstate.store.migrate import upgrade
+from stack import LocalStack
 
 
 class PrivateStack:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+
 from pipeline.harness import InProcessService, isolated_settings
 from runstate.client import state
 from runstate.messages import (
@@ -27,8 +28,8 @@ from runstate.messages import (
     SetStateCommand,
     StateChangeEvent,
 )
-from runstate.pipeline.records import BadRecord, IncomingRecord, parse_record
 from runstate.pipeline.kafka import ensure_topics
+from runstate.pipeline.records import BadRecord, IncomingRecord, parse_record
 
 from .checker import check, read_log
 from .driver import ResultReader, Sent, make_producer, read_all

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
 from runstate.pipeline.faults import POINTS

@@ -11,11 +11,10 @@ import httpx
 import pytest
 import uvicorn
 
+from pipeline.harness import InProcessService, isolated_settings
 from runstate.config import Settings
 from runstate.gateway import create_app
 from runstate.store.reads import LogReader, make_engine
-
-from pipeline.harness import InProcessService, isolated_settings
 from stack import free_port
 
 

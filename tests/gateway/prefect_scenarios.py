@@ -18,7 +18,7 @@ import json
 import re
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow, task
@@ -130,7 +130,7 @@ async def main() -> dict[str, Any]:
         ]
 
         # 3. RUNNING proposed while the scheduled time is still in the future
-        start_at = datetime.now(timezone.utc) + timedelta(seconds=FUTURE_SECONDS)
+        start_at = datetime.now(UTC) + timedelta(seconds=FUTURE_SECONDS)
         run, _ = await new_run(plain_task, Scheduled(scheduled_time=start_at))
         out["scheduled_in_future"] = [await propose(run.id, Running())]
 

@@ -9,8 +9,8 @@ import uuid
 
 import httpx
 import pytest
-from pipeline.harness import InProcessService, isolated_settings
 
+from pipeline.harness import InProcessService, isolated_settings
 from runstate.gateway import create_app
 from runstate.pipeline.kafka import ensure_topics
 from runstate.store.reads import LogReader, make_engine

@@ -24,7 +24,7 @@ async def new_task_run(http: httpx.AsyncClient, **fields) -> dict:
     return response.json()
 
 
-def post_raw(http: httpx.AsyncClient, path: str, raw: bytes | str) -> "asyncio.Future[httpx.Response]":
+def post_raw(http: httpx.AsyncClient, path: str, raw: bytes | str) -> asyncio.Future[httpx.Response]:
     data = raw.encode() if isinstance(raw, str) else raw
     return http.post(path, content=data, headers={"content-type": "application/json"})
 

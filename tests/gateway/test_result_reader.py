@@ -10,8 +10,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
-from pipeline.harness import InProcessService, isolated_settings
 
+from pipeline.harness import InProcessService, isolated_settings
 from runstate.gateway import create_app
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]

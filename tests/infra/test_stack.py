@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from runstate.envfile import find_env_file, read_env_file
 from stack import LocalStack
 from stack.envfile import write_env_file
 from stack.ports import Ports, free_port
 from stack.records import Record
-
-from runstate.envfile import find_env_file, read_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -61,7 +61,7 @@ class InProcessService:
     def stats(self):
         return self.app.state_service  # type: ignore[attr-defined]
 
-    async def __aenter__(self) -> "InProcessService":
+    async def __aenter__(self) -> InProcessService:
         await ensure_topics(self.settings)
         await self.app.start()
         return self
@@ -79,7 +79,7 @@ class ServiceProcess:
         self.env = {**os.environ, **settings_env(settings), **extra_env}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],

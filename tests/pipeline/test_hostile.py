@@ -5,7 +5,6 @@ no partition stalls, and an outage is waited out instead of dead-lettered."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import psycopg
@@ -14,9 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from runstate.client import state
+from runstate.database_urls import parse
 from runstate.domain import SetStateStatus, StateCreate
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from runstate.database_urls import parse
 
 from .harness import InProcessService, isolated_settings, produce, read_all, read_topic
 from .test_pipeline import history, pg_dsn

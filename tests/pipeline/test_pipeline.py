@@ -13,10 +13,10 @@ import psycopg
 import pytest
 
 from runstate.client import RunstateClient, state
+from runstate.database_urls import libpq_dsn as pg_dsn
 from runstate.domain import SetStateStatus
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
 from runstate.store.reads import LogReader, make_engine
-from runstate.database_urls import libpq_dsn as pg_dsn
 
 from .harness import InProcessService, isolated_settings, produce, read_topic
 

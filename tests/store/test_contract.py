@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from runstate.client import state
+from runstate.database_urls import libpq_dsn
 from runstate.domain import OrchestrationSettings, TagLimit
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.pipeline.batch import decide_batch
@@ -21,7 +22,6 @@ from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_recor
 from runstate.pipeline.service import read_snapshot
 from runstate.store.memory import InMemoryEventStore
 from runstate.store.postgres import PostgresEventStore
-from runstate.database_urls import libpq_dsn
 
 TOPIC = "contract.commands"
 RULES = OrchestrationSettings()

@@ -38,11 +38,12 @@ from .states import (
 )
 
 __all__ = [
-    "record_flow_state",
-    "AbortDetails",
-    "AcceptDetails",
     "BACKGROUND_TASK_POLICY",
     "CORE_TASK_POLICY",
+    "MINIMAL_TASK_POLICY",
+    "TERMINAL_TYPES",
+    "AbortDetails",
+    "AcceptDetails",
     "CacheEntry",
     "CacheInserted",
     "Decision",
@@ -51,7 +52,6 @@ __all__ = [
     "FlowRunNotFound",
     "FlowRunView",
     "Lease",
-    "MINIMAL_TASK_POLICY",
     "OrchestrationContext",
     "OrchestrationFailure",
     "OrchestrationResult",
@@ -66,7 +66,6 @@ __all__ = [
     "StateCreate",
     "StateDetails",
     "StateType",
-    "TERMINAL_TYPES",
     "TagLimit",
     "TaskRunView",
     "TaskScheduled",
@@ -76,6 +75,7 @@ __all__ = [
     "decide",
     "holds_persisted_result",
     "proposed_state",
+    "record_flow_state",
     "select_policy",
     "stored_data",
 ]

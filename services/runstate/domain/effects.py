@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +49,6 @@ class TaskScheduled(_Effect):
 
 
 Effect = Annotated[
-    Union[CacheInserted, SlotsTaken, SlotsReleased, TaskScheduled],
+    CacheInserted | SlotsTaken | SlotsReleased | TaskScheduled,
     Field(discriminator="kind"),
 ]

@@ -116,10 +116,7 @@ def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: Orchestr
 
     entered: list[bool] = []
     for step in steps:
-        if isinstance(step, UniversalTransform):
-            step.before(t)
-            entered.append(True)
-        elif (t.initial_type, t.proposed_type) == original:
+        if isinstance(step, UniversalTransform) or (t.initial_type, t.proposed_type) == original:
             step.before(t)
             entered.append(True)
         else:

@@ -4,7 +4,7 @@ and its answer')."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,7 +43,7 @@ class WaitDetails(_Details):
 
 
 ResultDetails = Annotated[
-    Union[AcceptDetails, RejectDetails, AbortDetails, WaitDetails],
+    AcceptDetails | RejectDetails | AbortDetails | WaitDetails,
     Field(discriminator="type"),
 ]
 

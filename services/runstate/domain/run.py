@@ -33,7 +33,7 @@ class EmpiricalPolicy(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _fold_deprecated_fields(self) -> "EmpiricalPolicy":
+    def _fold_deprecated_fields(self) -> EmpiricalPolicy:
         # Prefect copies a deprecated value whenever the new field is *falsy* (so 0 and []
         # count as empty too), not only when it is missing.
         if not self.retries and self.max_retries != 0:

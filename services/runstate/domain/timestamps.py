@@ -7,12 +7,12 @@ needs the microseconds, so they are always kept when present.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import AfterValidator
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def as_utc(value: datetime) -> datetime:

@@ -45,7 +45,7 @@ class RunDraft:
     next_scheduled_start_time: datetime | None
 
     @classmethod
-    def of(cls, run: TaskRunView) -> "RunDraft":
+    def of(cls, run: TaskRunView) -> RunDraft:
         return cls(
             run_count=run.run_count,
             flow_run_run_count=run.flow_run_run_count,

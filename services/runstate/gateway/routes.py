@@ -27,7 +27,6 @@ from runstate.messages import (
     SetStateCommand,
 )
 
-from .state import Gateway, PendingDecision
 from .models import (
     ConcurrencyLimit,
     ConcurrencyLimitCreate,
@@ -41,6 +40,7 @@ from .models import (
     TaskRunCreate,
     ValidationErrorBody,
 )
+from .state import Gateway, PendingDecision
 
 PREFECT_VERSION = "3.9.1"
 """What /admin/version answers: the client warns when the server is older than itself."""
@@ -367,7 +367,7 @@ async def read_concurrency_limit(
 
 @router.delete("/concurrency_limits/tag/{tag}", tags=["Concurrency Limits"],
                responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
-async def delete_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> None | JSONResponse:
+async def delete_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> JSONResponse | None:
     if not await gw.reads.delete_limit(tag):
         return _not_found("Concurrency limit not found")
     return None
@@ -375,7 +375,7 @@ async def delete_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> None | JS
 
 @router.delete("/concurrency_limits/{id:uuid}", tags=["Concurrency Limits"],
                responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
-async def delete_concurrency_limit(gw: GatewayDep, limit_id: UUID = Path(..., alias="id")) -> None | JSONResponse:
+async def delete_concurrency_limit(gw: GatewayDep, limit_id: UUID = Path(..., alias="id")) -> JSONResponse | None:
     tag = await gw.reads.tag_of_limit(limit_id)
     if tag is None or not await gw.reads.delete_limit(tag):
         return _not_found("Concurrency limit not found")

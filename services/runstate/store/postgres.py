@@ -23,6 +23,7 @@ from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runstate.database_urls import DatabaseURL, libpq_dsn
 from runstate.domain import CacheEntry, FlowRunView, Lease, TagLimit, TaskRunView
 from runstate.pipeline.ports import (
     BatchOutcome,
@@ -35,7 +36,6 @@ from runstate.pipeline.ports import (
     StoreUnavailable,
     StreamHead,
 )
-from runstate.database_urls import DatabaseURL, libpq_dsn
 
 Statement = tuple[str, dict[str, Any]]
 

@@ -9,8 +9,8 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from runstate.store.postgres import BATCH_ISOLATION, SESSION_OPTIONS, run_sql
 from runstate.database_urls import DatabaseURL, parse
+from runstate.store.postgres import BATCH_ISOLATION, SESSION_OPTIONS, run_sql
 
 
 def make_engine(url: DatabaseURL, pool_size: int = 4) -> AsyncEngine:
