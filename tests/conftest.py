@@ -16,6 +16,7 @@ that says what was tried and how to start the stack.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -117,10 +118,8 @@ class _Containers:
 
     def stop(self) -> None:
         for container in (self.postgres, self.kafka):
-            try:
+            with contextlib.suppress(Exception):  # best effort at session end
                 container.stop()
-            except Exception:  # noqa: BLE001 - best effort at session end
-                pass
 
 
 @pytest.fixture(scope="session")

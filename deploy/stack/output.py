@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -21,11 +22,8 @@ class StackError(Exception):
 
 def say(msg: str) -> None:
     """Progress output; never fails (a closed stdout must not abort a half-started stack)."""
-    with _print_lock:
-        try:
-            print(msg, flush=True)
-        except (BrokenPipeError, OSError):
-            pass
+    with _print_lock, contextlib.suppress(BrokenPipeError, OSError):
+        print(msg, flush=True)
 
 
 def tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:

@@ -105,7 +105,7 @@ class Consumer:
 
     def start(self) -> Consumer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.log, "ab")
+        self._fh = open(self.log, "ab")  # noqa: SIM115 - the child process writes to it after this returns
         self.proc = subprocess.Popen([sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],
                                      env=self.env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO,
                                      stdin=subprocess.DEVNULL)

@@ -214,7 +214,7 @@ def write_report(results: dict, out: Path) -> str:
         ]
     series = main.get("rss_series", [])
     if series:
-        picks = series[:: max(1, len(series) // 8)] + [series[-1]]
+        picks = [*series[::max(1, len(series) // 8)], series[-1]]
         lines += ["| seconds | commands | RSS MiB |", "|---:|---:|---:|"]
         lines += [f"| {t:.0f} | {_f(n)} | {_f(k / 1024, 1)} |" for t, n, k in picks]
         lines.append("")

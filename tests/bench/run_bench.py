@@ -256,7 +256,7 @@ class Bench:
                        "FLOOR_GROUP": topics["RUNSTATE_CONSUMER_GROUP"],
                        "FLOOR_MAX_BATCH": str(self.args.max_batch),
                        "FLOOR_BATCH_TIMEOUT_MS": str(self.args.batch_timeout_ms)}
-                fh = open(WORK / f"{label}.log", "ab")
+                fh = open(WORK / f"{label}.log", "ab")  # noqa: SIM115 - the child process keeps writing to it
                 p = subprocess.Popen([sys.executable, str(HERE / "floor.py")], env=env, stdout=fh,
                                      stderr=subprocess.STDOUT, cwd=REPO, stdin=subprocess.DEVNULL)
                 procs.append(p)
@@ -501,7 +501,7 @@ class PrefectServer:
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url,
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
-        self.fh = open(WORK / "prefect-server.log", "ab")
+        self.fh = open(WORK / "prefect-server.log", "ab")  # noqa: SIM115 - the child process writes to it after this returns
         prefect_bin = Path(self.python).parent / "prefect"
         self.proc = subprocess.Popen([str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port",
                                       str(self.port), "--no-ui"], env=env, stdout=self.fh, stderr=subprocess.STDOUT,

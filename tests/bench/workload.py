@@ -20,6 +20,7 @@ the token is granted, so it never includes time spent waiting for a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -123,10 +124,8 @@ class Driver:
     async def __aexit__(self, *exc: object) -> None:
         if self.reader:
             self.reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.reader
-            except asyncio.CancelledError:
-                pass
         if self.consumer:
             await self.consumer.stop()
         if self.producer:

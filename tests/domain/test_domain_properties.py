@@ -173,7 +173,7 @@ STATUS_OF_DETAILS = {"accept_details": "ACCEPT", "reject_details": "REJECT", "ab
 @PROPERTY_SETTINGS
 @given(scenarios())
 def test_every_answer_has_the_seed_response_shape(scenario):
-    the_run, request, ctx = scenario
+    the_run, _request, ctx = scenario
     decision = decide(*scenario)
     body = json.loads(decision.result.model_dump_json())
     OrchestrationResult.model_validate(body)
@@ -202,7 +202,7 @@ def test_every_answer_has_the_seed_response_shape(scenario):
 @PROPERTY_SETTINGS
 @given(scenarios())
 def test_a_terminal_state_is_left_only_through_allowed_paths(scenario):
-    the_run, request, ctx = scenario
+    the_run, request, _ctx = scenario
     current = the_run.state
     decision = decide(*scenario)
     written = decision.appended_state

@@ -92,7 +92,7 @@ def read_log(settings: Settings) -> list[dict[str, Any]]:
             " state_name, payload::text, source_partition, source_offset FROM events"
             " WHERE source_topic = %s ORDER BY stream_id, seq", (settings.command_topic,))
         cols = [d.name for d in cur.description]
-        return [dict(zip(cols, row)) for row in cur.fetchall()]
+        return [dict(zip(cols, row, strict=False)) for row in cur.fetchall()]
 
 
 def read_slots(settings: Settings, tags: list[str]) -> dict[str, int]:

@@ -8,6 +8,7 @@ after a timeout)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -103,10 +104,8 @@ class ResultReader:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping anyway
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - stopping anyway
-                pass
         await self._consumer.stop()
 
     async def _run(self) -> None:
@@ -158,10 +157,8 @@ class ResultReader:
                 raise TimeoutError(f"{len(pending)} of {len(cmds)} commands unanswered after {timeout:.0f} s, "
                                    f"e.g. {[str(c.command_id) for c in pending[:3]]}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 0.5)
-            except TimeoutError:
-                pass
             if tick:
                 tick()
             pending = [c for c in pending if not self.answered(c)]

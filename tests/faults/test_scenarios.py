@@ -212,7 +212,7 @@ async def test_kafka_broker_restart(private_stack, scale, tmp_path, publish_repo
     consumers work through the backlog."""
     base = private_stack.settings()
     settings = isolated_settings(base, partitions=6, max_batch=100)
-    restarts = [(0.25, False)] + scale.pick([], [(0.6, True)])
+    restarts = [(0.25, False), *scale.pick([], [(0.6, True)])]
 
     async def faults_task(fleet, reader, faults, done):
         for at, hard in restarts:
@@ -233,7 +233,7 @@ async def test_postgres_restart(private_stack, scale, tmp_path, publish_report):
     the whole server, with crash recovery) while two consumers work."""
     base = private_stack.settings()
     settings = isolated_settings(base, partitions=6, max_batch=100)
-    restarts = [(0.25, False, 0.0)] + scale.pick([], [(0.5, True, 2.0), (0.75, False, 5.0)])
+    restarts = [(0.25, False, 0.0), *scale.pick([], [(0.5, True, 2.0), (0.75, False, 5.0)])]
 
     async def faults_task(fleet, reader, faults, done):
         for at, hard, down in restarts:
@@ -272,7 +272,8 @@ async def test_sigstopped_consumer_wakes_after_its_partitions_moved(base_setting
 
     async def faults_task(fleet: Fleet, reader, faults, done):
         for i, point in enumerate(points):
-            stopped = lambda: fleet.alive(0) and process_state(fleet.pid(0)) == "T"
+            def stopped():
+                return fleet.alive(0) and process_state(fleet.pid(0)) == "T"
             if not await wait_until(stopped, done, poll=0.05):
                 return
             await asyncio.sleep(pause)

@@ -159,7 +159,7 @@ def generate(seed: int, commands: int, salt: str | None = None, duplicate_rate: 
         total[0] += 1
         return fid
 
-    names, weights = zip(*KINDS)
+    names, weights = zip(*KINDS, strict=False)
     while total[0] < commands:
         kind = rng.choices(names, weights)[0]
         if kind == "cache_reader" and not cache_keys:

@@ -80,7 +80,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child process writes to it after this returns
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],
             env=self.env,
@@ -164,7 +164,7 @@ async def read_all(settings: Settings, topic: str) -> list[Any]:
         records: list[Any] = []
         while True:
             positions = [await consumer.position(tp) for tp in tps]
-            if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=False)):
                 return records
             for recs in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(recs)

@@ -160,9 +160,8 @@ def test_service_role_cannot_rewrite_the_log(base_settings):
                     "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
                     " VALUES (gen_random_uuid(), 1, 'task_run', 'probe', gen_random_uuid(), '{}')"
                 )
-                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-                    with conn.transaction():
-                        conn.execute(statement)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"), conn.transaction():
+                    conn.execute(statement)
 
 
 async def test_tag_slots_and_the_cache_are_shared_across_partitions(base_settings):

@@ -74,7 +74,7 @@ async def test_a_lifecycle_is_decided_and_a_redelivered_batch_republished_byte_f
 
 
 async def test_an_unavailable_store_is_waited_out_and_nothing_is_dead_lettered(monkeypatch):
-    svc, store, publisher = service(monkeypatch)
+    svc, store, _publisher = service(monkeypatch)
     store.refusals = [StoreUnavailable("permission denied for table events")] * 4
     run_id = uuid.uuid4()
     outcome = await svc.handle_records(records(CreateTaskRunCommand(id=run_id)))
@@ -83,14 +83,14 @@ async def test_an_unavailable_store_is_waited_out_and_nothing_is_dead_lettered(m
 
 
 async def test_a_publish_the_broker_refuses_is_retried_not_skipped(monkeypatch):
-    svc, store, publisher = service(monkeypatch)
+    svc, _store, publisher = service(monkeypatch)
     publisher.failures = 3
     await svc.handle_records(records(CreateTaskRunCommand(id=uuid.uuid4())))
     assert len(publisher.published) == 1 and svc.outage is None and svc.outage_retries == 3
 
 
 async def test_bad_records_are_answered_and_dead_lettered_and_write_nothing(monkeypatch):
-    svc, store, publisher = service(monkeypatch)
+    svc, store, _publisher = service(monkeypatch)
     run_id = uuid.uuid4()
     good = records(CreateTaskRunCommand(id=run_id))
     bad = [SimpleNamespace(topic=TOPIC, partition=0, offset=1, key=str(run_id).encode(), value=b"[" * 10_000),
@@ -103,7 +103,7 @@ async def test_bad_records_are_answered_and_dead_lettered_and_write_nothing(monk
 async def test_a_bug_while_deciding_one_record_dead_letters_that_record_only(monkeypatch):
     """A decision that raises is a bug; it must not stall the partition or take
     the rest of the batch with it."""
-    svc, store, publisher = service(monkeypatch)
+    svc, store, _publisher = service(monkeypatch)
     poisoned, fine = uuid.uuid4(), uuid.uuid4()
     real_decide = service_module.decide_batch
 

@@ -86,7 +86,7 @@ def json_diff(recorded: Any, recomputed: Any, path: str = "") -> Iterator[str]:
             else:
                 yield from json_diff(recorded[key], recomputed[key], sub)
     elif isinstance(recorded, list) and isinstance(recomputed, list) and len(recorded) == len(recomputed):
-        for i, (a, b) in enumerate(zip(recorded, recomputed)):
+        for i, (a, b) in enumerate(zip(recorded, recomputed, strict=False)):
             yield from json_diff(a, b, f"{path}[{i}]")
     elif recorded != recomputed:
         yield f"{path}: {_short(recorded)} != {_short(recomputed)}"

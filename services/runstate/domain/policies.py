@@ -125,7 +125,7 @@ def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: Orchestr
     if t.proposal is not None:
         t.appended = with_data(t.proposal, data_as_returned(t.proposal.data))
 
-    for step, ran in zip(reversed(steps), reversed(entered)):
+    for step, ran in zip(reversed(steps), reversed(entered), strict=False):
         if isinstance(step, UniversalTransform):
             step.after(t)
         elif ran:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from typing import Any
 from uuid import UUID
@@ -74,10 +75,9 @@ class StateDetails(BaseModel):
 def _name_from_type(values: Any) -> Any:
     # Only a missing or null name is defaulted; Prefect keeps an empty string as sent.
     if isinstance(values, dict) and values.get("name") is None and "type" in values:
-        try:
+        # A bad type is left for the type field's own validation to report.
+        with contextlib.suppress(ValueError):
             values = {**values, "name": StateType(values["type"]).default_name}
-        except ValueError:
-            pass  # the type field's own validation reports the bad value
     return values
 
 
@@ -130,9 +130,8 @@ def data_as_returned(data: Any) -> Any:
     """The data the response shows for a state being written (docs/rules.md, 'Reading state
     data back'): artifact_* keys are lifted out of an object into the artifact's metadata; the
     unpersisted marker is echoed."""
-    if isinstance(data, dict) and not is_unpersisted_marker(data):
-        if any(key in data for key in ARTIFACT_KEYS):
-            return {k: v for k, v in data.items() if k not in ARTIFACT_KEYS}
+    if isinstance(data, dict) and not is_unpersisted_marker(data) and any(key in data for key in ARTIFACT_KEYS):
+        return {k: v for k, v in data.items() if k not in ARTIFACT_KEYS}
     return data
 
 

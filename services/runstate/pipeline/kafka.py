@@ -4,6 +4,7 @@ limits, and the Publisher port on an idempotent aiokafka producer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,10 +70,9 @@ async def ensure_topics(settings: Settings) -> TopicLimits:
             if t not in existing
         ]
         if missing:
-            try:
+            # Another member may have created them first.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another member created them first
         actual = await _max_message_bytes(admin, list(wanted))
     finally:
         await admin.close()

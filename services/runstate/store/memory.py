@@ -88,8 +88,11 @@ class InMemorySession:
         positions = set(request.sources)
         for row in t.events:
             position = (row.source_partition, row.source_offset)
-            if row.source_topic == request.source_topic and position in positions:
-                if position not in into.by_source or row.source_digest in request.digests:
+            if (
+                row.source_topic == request.source_topic
+                and position in positions
+                and (position not in into.by_source or row.source_digest in request.digests)
+            ):
                     into.by_source[position] = _stored(row, by_source=True)
         transitions = set(request.transitions)
         for row in t.events:
