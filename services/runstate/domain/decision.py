@@ -59,7 +59,7 @@ def decide(run: TaskRunView, request: SetStateRequest, ctx: OrchestrationContext
     policy = select_policy(request)
     t = orchestrate(policy, run, proposed_state(request.state, ctx), ctx)
 
-    effects = [t.slots_taken] if t.slots_taken is not None else []
+    effects: list[Effect] = [t.slots_taken] if t.slots_taken is not None else []
     effects += t.post_effects
     if t.appended is None:
         result_state, run_after = run.state, run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import timedelta
+from typing import Any
 
 from .context import Lease, TagLimit
 from .delays import R4_CLAMPING_FACTOR, clamped_exponential, whole_seconds_until
@@ -43,6 +44,7 @@ class CacheRetrieval(Rule):
     TO = frozenset({S.RUNNING})
 
     def before(self, t: Transition) -> None:
+        assert t.proposal is not None  # TO is set: the rule runs only on a proposal
         details = t.proposal.state_details
         if not details.cache_key or details.refresh_cache:
             return
@@ -77,6 +79,8 @@ class HandleTaskTerminalStateTransitions(Rule):
     def before(self, t: Transition) -> None:
         self.original_run_count = t.draft.run_count
         proposed = t.proposal
+        # FROM is set: the rule runs only on a run with a state and on a proposal.
+        assert proposed is not None and t.initial_type is not None
         if proposed.type in self.NEVER_AFTER_TERMINAL:
             self.abort(t, f"Run is already {t.initial_type.value}.")
             return
@@ -179,6 +183,7 @@ class CopyScheduledTime(Rule):
     TO = frozenset({S.PENDING})
 
     def before(self, t: Transition) -> None:
+        assert t.proposal is not None and t.initial is not None  # FROM and TO are set
         if t.proposal.state_details.scheduled_time is None:
             inherited = t.initial.state_details.scheduled_time
             t.proposal = _with_details(t.proposal, scheduled_time=inherited)
@@ -190,6 +195,7 @@ class WaitForScheduledTime(Rule):
     TO = frozenset({S.RUNNING})
 
     def before(self, t: Transition) -> None:
+        assert t.initial is not None  # FROM is set
         scheduled_time = t.initial.state_details.scheduled_time
         if scheduled_time is None:
             return
@@ -221,6 +227,7 @@ class RetryFailedTasks(Rule):
         policy = t.run.empirical_policy
         attempt = t.draft.run_count
         delay = retry_delay_seconds(policy, attempt, t.ctx.random)
+        assert t.proposal is not None  # TO is set
         if t.proposal.state_details.retriable is False:
             return
         if policy.retries is not None and attempt <= policy.retries:
@@ -313,6 +320,7 @@ class PreventPendingTransitions(Rule):
 
     def before(self, t: Transition) -> None:
         initial, proposed = t.initial, t.proposal
+        assert initial is not None and proposed is not None  # FROM and TO are set
         renamed_pending = (
             initial.type is S.PENDING
             and proposed.name != initial.name
@@ -338,6 +346,7 @@ class CopyTaskParametersID(Rule):
     TO = frozenset({S.PENDING, S.RUNNING})
 
     def before(self, t: Transition) -> None:
+        assert t.proposal is not None and t.initial is not None  # FROM and TO are set
         if t.proposal.state_details.task_parameters_id is None:
             inherited = t.initial.state_details.task_parameters_id
             t.proposal = _with_details(t.proposal, task_parameters_id=inherited)
@@ -354,5 +363,5 @@ class EnqueueScheduledTasks(Rule):
         )
 
 
-def _with_details(state: State, **changes) -> State:
+def _with_details(state: State, **changes: Any) -> State:
     return state.model_copy(update={"state_details": state.state_details.model_copy(update=changes)})

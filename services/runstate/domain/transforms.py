@@ -34,7 +34,7 @@ class SetEndTime(UniversalTransform):
 
 class IncrementRunTime(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.initial_type is StateType.RUNNING:
+        if t.proposal is not None and t.initial is not None and t.initial_type is StateType.RUNNING:
             t.draft.total_run_time += (t.proposal.timestamp - t.initial.timestamp).total_seconds()
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .context import OrchestrationContext
-from .effects import SlotsTaken
+from .effects import Effect, SlotsTaken
 from .results import (
     AbortDetails,
     AcceptDetails,
@@ -56,7 +56,7 @@ class RunDraft:
             next_scheduled_start_time=run.next_scheduled_start_time,
         )
 
-    def as_update(self) -> dict:
+    def as_update(self) -> dict[str, Any]:
         return dict(vars(self))
 
 
@@ -72,7 +72,7 @@ class Transition:
     slots_taken: SlotsTaken | None = None
     appended: State | None = None
     """The state written, once the pre-phase is over (Prefect's `validated_state`)."""
-    post_effects: list = field(default_factory=list)
+    post_effects: list[Effect] = field(default_factory=list)
     # Set once rather than computed per read: the run never changes and nearly every hook reads them.
     initial: State | None = field(init=False)
     initial_type: StateType | None = field(init=False)
