@@ -172,13 +172,16 @@ def stream_id_of(command: Command) -> UUID:
     return command.id
 
 
+ErrorCode = Literal[
+    "invalid_command", "key_mismatch", "too_large", "unknown_run", "already_exists", "unstorable",
+    "orchestration_failed",
+]
+
+
 class ErrorInfo(BaseModel):
     """Why a command was answered without a decision (README: "What is refused")."""
 
-    code: Literal[
-        "invalid_command", "key_mismatch", "too_large", "unknown_run", "already_exists", "unstorable",
-        "orchestration_failed",
-    ]
+    code: ErrorCode
     message: str
 
 

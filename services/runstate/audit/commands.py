@@ -21,12 +21,13 @@ from sqlalchemy.exc import OperationalError
 
 from runstate.audit.db import ServerUnreachable, first_line, open_engine
 from runstate.cli_support import EXIT_FAILED, EXIT_USAGE, JsonFlag, emit_json, fail, load_settings, progress
+from runstate.database_urls import DatabaseURL
 
 limit_app = typer.Typer(no_args_is_help=True, help="Tag concurrency limits.")
 
 
 @contextmanager
-def _database(url: str) -> Iterator[Engine]:
+def _database(url: DatabaseURL) -> Iterator[Engine]:
     """An engine for the command; unreachable or lost servers end it with one line."""
     try:
         engine = open_engine(url)

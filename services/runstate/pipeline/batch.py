@@ -38,6 +38,7 @@ from runstate.messages import (
     SCHEMA_VERSION,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
+    ErrorCode,
     ErrorInfo,
     OrchestrationResultEvent,
     SetFlowRunStateCommand,
@@ -179,7 +180,7 @@ class BatchDecider:
         except OrchestrationFailure as exc:
             # Prefect answers these with an HTTP error and writes nothing; here
             # the command is answered with the error and parked, not retried.
-            code = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
+            code: ErrorCode = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
             self._refuse(item, code, str(exc), dead_letter=True)
             return
         self._record_task_decision(item, command, head, ctx, decision, transition_id, EventType.TRANSITION_DECIDED)
@@ -351,7 +352,7 @@ class BatchDecider:
             elif kind == "slots_released":
                 held = {lease.id: lease for lease in self.snapshot.leases.get(run_id, [])}
                 for lease_id in effect.lease_ids:
-                    lease = held.pop(lease_id, None)
+                    lease: Lease | None = held.pop(lease_id, None)
                     if lease is None:
                         continue
                     for tag in lease.tags:
@@ -439,7 +440,7 @@ class BatchDecider:
         if prior.state_change is not None:
             self.out.state_changes.append(Publication(prior.key, prior.state_change))
 
-    def _refuse(self, item: ParsedCommand, code: str, message: str, *, dead_letter: bool) -> None:
+    def _refuse(self, item: ParsedCommand, code: ErrorCode, message: str, *, dead_letter: bool) -> None:
         """Answer a well-formed command that cannot be decided, without an event."""
         self._reject(
             item.record,

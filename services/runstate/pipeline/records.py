@@ -17,7 +17,7 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from runstate import strict_json
-from runstate.messages import COMMAND_ADAPTER, Command, ErrorInfo, SetStateCommand, stream_id_of
+from runstate.messages import COMMAND_ADAPTER, Command, ErrorCode, ErrorInfo, SetStateCommand, stream_id_of
 
 log = logging.getLogger("runstate.records")
 
@@ -134,7 +134,7 @@ def _parse(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
     return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id)
 
 
-def _bad(record: IncomingRecord, code: str, message: str, command_kind: str) -> BadRecord:
+def _bad(record: IncomingRecord, code: ErrorCode, message: str, command_kind: str) -> BadRecord:
     # The key is read only for a bad record: a good one names its run itself.
     return BadRecord(record, ErrorInfo(code=code, message=message[:MAX_ERROR_MESSAGE]),
                      _stream_id_from_key(record.key), command_kind)

@@ -162,7 +162,7 @@ def _reason(exc: BaseException) -> str:
 class PostgresEventStore:
     """The EventStore port on a pool of plain psycopg connections, one per lane."""
 
-    def __init__(self, url: str, size: int = 1) -> None:
+    def __init__(self, url: DatabaseURL, size: int = 1) -> None:
         self.pool = batch_pool(url, size)
 
     async def open(self) -> None:
