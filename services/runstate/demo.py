@@ -31,6 +31,7 @@ async def worker(client: RunstateClient, flow_id: uuid.UUID, n: int, seed: int, 
         answers.append(await client.propose(run_id, {"type": "COMPLETED", "data": {"value": rng.randint(0, 99)}}))
         answers.append(await client.propose(run_id, state("RUNNING")))  # already completed: REJECT
         for a in answers:
+            assert a.status is not None  # every answer of a decided command carries its status
             tally[(a.status.value, a.result.state.name if a.result and a.result.state else None)] += 1
         if len(answers) == 5 and not sample:  # a run that failed once and retried
             sample.append(run_id)

@@ -27,7 +27,7 @@ def asyncapi_document() -> str:
     from runstate.pipeline.app import build_app
 
     app = build_app(DOCUMENT_SETTINGS)
-    document = app.schema.to_specification().to_jsonable()  # type: ignore[attr-defined]
+    document = app.schema.to_specification().to_jsonable()
     # The command handler takes raw records (it validates them itself, so that
     # a bad one is dead-lettered rather than failing its batch); FastStream
     # therefore sees no payload type, and the Command union is filled in here.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 from uuid import UUID
 
 from sqlalchemy import text
@@ -29,6 +29,10 @@ def limit_id(tag: str) -> UUID:
     return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
 
 
+@overload
+def _as_read(state: State) -> State: ...
+@overload
+def _as_read(state: None) -> None: ...
 def _as_read(state: State | None) -> State | None:
     # Reading a state back gives its data as stored (docs/rules.md, 'Reading state data back'): the
     # "unpersisted" marker reads as null, artifact_* keys are gone.

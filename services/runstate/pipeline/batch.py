@@ -18,6 +18,7 @@ from uuid import UUID
 
 from runstate.domain import (
     CacheEntry,
+    CacheInserted,
     Decision,
     FlowRunView,
     Lease,
@@ -26,6 +27,8 @@ from runstate.domain import (
     OrchestrationResult,
     OrchestrationSettings,
     SetStateStatus,
+    SlotsReleased,
+    SlotsTaken,
     StateCreate,
     StateType,
     TaskRunView,
@@ -166,6 +169,7 @@ class BatchDecider:
             self._refuse(item, "unknown_run", f"Task run with id {command.task_run_id} not found", dead_letter=True)
             return
         transition_id = item.transition_id
+        assert transition_id is not None  # a set_state always has one: its own or its command id
         prior = self.snapshot.by_transition.get((command.task_run_id, transition_id))
         if prior is not None:
             self._republish(prior)
@@ -332,9 +336,10 @@ class BatchDecider:
 
     def _apply_effects(self, decision: Decision, run_id: UUID) -> None:
         for effect in decision.effects:
-            kind = effect.kind
-            if kind == "cache_inserted":
+            # The isinstance checks are the `kind` discriminator, spelled so that mypy narrows.
+            if isinstance(effect, CacheInserted):
                 state = decision.appended_state
+                assert state is not None  # a cache entry is inserted only with the state it caches
                 entry = CacheEntry(
                     cache_key=effect.cache_key,
                     cache_expiration=effect.cache_expiration,
@@ -343,22 +348,22 @@ class BatchDecider:
                 )
                 self.snapshot.cache.setdefault(effect.cache_key, []).append(entry)
                 self.out.cache_rows.append(entry)
-            elif kind == "slots_taken":
+            elif isinstance(effect, SlotsTaken):
                 lease = Lease(id=effect.lease_id, tags=list(effect.tags), slots=effect.slots, holder_run_id=run_id)
                 self.snapshot.leases.setdefault(run_id, []).append(lease)
                 self.out.leases_added.append(lease)
                 for tag in effect.tags:
                     self._shift_slots(tag, effect.slots)
-            elif kind == "slots_released":
+            elif isinstance(effect, SlotsReleased):
                 held = {lease.id: lease for lease in self.snapshot.leases.get(run_id, [])}
                 for lease_id in effect.lease_ids:
-                    lease: Lease | None = held.pop(lease_id, None)
-                    if lease is None:
+                    released = held.pop(lease_id, None)
+                    if released is None:
                         continue
-                    for tag in lease.tags:
-                        self._shift_slots(tag, -lease.slots)
-                    if lease in self.out.leases_added:
-                        self.out.leases_added.remove(lease)
+                    for tag in released.tags:
+                        self._shift_slots(tag, -released.slots)
+                    if released in self.out.leases_added:
+                        self.out.leases_added.remove(released)
                     else:
                         self.out.leases_removed.append(lease_id)
                 self.snapshot.leases[run_id] = list(held.values())

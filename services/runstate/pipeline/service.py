@@ -138,7 +138,7 @@ class OrchestrationService:
                                     item.stream_id, item.command_kind, item.command_id)
             else:
                 message = f"the database refused this command: {exc}" if exc.code == "unstorable" else str(exc)
-                refused = BadRecord(item.record, ErrorInfo(code=exc.code, message=message[:1000]),  # type: ignore[arg-type]
+                refused = BadRecord(item.record, ErrorInfo(code=exc.code, message=message[:1000]),
                                     item.stream_id, item.command.kind, item.command_id)
             return decide_batch([refused], StoreSnapshot(), self.rules_settings)
 

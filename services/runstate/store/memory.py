@@ -118,8 +118,10 @@ class InMemorySession:
         t = self.tables
         keys = {(e.stream_id, e.seq) for e in t.events}
         sources = {(e.source_topic, e.source_partition, e.source_offset, e.source_digest) for e in t.events}
-        finals = {(e.stream_id, e.transition_id) for e in t.events if e.status in FINAL and e.transition_id}
-        states = {e.state_id for e in t.events if e.state_id}
+        finals: set[tuple[UUID, UUID | None] | None] = {
+            (e.stream_id, e.transition_id) for e in t.events if e.status in FINAL and e.transition_id
+        }
+        states: set[UUID | None] = {e.state_id for e in t.events if e.state_id}
         for outcome in self.staged:
             for e in outcome.events:
                 source = (e.source_topic, e.source_partition, e.source_offset, e.source_digest)
@@ -129,7 +131,7 @@ class InMemorySession:
                     raise StoreConflict(f"duplicate key: event {e.stream_id} seq {e.seq}")
                 keys.add((e.stream_id, e.seq))
                 sources.add(source)
-                finals.add(final)  # type: ignore[arg-type]
+                finals.add(final)
                 states.add(e.state_id)
         for outcome in self.staged:
             t.events += outcome.events
