@@ -8,6 +8,8 @@ conversion belongs in libpq_dsn."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from psycopg.conninfo import make_conninfo
 from pydantic import SecretStr
 from sqlalchemy.engine import URL, make_url
@@ -43,7 +45,7 @@ def libpq_dsn(url: DatabaseURL) -> str:
     """The libpq conninfo string (psycopg.connect, psycopg_pool) of a SQLAlchemy URL. Built from
     the parts, so that any character in a password is quoted as libpq expects."""
     u = parse(url)
-    parts: dict[str, object] = {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
+    parts: dict[str, Any] = {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
                                 "dbname": u.database}
     for key, value in u.query.items():
         parts[key] = ",".join(value) if isinstance(value, tuple) else value

@@ -7,7 +7,7 @@ to Kafka through aiokafka, runs an event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -61,7 +61,7 @@ def scan_events(
     condition: str = "TRUE",
     params: Mapping[str, Any] | None = None,
     batch_size: int = 1000,
-) -> Iterator[list[Row]]:
+) -> Iterator[Sequence[Row[Any]]]:
     """Batches of `events` rows in (stream_id, seq) order, by keyset on the primary key.
 
     Each batch is its own short statement, so memory stays bounded by the batch and no

@@ -62,7 +62,7 @@ class HistoryEntry:
 def _label(state: Mapping[str, Any] | None) -> StateLabel | None:
     if not state:
         return None
-    return StateLabel(type=state.get("type"), name=state.get("name"))
+    return StateLabel(type=state.get("type"), name=state.get("name"))  # type: ignore[arg-type]  # a recorded state always has a type
 
 
 def _flow_label(view: Mapping[str, Any] | None) -> StateLabel | None:

@@ -70,7 +70,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     # The subscribers build their aiokafka consumers through this factory (the
     # hook FastStream's own test broker replaces); ours coalesces fetches.
     config = broker.config.broker_config
-    config.builder = partial(CoalescingConsumer, linger_ms=settings.batch_timeout_ms, **config.builder.keywords)
+    config.builder = partial(CoalescingConsumer, linger_ms=settings.batch_timeout_ms, **config.builder.keywords)  # type: ignore[attr-defined]  # the default builder is a functools.partial
     service = new_service(settings)
 
     # Declared for the AsyncAPI document; the service publishes through its

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import psycopg
@@ -53,9 +53,11 @@ Connection = psycopg.AsyncConnection | AsyncConnection
 
 async def run_sql(conn: Connection, query: str, params: dict[str, Any]) -> list[Any]:
     """Execute on a psycopg connection, or on the one under a SQLAlchemy connection's transaction."""
-    if not isinstance(conn, psycopg.AsyncConnection):
-        conn = (await conn.get_raw_connection()).driver_connection
-    async with conn.cursor(row_factory=namedtuple_row) as cur:
+    if isinstance(conn, psycopg.AsyncConnection):
+        pg = conn
+    else:
+        pg = cast(psycopg.AsyncConnection[Any], (await conn.get_raw_connection()).driver_connection)
+    async with pg.cursor(row_factory=namedtuple_row) as cur:
         await cur.execute(binary_sql(query), params, prepare=False)
         return await cur.fetchall() if cur.description else []
 
