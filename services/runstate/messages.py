@@ -24,7 +24,6 @@ from runstate.domain import (
     TaskRunView,
 )
 
-
 # The major version of every message runstate reads and writes (README, "Message
 # evolution"): a field added in a minor change is ignored by older readers; a change
 # that old readers would misread takes a new version, which they refuse.
