@@ -142,7 +142,7 @@ class RunstateClient:
             enable_idempotence=True,
             linger_ms=2,
             client_id=self._client_id,
-            max_request_size=max(s.max_command_bytes + PRODUCER_HEADROOM, 1_048_576),  # type: ignore[attr-defined]  # only Settings has it: a bug left for config.py's owner
+            max_request_size=max(s.max_command_bytes + PRODUCER_HEADROOM, 1_048_576),
         )
         await self._producer.start()
         # No consumer group: each client reads the partitions its own requests'
@@ -343,10 +343,10 @@ class RunstateClient:
 
     async def _send(self, command: Command, transition: tuple[UUID, UUID] | None) -> _Waiter:
         value = command.model_dump_json().encode()
-        if len(value) > self.settings.max_command_bytes:  # type: ignore[attr-defined]  # see start()
+        if len(value) > self.settings.max_command_bytes:
             raise CommandTooLarge(
                 f"the command is {len(value)} bytes; the command topic takes at most "
-                f"{self.settings.max_command_bytes} (RUNSTATE_MAX_COMMAND_BYTES)"  # type: ignore[attr-defined]
+                f"{self.settings.max_command_bytes} (RUNSTATE_MAX_COMMAND_BYTES)"
             )
         waiter = self._register(command, transition)
         sending = asyncio.ensure_future(self._publish(waiter, value))

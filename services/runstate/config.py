@@ -122,6 +122,8 @@ class WorkerSettings(_RunstateSettings):
     dead_letter_topic: str = Field(
         "runstate.dead-letter", pattern=TOPIC_NAME, validation_alias="RUNSTATE_DEAD_LETTER_TOPIC"
     )
+    # Workers refuse to send a larger command; the service dead-letters one as too_large.
+    max_command_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_MAX_COMMAND_BYTES")
 
 
 class Settings(WorkerSettings):
@@ -134,7 +136,6 @@ class Settings(WorkerSettings):
     consumer_group: str = Field("runstate", min_length=1, validation_alias="RUNSTATE_CONSUMER_GROUP")
     max_batch: int = Field(1000, ge=1, validation_alias="RUNSTATE_MAX_BATCH")
     batch_timeout_ms: int = Field(2, ge=0, validation_alias="RUNSTATE_BATCH_TIMEOUT_MS")
-    max_command_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_MAX_COMMAND_BYTES")
     lanes: int = Field(1, ge=1, validation_alias="RUNSTATE_LANES")
     gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
 

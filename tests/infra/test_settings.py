@@ -130,3 +130,11 @@ def test_replace_validates(bare: Path) -> None:
     assert copy.admin_database_url == settings.admin_database_url
     with pytest.raises(ValueError):
         settings.replace(lanes=0)
+
+
+def test_a_worker_knows_the_command_size_limit_it_must_keep_to():
+    """RunstateClient refuses to send an oversized command; it reads the limit from
+    the worker's settings, which have no database."""
+    worker = WorkerSettings(kafka_bootstrap_servers="127.0.0.1:9092", RUNSTATE_MAX_COMMAND_BYTES="2048")
+    assert worker.max_command_bytes == 2048
+    assert WorkerSettings(kafka_bootstrap_servers="127.0.0.1:9092").max_command_bytes == 1_048_576
