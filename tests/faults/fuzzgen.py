@@ -193,6 +193,8 @@ class SchemaGen:
 
     def paths(self, doc: Any, prefix: tuple = ()) -> Iterator[tuple]:
         """Every path to a member of a generated document."""
+        if isinstance(doc, Pairs):
+            return
         if isinstance(doc, dict):
             for k, v in doc.items():
                 yield (*prefix, k)
@@ -286,13 +288,14 @@ class Mutator:
                      rng.choice([("state", "state_details", "scheduled_time"), ("state", "state_details", "cache_expiration"),
                                  ("state", "state_details", "pause_timeout"), ("cache_expiration",)]))
             if what == "scheduled_overflow" and "state" in doc:
-                doc["state"]["type"] = rng.choice(["SCHEDULED", "SCHEDULED", "PAUSED", "PENDING"])
+                _set(doc, ("state", "type"), rng.choice(["SCHEDULED", "SCHEDULED", "PAUSED", "PENDING"]))
             _set(doc, where, rng.choice(DATETIMES))
         elif what in ("unicode", "tag_separator", "nul"):
             options = {"unicode": STRINGS, "tag_separator": ["a" + TAG_SEPARATOR + "b", TAG_SEPARATOR, "fz" + TAG_SEPARATOR],
                        "nul": [Raw('"\\u0000"'), Raw('"fz\\u0000"'), Raw('"\\\\u0000"')]}[what]
             if what == "tag_separator":
-                doc.setdefault("tags", []).append(rng.choice(options))
+                tags = doc.get("tags")
+                _set(doc, ("tags", len(tags) if isinstance(tags, list) else 0), rng.choice(options))
             else:
                 strings = [p for p in paths if isinstance(_get(doc, p), str) and p[-1] not in ("kind",)]
                 strings += [("state", "message"), ("name",), ("state", "data"), ("tags", 0),
@@ -306,7 +309,7 @@ class Mutator:
             return None, text[:at] + junk + text[at:]
         elif what == "dup_key":
             target = doc
-            if "state" in doc and rng.random() < 0.5:
+            if isinstance(doc.get("state"), dict) and rng.random() < 0.5:
                 target = doc["state"]
             if not target:
                 return doc, None
@@ -330,7 +333,7 @@ class Mutator:
                 elif isinstance(parent, list) and parent:
                     parent.pop(p[-1] if isinstance(p[-1], int) and p[-1] < len(parent) else 0)
         elif what == "extra_field":
-            target = doc if rng.random() < 0.5 or "state" not in doc else doc["state"]
+            target = doc if rng.random() < 0.5 or not isinstance(doc.get("state"), dict) else doc["state"]
             target[rng.choice(["id", "timestamp", "x", "", "kind ", "Kind", TAG_SEPARATOR, "__proto__",
                                "state_details", "command_id "])] = rng.choice([1, "x", None, {"a": 1}])
         elif what == "kind_swap":
@@ -389,7 +392,8 @@ def _set(doc: Any, path: tuple, value: Any) -> None:
     target = doc
     for i, p in enumerate(path[:-1]):
         nxt = target[p] if _has(target, p) else None
-        if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not isinstance(path[i + 1], int)):
+        if (not isinstance(nxt, (dict, list)) or isinstance(nxt, Pairs)
+                or (isinstance(nxt, list) and not isinstance(path[i + 1], int))):
             nxt = [] if isinstance(path[i + 1], int) else {}
             _put(target, p, nxt)
         target = nxt
