@@ -60,3 +60,16 @@ def publish_report():
                 out.write(report.as_json() + "\n")
 
     return publish
+
+
+@pytest.fixture
+def scratch_settings(base_settings):
+    """base_settings on a new, migrated database of its own (dropped afterwards),
+    so that `runstate replay --verify --all` covers exactly what the test wrote
+    and the records a test leaves behind cannot fail another's checks."""
+    from dataclasses import replace
+
+    from audit.support import scratch_database
+
+    with scratch_database(base_settings.admin_database_url, base_settings.database_url, "faults") as (app, admin):
+        yield replace(base_settings, database_url=app, admin_database_url=admin)

@@ -453,6 +453,17 @@ class FuzzPlan:
             twin.twin_of = s.index
             self.twins.append(twin)
 
+    def exclude(self, mutations: set[str]) -> None:
+        """Leave out the records of these mutations (and the twins of scripts that lose one)."""
+        def keep(rec: FuzzRecord) -> bool:
+            return not mutations & set(rec.category.removeprefix("loose:").split("+"))
+
+        for s in self.scripts:
+            s.records = [r for r in s.records if keep(r)]
+        self.loose = [r for r in self.loose if keep(r)]
+        self.twins = [t for t in self.twins if all(keep(r) for r in t.records)
+                      and len(self.scripts[t.twin_of].records) == len(t.records)]
+
     @property
     def records(self) -> list[FuzzRecord]:
         return [r for s in self.scripts for r in s.records] + self.loose
