@@ -294,9 +294,10 @@ class Sent:
     timeouts: int = 0  # closed loop: proposals retried after a timeout
 
 
-async def make_producer(settings: Settings) -> AIOKafkaProducer:
+async def make_producer(settings: Settings, request_timeout_ms: int = 60000) -> AIOKafkaProducer:
+    """`request_timeout_ms`: how long a send may wait for the broker (longer than any broker outage)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True,
-                                linger_ms=5, request_timeout_ms=60000)
+                                linger_ms=5, request_timeout_ms=request_timeout_ms)
     await producer.start()
     return producer
 
@@ -438,6 +439,43 @@ class GroupWatch:
             except Exception:  # noqa: BLE001, S110 - the next round asks again
                 pass
             await asyncio.sleep(every)
+
+
+async def wait_answered(reader: ResultReader, watch: GroupWatch, cmds: list[Cmd], timeout: float,
+                        tick: Callable[[], None] | None = None, stalled_for: float | None = None,
+                        settle: float = 20.0) -> str | None:
+    """Wait until every command is answered. Gives up early when answers can
+    no longer come: the group has consumed every record (lag 0) and nothing
+    new was answered for `settle` seconds, or (when `stalled_for` is given)
+    the lag has not moved for that long. None when all were answered, else
+    what went wrong."""
+    deadline = time.monotonic() + timeout
+    last_count, last_change = reader.count, time.monotonic()
+    last_lag, lag_change = None, time.monotonic()
+    while True:
+        pending = [c for c in cmds if not reader.answered(c)]
+        if not pending:
+            return None
+        now = time.monotonic()
+        if now > deadline:
+            return f"{len(pending)} of {len(cmds)} commands unanswered after {timeout:.0f} s, e.g. {pending[0].command_id}"
+        if reader.count != last_count:
+            last_count, last_change = reader.count, now
+        try:
+            lag = await watch.lag()
+        except Exception:  # noqa: BLE001 - a broker outage: no verdict from the lag now
+            lag = None
+        if lag is not None:
+            if lag != last_lag:
+                last_lag, lag_change = lag, now
+            if not any(lag.values()) and now - last_change > settle:
+                return (f"{len(pending)} of {len(cmds)} commands unanswered though the group consumed every "
+                        f"record, e.g. {pending[0].command_id}")
+            if stalled_for is not None and any(lag.values()) and now - lag_change > stalled_for:
+                return f"stalled: partitions {({p: n for p, n in lag.items() if n})} (partition: lag) did not move for {stalled_for:.0f} s"
+        if tick:
+            tick()
+        await asyncio.sleep(0.5)
 
 
 def replay_verify(settings: Settings, timeout: float = 1800) -> tuple[int, str]:
