@@ -267,11 +267,10 @@ class Mutator:
             n = rng.choice([100, 1000, 2000, 5000, 10000, 30000])
             _set(doc, ("state", "data"), deep(shape, min(n, depth_within(shape, self.max_bytes - 600))))
         elif what == "size":
-            text = to_json(doc)
-            pad = self.max_bytes - len(text.encode()) - len(',"x":""')
-            delta = rng.choice([-2, -1, 0, 1, 2, 100, -100])
+            delta = rng.choice([-2, -1, 0, 1, 2, 100, -100])  # bytes beyond the limit
             target = ("state", "message") if "state" in doc else ("name",)
-            _set(doc, target, "m" * max(0, pad + delta + (len('"x":""') - len(f'"{target[-1]}":""'))))
+            _set(doc, target, "")
+            _set(doc, target, "m" * max(0, self.max_bytes + delta - len(to_json(doc).encode())))
         elif what == "number":
             where = rng.choice([("state", "data"), ("empirical_policy", "retries"), ("empirical_policy", "retry_delay"),
                                 ("empirical_policy", "retry_jitter_factor"), ("empirical_policy", "max_retries"),
@@ -569,6 +568,8 @@ class FuzzPlan:
             value = to_json(doc).encode()
         elif kind == "tombstone":
             value = None
+            if key is None:  # a producer cannot send a record with neither
+                key = rng.choice([b"", str(ids.new()).encode()])
         elif kind == "empty":
             value = b""
         elif kind == "binary":
