@@ -67,9 +67,9 @@ def scratch_settings(base_settings):
     """base_settings on a new, migrated database of its own (dropped afterwards),
     so that `runstate replay --verify --all` covers exactly what the test wrote
     and the records a test leaves behind cannot fail another's checks."""
-    from dataclasses import replace
-
     from audit.support import scratch_database
+    from runstate.database_urls import reveal
 
-    with scratch_database(base_settings.admin_database_url, base_settings.database_url, "faults") as (app, admin):
-        yield replace(base_settings, database_url=app, admin_database_url=admin)
+    with scratch_database(reveal(base_settings.admin_database_url), reveal(base_settings.database_url),
+                          "faults") as (app, admin):
+        yield base_settings.replace(database_url=app, admin_database_url=admin)

@@ -24,9 +24,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from psycopg import sql
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
+from runstate.database_urls import parse as parse_url
 from runstate.pipeline.faults import POINTS
 from runstate.pipeline.kafka import ensure_topics
-from sqlalchemy.engine import make_url
 
 from .checker import Report, check, pg_dsn
 from .driver import (
@@ -418,7 +418,7 @@ async def test_database_refuses_inserts(scratch_settings, scale, tmp_path, publi
     an outage, not bad input: no command is dead-lettered, every one is decided
     once the grant is back."""
     settings = isolated_settings(scratch_settings, partitions=6, max_batch=100)
-    role = make_url(settings.database_url).username
+    role = parse_url(settings.database_url).username
     revoked_for = scale.pick(6.0, 20.0)
 
     async def faults_task(fleet, reader, faults, done):
