@@ -82,9 +82,10 @@ else
 	exit $$status
 endif
 
-# Fault-injection scenarios (>= 20,000 commands each) and the bad-input fuzzer (>= 10,000
-# inputs); `make test` runs the same scenarios at CI size. The stack is stopped whatever
-# happens; its shutdown messages go to stderr so the summary stays the last stdout line.
+# Fault-injection scenarios (>= 20,000 commands each, 60 s PostgreSQL and Kafka outages) and the
+# structure-aware fuzzer (>= 100,000 generated records); `make test` runs the same at CI size.
+# The stack is stopped whatever happens; its shutdown messages go to stderr so the summary
+# (scenario names, lost/duplicated/forked, internal_errors) stays the last stdout line.
 faults: venv
 	@trap '$(STACK) down >&2' EXIT; \
 	$(STACK) up; \

@@ -2,7 +2,8 @@
 
 RUNSTATE_FAULT_SCALE=ci (default, inside `make test`) runs small workloads;
 RUNSTATE_FAULT_SCALE=full (`make faults`) runs >= 20,000 commands per scenario
-and >= 10,000 fuzzed bad inputs. RUNSTATE_FAULT_SEED fixes the workloads
+and >= 100,000 generated records in the fuzzer (RUNSTATE_FAULT_COMMANDS and
+RUNSTATE_FAULT_FUZZED override the sizes). RUNSTATE_FAULT_SEED fixes the workloads
 (default 20240917). RUNSTATE_FAULTS_REPORT, when set, names a file that every
 scenario appends its report to (one JSON object a line; run_faults.py reads it).
 """
@@ -22,7 +23,7 @@ from .checker import Report
 class Scale:
     name: str
     commands: int  # per scenario
-    fuzzed: int  # bad inputs
+    fuzzed: int  # records the fuzzer generates
     seed: int
 
     @property
@@ -41,9 +42,9 @@ def scale() -> Scale:
     seed = int(os.environ.get("RUNSTATE_FAULT_SEED", "20240917"))
     if name == "full":
         return Scale("full", int(os.environ.get("RUNSTATE_FAULT_COMMANDS", "20000")),
-                     int(os.environ.get("RUNSTATE_FAULT_FUZZED", "12000")), seed)
+                     int(os.environ.get("RUNSTATE_FAULT_FUZZED", "100000")), seed)
     return Scale("ci", int(os.environ.get("RUNSTATE_FAULT_COMMANDS", "1500")),
-                 int(os.environ.get("RUNSTATE_FAULT_FUZZED", "1500")), seed)
+                 int(os.environ.get("RUNSTATE_FAULT_FUZZED", "3000")), seed)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,16 @@ def publish_report():
                 out.write(report.as_json() + "\n")
 
     return publish
+
+
+@pytest.fixture
+def scratch_settings(base_settings):
+    """base_settings on a new, migrated database of its own (dropped afterwards),
+    so that `runstate replay --verify --all` covers exactly what the test wrote
+    and the records a test leaves behind cannot fail another's checks."""
+    from audit.support import scratch_database
+    from runstate.database_urls import reveal
+
+    with scratch_database(reveal(base_settings.admin_database_url), reveal(base_settings.database_url),
+                          "faults") as (app, admin):
+        yield base_settings.replace(database_url=app, admin_database_url=admin)

@@ -292,9 +292,10 @@ class Sent:
     timeouts: int = 0  # closed loop: proposals retried after a timeout
 
 
-async def make_producer(settings: Settings) -> AIOKafkaProducer:
+async def make_producer(settings: Settings, request_timeout_ms: int = 60000) -> AIOKafkaProducer:
+    """`request_timeout_ms`: how long a send may wait for the broker (longer than any broker outage)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True,
-                                linger_ms=5, request_timeout_ms=60000)
+                                linger_ms=5, request_timeout_ms=request_timeout_ms)
     await producer.start()
     return producer
 
@@ -356,3 +357,129 @@ async def send_closed_loop(producer: AIOKafkaProducer, settings: Settings, reade
 
 def lanes_of(workload: Workload, phase: int, workers: int, seed: int) -> list[list[Cmd]]:
     return workload.interleaved(phase, workers, random.Random(seed * 31 + phase))
+
+
+# --------------------------------------------------------------------------- the consumer group's progress
+
+
+class GroupWatch:
+    """The consumer group's committed offsets against the command topic's end
+    offsets: the lag a stalled partition shows, and whether a record has been
+    processed (its offset committed past)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.committed: dict[int, int] = {}
+
+    async def start(self) -> GroupWatch:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await self._admin.start()
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                                          enable_auto_commit=False)
+        await self._consumer.start()
+        self.tps = await _partitions(self._consumer, self.settings.command_topic)
+        return self
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def refresh(self) -> dict[int, int]:
+        offsets = await self._admin.list_consumer_group_offsets(self.settings.consumer_group)
+        self.committed = {tp.partition: meta.offset for tp, meta in offsets.items()
+                          if tp.topic == self.settings.command_topic and meta.offset >= 0}
+        return self.committed
+
+    async def lag(self) -> dict[int, int]:
+        """Records per partition not yet committed by the group."""
+        ends = await self._consumer.end_offsets(self.tps)
+        committed = await self.refresh()
+        return {tp.partition: ends[tp] - committed.get(tp.partition, 0) for tp in self.tps}
+
+    async def drained(self, timeout: float, stalled_for: float = 60.0) -> dict[int, int]:
+        """Wait until the group's lag is 0 on every partition; give up after
+        `timeout`, or once no partition has moved for `stalled_for` seconds.
+        Returns the partitions still behind, with their lag."""
+        deadline = time.monotonic() + timeout
+        last, moved = None, time.monotonic()
+        while True:
+            try:
+                lag = await self.lag()
+            except Exception as exc:  # noqa: BLE001 - a broker outage: ask again
+                print(f"group lag unavailable: {exc!r}")
+                await asyncio.sleep(1.0)
+                continue
+            behind = {p: n for p, n in lag.items() if n > 0}
+            if not behind:
+                return {}
+            if lag != last:
+                last, moved = lag, time.monotonic()
+            if time.monotonic() > deadline or time.monotonic() - moved > stalled_for:
+                return behind
+            await asyncio.sleep(0.5)
+
+    async def processed(self, partition: int, offset: int, timeout: float) -> bool:
+        """Wait until the group has committed past `offset` of `partition`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.committed.get(partition, -1) > offset:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def follow(self, stop: asyncio.Event, every: float = 0.1) -> None:
+        """Keep `committed` fresh until `stop` is set (for processed())."""
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # the next round asks again
+                await self.refresh()
+            await asyncio.sleep(every)
+
+
+async def wait_answered(reader: ResultReader, watch: GroupWatch, cmds: list[Cmd], timeout: float,
+                        tick: Callable[[], None] | None = None, stalled_for: float | None = None,
+                        settle: float = 20.0) -> str | None:
+    """Wait until every command is answered. Gives up early when answers can
+    no longer come: the group has consumed every record (lag 0) and nothing
+    new was answered for `settle` seconds, or (when `stalled_for` is given)
+    the lag has not moved for that long. None when all were answered, else
+    what went wrong."""
+    deadline = time.monotonic() + timeout
+    last_count, last_change = reader.count, time.monotonic()
+    last_lag, lag_change = None, time.monotonic()
+    while True:
+        pending = [c for c in cmds if not reader.answered(c)]
+        if not pending:
+            return None
+        now = time.monotonic()
+        if now > deadline:
+            return f"{len(pending)} of {len(cmds)} commands unanswered after {timeout:.0f} s, e.g. {pending[0].command_id}"
+        if reader.count != last_count:
+            last_count, last_change = reader.count, now
+        try:
+            lag = await watch.lag()
+        except Exception:  # noqa: BLE001 - a broker outage: no verdict from the lag now
+            lag = None
+        if lag is not None:
+            if lag != last_lag:
+                last_lag, lag_change = lag, now
+            if not any(lag.values()) and now - last_change > settle:
+                return (f"{len(pending)} of {len(cmds)} commands unanswered though the group consumed every "
+                        f"record, e.g. {pending[0].command_id}")
+            if stalled_for is not None and any(lag.values()) and now - lag_change > stalled_for:
+                return f"stalled: partitions {({p: n for p, n in lag.items() if n})} (partition: lag) did not move for {stalled_for:.0f} s"
+        if tick:
+            tick()
+        await asyncio.sleep(0.5)
+
+
+def replay_verify(settings: Settings, timeout: float = 1800) -> tuple[int, str]:
+    """`runstate replay --verify --all` against the scenario's database: (exit status, last lines)."""
+    from pipeline.harness import settings_env
+
+    env = {**os.environ, **settings_env(settings)}
+    proc = subprocess.run([sys.executable, "-m", "runstate.cli", "replay", "--verify", "--all"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+    return proc.returncode, tail

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import stack.kafka
+import stack.postgres
 from runstate.config import Settings
 from runstate.store.migrate import upgrade
 from stack import LocalStack
@@ -22,6 +24,10 @@ class PrivateStack:
         self.root = Path(tempfile.mkdtemp(prefix="runstate-faults-"))
         os.chmod(self.root, 0o755)
         self.stack = LocalStack(self.root, services=[], use_environment=False)
+        # A server restarted on a busy machine may take longer than `make up` allows, and a
+        # restart that gives up would fail the scenario for the machine's sake.
+        stack.kafka.KAFKA_READY_TIMEOUT = max(stack.kafka.KAFKA_READY_TIMEOUT, 300.0)
+        stack.postgres.PG_READY_TIMEOUT = max(stack.postgres.PG_READY_TIMEOUT, 120.0)
         self.env: dict[str, str] = {}
         self.restarts: list[tuple[str, str, float]] = []  # (server, how, seconds down)
 

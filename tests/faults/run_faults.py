@@ -3,8 +3,10 @@
 size (RUNSTATE_FAULT_SCALE=full unless set otherwise), then print the counts.
 The last line of the output always has the fixed form
 
-    faults: scenarios=<n> commands=<n> lost=<n> duplicated=<n> forked=<n> fuzzed=<n> dead_lettered=<n>
+    faults: scenarios=<n> (<name>,<name>,...) commands=<n> lost=<n> duplicated=<n> forked=<n> fuzzed=<n> dead_lettered=<n> internal_errors=<n>
 
+`internal_errors` counts answers with the error code orchestration_failed (a
+bug in runstate, whatever the input) in every scenario and in the fuzzer.
 Exit status: pytest's (non-zero when any scenario failed or did not report).
 Extra arguments go to pytest (e.g. -k zombie)."""
 
@@ -40,23 +42,28 @@ def main(argv: list[str]) -> int:
     fuzz = [r for r in reports if r.get("scenario") == "fuzz-inputs"]
     print(f"\nscale={env['RUNSTATE_FAULT_SCALE']}  wall time {time.monotonic() - t0:.0f} s")
     print(f"{'scenario':<18}{'commands':>9}{'events':>8}{'results':>9}{'dup.caught':>11}{'faults':>7}"
-          f"{'lost':>6}{'dup':>5}{'fork':>6}{'secs':>7}  faults injected")
+          f"{'lost':>6}{'dup':>5}{'fork':>6}{'int.err':>8}{'secs':>7}  faults injected")
     for r in scenarios:
         print(f"{r['scenario']:<18}{r['commands']:>9}{r['events']:>8}{r['results']:>9}{r['duplicates_caught']:>11}"
               f"{r['faults']:>7}{r['lost']:>6}{r['duplicated']:>5}{r['forked'] + r['misordered']:>6}"
-              f"{r['seconds']:>7.0f}  {r['fault_detail'][:160]}")
+              f"{r.get('internal_errors', 0):>8}{r['seconds']:>7.0f}  {r['fault_detail'][:160]}")
     for f in fuzz:
-        print(f"fuzzer: {f['fuzzed']} bad inputs, dead-letter codes {f['codes']}, problems {f['fuzz_problems']}")
+        print(f"fuzzer: {f['fuzzed']} generated records, outcomes {f['codes']}, internal errors "
+              f"{f.get('internal_errors', 0)}, stalled partitions {f.get('stalled_partitions', 0)}, batch-boundary "
+              f"differences {f.get('twin_differences', 0)}, problems {f['fuzz_problems']}")
     if status == 0 and not scenarios:
         status = 1
     lost = sum(r["lost"] for r in scenarios)
     duplicated = sum(r["duplicated"] for r in scenarios)
     forked = sum(r["forked"] + r["misordered"] for r in scenarios)
-    if status == 0 and (lost or duplicated or forked or any(f["fuzz_problems"] for f in fuzz)):
+    # The fuzzer's own report line is among the scenarios too: count its internal errors once.
+    internal = sum(r.get("internal_errors", 0) for r in scenarios)
+    if status == 0 and (lost or duplicated or forked or internal or any(f["fuzz_problems"] for f in fuzz)):
         status = 1
-    print(f"faults: scenarios={len(scenarios)} commands={sum(r['commands'] for r in scenarios)} lost={lost} "
-          f"duplicated={duplicated} forked={forked} fuzzed={sum(f['fuzzed'] for f in fuzz)} "
-          f"dead_lettered={sum(r['dead_lettered'] for r in scenarios)}", flush=True)
+    names = ",".join(r["scenario"] for r in scenarios)
+    print(f"faults: scenarios={len(scenarios)} ({names}) commands={sum(r['commands'] for r in scenarios)} "
+          f"lost={lost} duplicated={duplicated} forked={forked} fuzzed={sum(f['fuzzed'] for f in fuzz)} "
+          f"dead_lettered={sum(r['dead_lettered'] for r in scenarios)} internal_errors={internal}", flush=True)
     return status
 
 

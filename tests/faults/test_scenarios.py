@@ -19,15 +19,20 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from psycopg import sql
 
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
+from runstate.database_urls import parse as parse_url
 from runstate.pipeline.faults import POINTS
 from runstate.pipeline.kafka import ensure_topics
 
 from .checker import Report, check, pg_dsn
 from .driver import (
     Fleet,
+    GroupWatch,
     ResultReader,
     Sent,
     lanes_of,
@@ -35,9 +40,10 @@ from .driver import (
     process_state,
     send_closed_loop,
     send_open_loop,
+    wait_answered,
 )
 from .infra import PrivateStack
-from .workload import Workload, generate, reference
+from .workload import Reference, Workload, generate, reference
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -75,6 +81,7 @@ async def run_scenario(
     timeout: float | None = None,
     commands: int | None = None,
     duration: float = 0.0,
+    producer_timeout_ms: int = 60000,
 ) -> Report:
     """Send the workload (phase 1, then phase 2 once phase 1 is answered),
     spread over about `duration` seconds, while
@@ -89,7 +96,8 @@ async def run_scenario(
     faults = Faults()
     fleet = Fleet(settings, logdir, consumers, plan)
     reader = await ResultReader(settings).start()
-    producer = await make_producer(settings)
+    producer = await make_producer(settings, producer_timeout_ms)
+    watch = await GroupWatch(settings).start()
     done = asyncio.Event()
     sent = Sent()
     tasks: list[asyncio.Task] = []
@@ -108,9 +116,9 @@ async def run_scenario(
             else:
                 await send_open_loop(producer, settings, lanes_of(workload, phase, WORKERS, scale.seed), sent,
                                      duration=share)
-            await reader.wait_all(sent.commands, timeout - (time.monotonic() - t0))
-    except TimeoutError as exc:
-        unanswered = str(exc)
+            unanswered = await wait_answered(reader, watch, sent.commands, timeout - (time.monotonic() - t0))
+            if unanswered:
+                break
     finally:
         done.set()
         for task in tasks:
@@ -122,6 +130,7 @@ async def run_scenario(
         fleet.stop_all()
         await producer.stop()
         await reader.stop()
+        await watch.stop()
     report = await check(name, settings, sent.commands, ref, tags=list(workload.tag_limits))
     report.faults = faults.count
     if unanswered:
@@ -354,3 +363,197 @@ async def test_workers_retry_after_timeouts(base_settings, scale, tmp_path, publ
     publish_report(report)
     assert_clean(report)
     assert report.duplicates_caught > 0, report.line()
+
+
+# --------------------------------------------------------------------------- 7./8. long outages
+
+
+async def test_postgres_down_under_load(private_stack, scale, tmp_path, publish_report):
+    """PostgreSQL is stopped for 60 s (15 s at CI size) while commands keep
+    arriving and two consumers work, then started again: the outage is waited
+    out, nothing is lost or decided twice, no command is dead-lettered."""
+    settings = isolated_settings(private_stack.settings(), partitions=6, max_batch=100)
+    down = scale.pick(15.0, 60.0)
+
+    async def faults_task(fleet, reader, faults, done):
+        if not await wait_until(lambda: reader.count >= 0.2 * scale.commands, done):
+            return
+        took = await asyncio.to_thread(private_stack.restart_postgres, False, down)
+        faults.add(f"postgres down {down:.0f}s (restart took {took:.0f}s)")
+
+    report = await run_scenario("postgres-down", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                duration=scale.pick(35, 120), timeout=scale.pick(400, 1800))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == 1, report.fault_detail
+    assert report.dead_lettered == 0, f"{report.dead_lettered} valid commands dead-lettered during the outage"
+
+
+async def test_kafka_down_under_load(private_stack, scale, tmp_path, publish_report):
+    """The broker is stopped for 60 s (15 s at CI size) while commands keep
+    being produced (the producers wait for it) and two consumers work, then
+    started again: nothing lost, nothing decided twice, nothing dead-lettered."""
+    settings = isolated_settings(private_stack.settings(), partitions=6, max_batch=100)
+    down = scale.pick(15.0, 60.0)
+
+    async def faults_task(fleet, reader, faults, done):
+        if not await wait_until(lambda: reader.count >= 0.2 * scale.commands, done):
+            return
+        took = await asyncio.to_thread(private_stack.restart_kafka, False, down)
+        faults.add(f"kafka down {down:.0f}s (restart took {took:.0f}s)")
+
+    report = await run_scenario("kafka-down", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                duration=scale.pick(35, 120), timeout=scale.pick(400, 1800),
+                                producer_timeout_ms=int((down + 240) * 1000))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == 1, report.fault_detail
+    assert report.dead_lettered == 0, f"{report.dead_lettered} valid commands dead-lettered during the outage"
+
+
+# --------------------------------------------------------------------------- 9. the database refuses
+
+
+async def test_database_refuses_inserts(scratch_settings, scale, tmp_path, publish_report):
+    """The service role's INSERT on events is revoked for a few seconds under
+    load (a botched grant, a failover to a read-only node), then granted back:
+    an outage, not bad input: no command is dead-lettered, every one is decided
+    once the grant is back."""
+    settings = isolated_settings(scratch_settings, partitions=6, max_batch=100)
+    role = parse_url(settings.database_url).username
+    revoked_for = scale.pick(6.0, 20.0)
+
+    async def faults_task(fleet, reader, faults, done):
+        if not await wait_until(lambda: reader.count >= 0.2 * scale.commands, done):
+            return
+        with psycopg.connect(pg_dsn(settings.admin_database_url), autocommit=True) as admin:
+            admin.execute(sql.SQL("REVOKE INSERT ON events FROM {}").format(sql.Identifier(role)))
+            try:
+                await asyncio.sleep(revoked_for)
+            finally:
+                admin.execute(sql.SQL("GRANT INSERT ON events TO {}").format(sql.Identifier(role)))
+        faults.add(f"INSERT on events revoked for {revoked_for:.0f}s")
+
+    report = await run_scenario("db-refuses", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
+                                duration=scale.pick(25, 60))
+    publish_report(report)
+    assert_clean(report)
+    assert report.faults == 1, report.fault_detail
+    assert report.dead_lettered == 0, f"{report.dead_lettered} valid commands dead-lettered while INSERT was revoked"
+
+
+# --------------------------------------------------------------------------- 10. recreated topic, offset reset
+
+
+async def _recreate_topic(settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.command_topic])
+        for _ in range(600):
+            if settings.command_topic not in await admin.list_topics():
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+    for _ in range(100):  # the broker may still be finishing the deletion
+        try:
+            await ensure_topics(settings)
+            return
+        except Exception as exc:  # noqa: BLE001 - TopicAlreadyExists while marked for deletion
+            print(f"recreating {settings.command_topic}: {exc!r}")
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"could not recreate {settings.command_topic}")
+
+
+async def _reset_offsets(settings: Settings) -> None:
+    """The group's committed offsets back to the beginning (the group has no members now)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                group_id=settings.consumer_group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        parts = consumer.partitions_for_topic(settings.command_topic) or set()
+        tps = [TopicPartition(settings.command_topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.commit({tp: 0 for tp in tps})
+    finally:
+        await consumer.stop()
+
+
+async def test_recreated_topic_and_offset_reset(scratch_settings, scale, tmp_path, publish_report):
+    """Redelivery must be recognised by what a record is, not only where it
+    is: (1) a workload is decided; the command topic is deleted and created
+    again, and a second workload's records land at offsets the first one used:
+    they must be decided, not answered with the first one's results; (2) the
+    group's offsets are reset to the beginning: the second workload's records
+    come again and are recognised (no decision twice), and a third workload
+    after them is decided."""
+    settings = isolated_settings(scratch_settings, partitions=4, max_batch=100)
+    n = scale.pick(600, 6000)
+    # Each later workload is smaller: its records stay below the offsets the group committed before.
+    loads = [generate(scale.seed + 11, n, duplicate_rate=0.0), generate(scale.seed + 12, n // 2, duplicate_rate=0.0),
+             generate(scale.seed + 13, n // 3, duplicate_rate=0.0)]
+    refs = [reference(w) for w in loads]
+    t0 = time.monotonic()
+    await ensure_topics(settings)
+    for w in loads:
+        seed_tags(settings, w)
+    faults = Faults()
+    fleet = Fleet(settings, tmp_path, 2)
+    reader = await ResultReader(settings).start()
+    producer = await make_producer(settings)
+    sent = Sent()
+    problems: list[str] = []
+
+    async def send(w: Workload, label: str) -> None:
+        for phase in (1, 2):
+            await send_open_loop(producer, settings, lanes_of(w, phase, WORKERS, scale.seed), sent)
+            cmds = [c for r in w.phase(phase) for c in r.commands]
+            watch = await GroupWatch(settings).start()
+            try:
+                unanswered = await wait_answered(reader, watch, cmds, scale.pick(120, 600), tick=fleet.check)
+            finally:
+                await watch.stop()
+            if unanswered:
+                problems.append(f"{label}, phase {phase}: {unanswered}")
+                return
+
+    try:
+        fleet.start_all()
+        await send(loads[0], "first workload")
+        fleet.stop_all()
+        await _recreate_topic(settings)
+        faults.add("command topic deleted and created again")
+        fleet.restart = True
+        fleet.start_all()
+        await send(loads[1], "second workload, on the recreated topic")
+        fleet.stop_all()
+        await _reset_offsets(settings)
+        faults.add("group offsets reset to the beginning")
+        fleet.restart = True
+        fleet.start_all()
+        await send(loads[2], "third workload, after the offset reset")
+        watch = await GroupWatch(settings).start()
+        try:
+            behind = await watch.drained(scale.pick(120, 600), stalled_for=60)
+        finally:
+            await watch.stop()
+        if behind:
+            problems.append(f"the group's lag did not drain: {behind}")
+    finally:
+        fleet.stop_all()
+        await producer.stop()
+        await reader.stop()
+    ref = Reference({k: v for r in refs for k, v in r.paths.items()},
+                    {k: v for r in refs for k, v in r.active_slots.items()}, sum(r.events for r in refs))
+    report = await check("offset-reset", settings, sent.commands, ref,
+                         tags=[t for w in loads for t in w.tag_limits], offsets_reused=True)
+    report.faults = faults.count
+    report.fault_detail = ", ".join(f"{k}={v}" for k, v in faults.detail.items())
+    report.problems = problems + report.problems
+    report.seconds = time.monotonic() - t0
+    publish_report(report)
+    assert not problems, "\n".join(problems)
+    assert_clean(report)
+    assert report.dead_lettered == 0, f"{report.dead_lettered} valid commands dead-lettered"
