@@ -10,9 +10,15 @@ variable of each field is its alias (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RUNS
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from runstate.envfile import find_env_file, read_env_file
@@ -98,7 +104,7 @@ class _RunstateSettings(BaseSettings):
                 missing.append(var)
                 continue
             field = cls.model_fields.get(name)
-            secret = field is not None and field.annotation is SecretStr
+            secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
             message = str(error["msg"]).removeprefix("Value error, ")
             shown = "" if secret or not var else f"={error['input']!r}"
             invalid.append(f"{var}{shown}: {message[:1].lower()}{message[1:]}")
@@ -138,6 +144,8 @@ class Settings(WorkerSettings):
     batch_timeout_ms: int = Field(2, ge=0, validation_alias="RUNSTATE_BATCH_TIMEOUT_MS")
     lanes: int = Field(1, ge=1, validation_alias="RUNSTATE_LANES")
     gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
+    # What Prefect clients send as PREFECT_API_AUTH_STRING; unset, the gateway answers anyone.
+    gateway_auth_string: SecretStr | None = Field(None, min_length=1, validation_alias="RUNSTATE_GATEWAY_AUTH_STRING")
 
     defaults_from: ClassVar[dict[str, str]] = {"admin_database_url": "database_url"}
 

@@ -4,6 +4,7 @@ isolated topics, and the gateway served by uvicorn on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -18,16 +19,27 @@ from runstate.store.reads import LogReader, make_engine
 from stack import free_port
 
 
+# The string Prefect's client sends as PREFECT_API_AUTH_STRING: the shared gateway runs with auth on.
+AUTH_STRING = "runstate-test:" + secrets.token_urlsafe(16)
+
+
 @dataclass
 class RunningGateway:
     settings: Settings
     api_url: str  # ends in /api, as PREFECT_API_URL expects
     store: LogReader
+    auth_string: str
+
+    @property
+    def auth(self) -> httpx.BasicAuth:
+        """What Prefect's client sends: basic auth whose user:password is the auth string."""
+        user, _, password = self.auth_string.partition(":")
+        return httpx.BasicAuth(user, password)
 
 
 @pytest.fixture(scope="session")
 async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
-    settings = isolated_settings(base_settings)
+    settings = isolated_settings(base_settings).replace(gateway_auth_string=AUTH_STRING)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -43,7 +55,7 @@ async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
                 await asyncio.sleep(0.05)
             assert server.started, "uvicorn did not start within 10 s"
             store = LogReader(make_engine(settings.database_url))
-            yield RunningGateway(settings, f"http://127.0.0.1:{port}/api", store)
+            yield RunningGateway(settings, f"http://127.0.0.1:{port}/api", store, AUTH_STRING)
             await store.engine.dispose()
         finally:
             server.should_exit = True
@@ -52,5 +64,5 @@ async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
 
 @pytest.fixture
 async def http(gateway: RunningGateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.api_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=gateway.api_url, auth=gateway.auth, timeout=30) as client:
         yield client

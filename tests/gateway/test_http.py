@@ -199,7 +199,7 @@ async def test_sixteen_concurrent_clients_are_all_answered(gateway):
 
     async def one_client() -> list[int]:
         codes = []
-        async with httpx.AsyncClient(base_url=gateway.api_url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=gateway.api_url, auth=gateway.auth, timeout=60) as http:
             for _ in range(RUNS_PER_CLIENT):
                 response = await http.post("/task_runs/", json={"task_key": "load", "dynamic_key": str(uuid.uuid4())})
                 codes.append(response.status_code)

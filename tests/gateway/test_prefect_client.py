@@ -20,8 +20,9 @@ SCRIPT = Path(__file__).with_name("prefect_scenarios.py")
 SCENARIOS = ("running_after_completed", "scheduled_in_future", "retry_after_failed", "cached")
 
 
-async def run_scenarios(tmp_path: Path, api_url: str | None) -> dict[str, Any]:
-    """Run prefect_scenarios.py in the Prefect venv; no api_url = Prefect's own server."""
+async def run_scenarios(tmp_path: Path, api_url: str | None, auth_string: str | None = None) -> dict[str, Any]:
+    """Run prefect_scenarios.py in the Prefect venv; no api_url = Prefect's own server.
+    With auth_string the client authenticates as Prefect's does (PREFECT_API_AUTH_STRING)."""
     python = await asyncio.to_thread(prefect_python)
     home = tmp_path / ("gateway" if api_url else "prefect-server")
     home.mkdir()
@@ -34,6 +35,8 @@ async def run_scenarios(tmp_path: Path, api_url: str | None) -> dict[str, Any]:
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
+        if auth_string:
+            env["PREFECT_API_AUTH_STRING"] = auth_string
     else:
         env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
         # Prefect's own 20 s is too little for its server to start on a busy 2-core machine.
@@ -58,7 +61,7 @@ def comparable(step: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def answers(gateway, tmp_path_factory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("prefect")
-    ours, theirs = await asyncio.gather(run_scenarios(tmp, gateway.api_url), run_scenarios(tmp, None))
+    ours, theirs = await asyncio.gather(run_scenarios(tmp, gateway.api_url, gateway.auth_string), run_scenarios(tmp, None))
     return {"gateway": ours, "prefect": theirs}
 
 

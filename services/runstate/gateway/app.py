@@ -18,6 +18,7 @@ from runstate.client import CommandTooLarge, RunstateClient, RunstateTimeout, Ru
 from runstate.config import Settings
 from runstate.store.reads import make_engine
 
+from .auth import BasicAuthGuard
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyGuard
 from .reads import GatewayReads
 from .routes import router
@@ -32,6 +33,8 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or Settings.load()
+        secret = s.gateway_auth_string
+        app.state.auth_string = secret.get_secret_value() if secret is not None else None
         bus = RunstateClient(s, client_id="runstate-gateway")
         await bus.start()
         engine = make_engine(s.database_url, pool_size=8)
@@ -56,6 +59,8 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
     )
     app.include_router(router)
     app.add_middleware(BodyGuard, max_body_bytes=_max_body_bytes)
+    # Added last, so it runs first: an unauthenticated body is never read.
+    app.add_middleware(BasicAuthGuard)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(PendingDecision, _pending)
     app.add_exception_handler(RunstateTimeout, _pending)
