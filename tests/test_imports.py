@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "services" / "runstate"
 # Inner to outer. A module may import modules of its own layer or of inner ones.
 LAYERS: list[tuple[str, ...]] = [
     ("runstate.domain", "runstate.strict_json", "runstate.version", "runstate.envfile", "runstate.database_urls"),
-    ("runstate.messages", "runstate.config"),
+    ("runstate.messages", "runstate.config", "runstate.kafka_security"),
     ("runstate.events",),
     ("runstate.pipeline.records", "runstate.pipeline.ids", "runstate.pipeline.message_json",
      "runstate.pipeline.faults"),

@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from runstate.config import WorkerSettings
+from runstate.kafka_security import kafka_options
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.messages import (
     SCHEMA_VERSION,
@@ -138,7 +139,7 @@ class RunstateClient:
         s = self.settings
         self._stopping = False
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **kafka_options(s),
             enable_idempotence=True,
             linger_ms=2,
             client_id=self._client_id,
@@ -148,7 +149,7 @@ class RunstateClient:
         # No consumer group: each client reads the partitions its own requests'
         # results land on, so any number of clients can wait independently.
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **kafka_options(s),
             enable_auto_commit=False,
             client_id=self._client_id,
         )
@@ -632,7 +633,7 @@ async def state_changes(
     s = settings or WorkerSettings.load()
     consumer = AIOKafkaConsumer(
         s.state_change_topic,
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **kafka_options(s),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",

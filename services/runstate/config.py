@@ -10,12 +10,15 @@ variable of each field is its alias (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RUNS
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self, get_args
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -130,6 +133,39 @@ class WorkerSettings(_RunstateSettings):
     )
     # Workers refuse to send a larger command; the service dead-letters one as too_large.
     max_command_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_MAX_COMMAND_BYTES")
+    # Kafka security: every client builds its connection from these (runstate.kafka_security).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", validation_alias="RUNSTATE_KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", validation_alias="RUNSTATE_KAFKA_SASL_MECHANISM"
+    )
+    kafka_username: str | None = Field(None, min_length=1, validation_alias="RUNSTATE_KAFKA_USERNAME")
+    kafka_password: SecretStr | None = Field(
+        None, min_length=1, validate_default=True, validation_alias="RUNSTATE_KAFKA_PASSWORD"
+    )
+    kafka_ssl_cafile: FilePath | None = Field(None, validation_alias="RUNSTATE_KAFKA_SSL_CAFILE")
+    kafka_ssl_certfile: FilePath | None = Field(None, validation_alias="RUNSTATE_KAFKA_SSL_CERTFILE")
+    kafka_ssl_keyfile: FilePath | None = Field(None, validate_default=True, validation_alias="RUNSTATE_KAFKA_SSL_KEYFILE")
+
+    @field_validator("kafka_password")
+    @classmethod
+    def _sasl_needs_a_login(cls, password: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        protocol = info.data.get("kafka_security_protocol", "")
+        if protocol.startswith("SASL_") and (password is None or not info.data.get("kafka_username")):
+            raise ValueError(f"with {protocol}, RUNSTATE_KAFKA_USERNAME and RUNSTATE_KAFKA_PASSWORD must both be set")
+        return password
+
+    @field_validator("kafka_ssl_keyfile")
+    @classmethod
+    def _tls_files_need_tls(cls, keyfile: Path | None, info: ValidationInfo) -> Path | None:
+        protocol = info.data.get("kafka_security_protocol", "")
+        given = keyfile or info.data.get("kafka_ssl_certfile") or info.data.get("kafka_ssl_cafile")
+        if given and protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"the RUNSTATE_KAFKA_SSL_* files are set but {protocol} does not use TLS")
+        if keyfile and not info.data.get("kafka_ssl_certfile"):
+            raise ValueError("a client key needs its certificate (RUNSTATE_KAFKA_SSL_CERTFILE)")
+        return keyfile
 
 
 class Settings(WorkerSettings):

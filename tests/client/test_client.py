@@ -27,6 +27,7 @@ from runstate.client import (
     sync_state_changes,
 )
 from runstate.domain import SetStateStatus
+from runstate.kafka_security import kafka_options
 from runstate.messages import OrchestrationResultEvent
 from runstate.pipeline.kafka import ensure_topics
 
@@ -47,7 +48,7 @@ def run_on(partition: int) -> uuid.UUID:
 
 
 async def produce_to(settings, topic: str, records: list[tuple[bytes | None, bytes | None, int]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, max_request_size=2_000_000)
+    producer = AIOKafkaProducer(**kafka_options(settings), max_request_size=2_000_000)
     await producer.start()
     try:
         sent = [await producer.send(topic, value, key=key, partition=p) for key, value, p in records]
@@ -230,7 +231,7 @@ async def test_sync_client_drives_a_run_from_plain_threads(base_settings):
 
 # -- state_changes(): batched commits, at-least-once --------------------------------------------
 async def committed(settings, group: str, run_id: uuid.UUID) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
+    consumer = AIOKafkaConsumer(**kafka_options(settings), group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:

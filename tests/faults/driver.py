@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.harness import REPO, ServiceProcess
 from runstate.config import Settings
+from runstate.kafka_security import kafka_options
 
 from .workload import Cmd, Workload
 
@@ -45,7 +46,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 
 async def read_all(settings: Settings, topic: str, timeout: float = 120.0) -> list[Any]:
     """Every record of `topic` up to its current end, in partition order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False,
                                 max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
     await consumer.start()
     try:
@@ -92,7 +93,7 @@ class ResultReader:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> ResultReader:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self._consumer = AIOKafkaConsumer(**kafka_options(self.settings),
                                           enable_auto_commit=False, fetch_max_wait_ms=100)
         await self._consumer.start()
         tps = await _partitions(self._consumer, self.settings.result_topic)
@@ -294,7 +295,7 @@ class Sent:
 
 async def make_producer(settings: Settings, request_timeout_ms: int = 60000) -> AIOKafkaProducer:
     """`request_timeout_ms`: how long a send may wait for the broker (longer than any broker outage)."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True,
+    producer = AIOKafkaProducer(**kafka_options(settings), enable_idempotence=True,
                                 linger_ms=5, request_timeout_ms=request_timeout_ms)
     await producer.start()
     return producer

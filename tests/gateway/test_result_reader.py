@@ -13,6 +13,7 @@ from aiokafka.partitioner import murmur2
 
 from pipeline.harness import InProcessService, isolated_settings
 from runstate.gateway import create_app
+from runstate.kafka_security import kafka_options
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -30,7 +31,7 @@ HOSTILE = [
 
 
 async def produce_everywhere(settings, partitions: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, max_request_size=2_000_000)
+    producer = AIOKafkaProducer(**kafka_options(settings), max_request_size=2_000_000)
     await producer.start()
     try:
         sent = [await producer.send(settings.result_topic, value, key=b"forged", partition=p)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import SecretStr
 
 from runstate.config import Settings
+from runstate.kafka_security import kafka_options
 from runstate.pipeline.app import build_app
 from runstate.pipeline.kafka import ensure_topics
 
@@ -47,7 +49,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "RUNSTATE_PARTITIONS": str(settings.partitions),
         "RUNSTATE_CONSUMER_GROUP": settings.consumer_group,
         "RUNSTATE_MAX_BATCH": str(settings.max_batch),
+        **kafka_security_env(settings),
     }
+
+
+def kafka_security_env(settings: Settings) -> dict[str, str]:
+    """The RUNSTATE_KAFKA_* settings that are set, as a child process reads them."""
+    env = {}
+    for name, var in Settings.variables().items():
+        value = getattr(settings, name)
+        if var.startswith("RUNSTATE_KAFKA_") and value is not None:
+            env[var] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    return env
 
 
 class InProcessService:
@@ -111,7 +124,7 @@ class ServiceProcess:
 
 
 async def produce(settings: Settings, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=True)
+    producer = AIOKafkaProducer(**kafka_options(settings), enable_idempotence=True)
     await producer.start()
     try:
         futures = [await producer.send(settings.command_topic, value, key=key) for key, value in records]
@@ -122,7 +135,7 @@ async def produce(settings: Settings, records: list[tuple[bytes | None, bytes]])
 
 async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 60.0) -> list[Any]:
     """Read at least `count` records of a topic from its beginning (all partitions)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         for _ in range(100):
@@ -147,7 +160,7 @@ async def read_topic(settings: Settings, topic: str, count: int, timeout: float 
 
 async def read_all(settings: Settings, topic: str) -> list[Any]:
     """Every record the topic holds now (up to its end offsets), from all partitions."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)

@@ -22,6 +22,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from sqlalchemy import Engine
 
 from runstate.audit.db import ServerUnreachable, count_events, scan_events
+from runstate.config import WorkerSettings
+from runstate.kafka_security import kafka_options
 from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER, StateChangeEvent
 
 KAFKA_START_TIMEOUT_S = 15.0
@@ -64,10 +66,8 @@ def count_to_backfill(engine: Engine, since: datetime, run_id: UUID | None = Non
     return count_events(engine, condition, params)
 
 
-async def start_producer(bootstrap: str) -> AIOKafkaProducer:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5
-    )
+async def start_producer(settings: WorkerSettings) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(**kafka_options(settings), enable_idempotence=True, acks="all", linger_ms=5)
     try:
         await asyncio.wait_for(producer.start(), KAFKA_START_TIMEOUT_S)
     except (KafkaConnectionError, KafkaError, TimeoutError, OSError) as exc:

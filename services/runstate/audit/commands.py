@@ -168,7 +168,7 @@ def backfill(
 
     async def run_backfill(engine: Engine) -> int:
         # Both servers are proved reachable before anything is counted or drawn.
-        producer = await start_producer(settings.kafka_bootstrap_servers)
+        producer = await start_producer(settings)
         try:
             total = count_to_backfill(engine, since_at, run)
             with progress(total, "publishing") as bar:

@@ -25,6 +25,7 @@ from faststream.specification import AsyncAPI
 
 from runstate import __version__
 from runstate.config import Settings
+from runstate.kafka_security import faststream_security
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
 from runstate.pipeline.consumer import CoalescingConsumer
 from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
@@ -66,7 +67,12 @@ def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings.load()
     # FastStream's access log ("Received", "Processed") goes to DEBUG: two
     # lines a batch are a visible part of a small batch's CPU.
-    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="runstate-service", log_level=logging.DEBUG)
+    broker = KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        security=faststream_security(settings),
+        client_id="runstate-service",
+        log_level=logging.DEBUG,
+    )
     # The subscribers build their aiokafka consumers through this factory (the
     # hook FastStream's own test broker replaces); ours coalesces fetches.
     config = broker.config.broker_config

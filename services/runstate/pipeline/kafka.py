@@ -16,6 +16,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from runstate.config import Settings
+from runstate.kafka_security import kafka_options
 from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER
 from runstate.pipeline.ports import BatchOutcome
 
@@ -60,7 +61,7 @@ async def ensure_topics(settings: Settings) -> TopicLimits:
     """Create runstate's topics when missing, each with an explicit size limit,
     and read the limits of those that exist (they are left as they are)."""
     wanted = wanted_message_bytes(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -131,7 +132,7 @@ class KafkaPublisher:
         self.settings = settings
         self.limits = limits
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            **kafka_options(settings),
             enable_idempotence=True,
             # A batch's records are all appended before the sender runs, so
             # lingering would only delay the acks the batch waits for.
