@@ -146,7 +146,9 @@ class WorkerSettings(_RunstateSettings):
     )
     kafka_ssl_cafile: FilePath | None = Field(None, validation_alias="RUNSTATE_KAFKA_SSL_CAFILE")
     kafka_ssl_certfile: FilePath | None = Field(None, validation_alias="RUNSTATE_KAFKA_SSL_CERTFILE")
-    kafka_ssl_keyfile: FilePath | None = Field(None, validate_default=True, validation_alias="RUNSTATE_KAFKA_SSL_KEYFILE")
+    kafka_ssl_keyfile: FilePath | None = Field(
+        None, validate_default=True, validation_alias="RUNSTATE_KAFKA_SSL_KEYFILE"
+    )
 
     @field_validator("kafka_password")
     @classmethod

@@ -61,7 +61,9 @@ def comparable(step: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def answers(gateway, tmp_path_factory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("prefect")
-    ours, theirs = await asyncio.gather(run_scenarios(tmp, gateway.api_url, gateway.auth_string), run_scenarios(tmp, None))
+    ours, theirs = await asyncio.gather(
+        run_scenarios(tmp, gateway.api_url, gateway.auth_string), run_scenarios(tmp, None)
+    )
     return {"gateway": ours, "prefect": theirs}
 
 

@@ -102,7 +102,8 @@ def test_the_password_is_never_shown():
 @pytest.mark.parametrize(
     ("settings", "fragment"),
     [
-        ({"kafka_security_protocol": "SASL_SSL"}, "RUNSTATE_KAFKA_USERNAME and RUNSTATE_KAFKA_PASSWORD must both be set"),
+        ({"kafka_security_protocol": "SASL_SSL"},
+         "RUNSTATE_KAFKA_USERNAME and RUNSTATE_KAFKA_PASSWORD must both be set"),
         ({"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_username": "u"}, "must both be set"),
         ({"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_password": PASSWORD}, "must both be set"),
         ({"kafka_security_protocol": "TLS"}, "RUNSTATE_KAFKA_SECURITY_PROTOCOL='TLS'"),
