@@ -73,7 +73,7 @@ async def start_producer(settings: WorkerSettings) -> AIOKafkaProducer:
     except (KafkaConnectionError, KafkaError, TimeoutError, OSError) as exc:
         await producer.stop()
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServerUnreachable(f"Kafka at {bootstrap} is unreachable: {detail}") from exc
+        raise ServerUnreachable(f"Kafka at {settings.kafka_bootstrap_servers} is unreachable: {detail}") from exc
     return producer
 
 
