@@ -37,8 +37,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from runstate.config import WorkerSettings
-from runstate.kafka_security import kafka_options
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
+from runstate.kafka_security import kafka_options
 from runstate.messages import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_HEADER,

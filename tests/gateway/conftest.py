@@ -18,7 +18,6 @@ from runstate.gateway import create_app
 from runstate.store.reads import LogReader, make_engine
 from stack import free_port
 
-
 # The string Prefect's client sends as PREFECT_API_AUTH_STRING: the shared gateway runs with auth on.
 AUTH_STRING = "runstate-test:" + secrets.token_urlsafe(16)
 

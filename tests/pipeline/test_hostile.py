@@ -256,3 +256,30 @@ async def test_new_records_at_reused_offsets_are_decided_and_old_ones_recognised
     assert [r.value for r in again[4:]] == [r.value for r in results[2:]]
     assert [r["state_type"] for r in await history(first, new_run)] == ["PENDING", "RUNNING"]
     assert [r["state_type"] for r in await history(first, old_run)] == ["PENDING", "RUNNING"]
+
+
+async def test_records_with_binary_or_null_headers_are_decided(base_settings):
+    """Headers are the producer's: runstate reads none of a command's, and one it
+    cannot decode as text must not fail the batch."""
+    from aiokafka import AIOKafkaProducer
+
+    from runstate.kafka_security import kafka_options
+
+    settings = isolated_settings(base_settings, partitions=1)
+    run_id = uuid.uuid4()
+    key = str(run_id).encode()
+    producer = AIOKafkaProducer(**kafka_options(settings))
+    await producer.start()
+    try:
+        for value, headers in [
+            (CreateTaskRunCommand(id=run_id).model_dump_json().encode(), [("bin", b"\xff\xfe\x00")]),
+            (SetStateCommand(task_run_id=run_id, state=state("RUNNING")).model_dump_json().encode(),
+             [("empty", None), ("bin", b"\xc3\x28")]),
+        ]:
+            await producer.send_and_wait(settings.command_topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+    async with InProcessService(settings):
+        results = await read_topic(settings, settings.result_topic, 2)
+    answers = [OrchestrationResultEvent.model_validate_json(r.value) for r in results]
+    assert [a.status for a in answers] == [SetStateStatus.ACCEPT, SetStateStatus.ACCEPT]

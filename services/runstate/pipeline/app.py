@@ -14,8 +14,10 @@ record already decided and its stored outcome is published again.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -31,6 +33,20 @@ from runstate.pipeline.consumer import CoalescingConsumer
 from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
 from runstate.pipeline.service import OrchestrationService
 from runstate.store.postgres import PostgresEventStore
+
+
+async def _parse_batch(records: tuple[Any, ...], original: Callable[..., Awaitable[Any]]) -> Any:
+    """FastStream's batch parser decodes every header value as UTF-8 and so fails
+    the whole batch on one binary or null header, before runstate sees a record.
+    runstate reads no header of a command: such values are passed on as text."""
+    try:
+        return await original(records)
+    except Exception:  # noqa: BLE001 - any header the parser cannot take
+        return await original(tuple(dataclasses.replace(r, headers=_text_headers(r.headers)) for r in records))
+
+
+def _text_headers(headers: Any) -> list[tuple[str, bytes]]:
+    return [(str(name), (value or b"").decode("utf-8", "replace").encode()) for name, value in headers or ()]
 
 
 async def _records_of(message: Any) -> Any:
@@ -115,6 +131,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
             batch_timeout_ms=settings.batch_timeout_ms,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR,
+            parser=_parse_batch,
             decoder=_records_of,
             title="commands",
             description=(
