@@ -5,6 +5,7 @@ runstate.cli_support."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,17 +50,33 @@ LogLevel = Annotated[str, typer.Option(help="Python log level.")]
 
 
 @app.command()
-def serve(log_level: LogLevel = "INFO", as_json: JsonFlag = False) -> None:
+def serve(
+    log_level: LogLevel = "INFO",
+    as_json: JsonFlag = False,
+    metrics_port: int | None = typer.Option(
+        None, help="Port of /metrics, /health and /ready (default: RUNSTATE_METRICS_PORT, else 9464; 0: none)."),
+) -> None:
     """Run the consumer service (decides commands until SIGTERM/SIGINT). --json: logs as JSON lines on stdout."""
     import uvloop
+    from faststream.asgi import AsgiFastStream
 
     from runstate.pipeline.app import build_app
 
     configure_logging(log_level, as_json)
     settings = load_settings()
+    if metrics_port is not None:
+        settings = settings.replace(metrics_port=metrics_port)
+    service = build_app(settings)
     # uvloop: the consumer's per-batch cost is mostly event-loop work (socket
     # waits for PostgreSQL and Kafka), which libuv does in C.
-    uvloop.run(build_app(settings).run())
+    if isinstance(service, AsgiFastStream):
+        # uvicorn serves the probes and runs the consumer in its lifespan; the
+        # logging configured above stays (no uvicorn log config, no access log).
+        options = {"host": settings.metrics_host, "port": settings.metrics_port, "log_config": None,
+                   "access_log": "false"}
+        uvloop.run(service.run(log_level=getattr(logging, log_level.upper()), run_extra_options=options))
+    else:
+        uvloop.run(service.run())
 
 
 @app.command()
