@@ -16,8 +16,8 @@ from sqlalchemy.engine import make_url
 
 from runstate.client import state
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from tests.pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
-from tests.pipeline.test_pipeline import pg_dsn
+from pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
+from pipeline.test_pipeline import pg_dsn
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
