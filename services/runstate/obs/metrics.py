@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from runstate.events import EventType
+from runstate.obs.logs import log_refused
 from runstate.pipeline.ports import BatchOutcome
 
 COMMAND_KINDS = frozenset({"create_task_run", "set_task_run_state", "create_flow_run", "set_flow_run_state"})
@@ -94,6 +95,8 @@ class ConsumerMetrics:
             self.decisions.labels(kind, status).inc(n)
         for dead in outcome.dead_letters:
             self.dead_letters.labels(dead.error.code).inc()
+        if outcome.dead_letters:
+            log_refused(outcome.dead_letters)
         if outcome.duplicates:
             self.redeliveries.inc(outcome.duplicates)
         observe = self.latency.observe
