@@ -12,9 +12,9 @@ import httpx
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.engine import make_url
 
 from runstate.client import state
+from runstate.database_urls import parse
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
 from pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
 from pipeline.test_pipeline import pg_dsn
@@ -118,8 +118,8 @@ async def test_ready_follows_the_database(serving):
     grant back makes it ready again. Then the probe's own connection is cut and
     connecting refused: unready until connecting is allowed again."""
     settings, url, _ = serving
-    app_role = make_url(settings.database_url).username
-    database = make_url(settings.database_url).database
+    app_role = parse(settings.database_url).username
+    database = parse(settings.database_url).database
     admin_dsn = pg_dsn(settings.admin_database_url)
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         await wait_for(http, "/ready", 200)

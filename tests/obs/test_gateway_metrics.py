@@ -28,7 +28,7 @@ async def test_gateway_metrics_count_requests_by_route_template(base_settings):
                 assert not serving.done(), serving.result()
                 await asyncio.sleep(0.05)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                created = await http.post("/api/task_runs/", json={"task_key": "k", "dynamic_key": "d"})
+                created = await http.post("/api/task_runs/", json={"task_key": "k", "dynamic_key": str(uuid.uuid4())})
                 assert created.status_code == 201, created.text
                 missing = uuid.uuid4()
                 assert (await http.get(f"/api/task_runs/{missing}")).status_code == 404
