@@ -102,6 +102,56 @@ def gateway(
     )
 
 
+@app.command()
+def top(
+    url: list[str] = typer.Option(None, "--url", help="A consumer's address (repeatable; default RUNSTATE_CONSUMER_URL)."),
+    interval: float = typer.Option(1.0, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one view (rates over --interval) and exit."),
+    as_json: JsonFlag = False,
+) -> None:
+    """Live view of the consumers: decisions per second by status, p50/p99 latency, lag per partition,
+    dead letters and outages, read from their /metrics. --json: one view as JSON (implies --once)."""
+    import os
+    import time as clock
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from runstate import top as view_of
+    from runstate.envfile import find_env_file, read_env_file
+
+    urls = url or [u for u in [os.environ.get("RUNSTATE_CONSUMER_URL")
+                               or read_env_file(find_env_file()).get("RUNSTATE_CONSUMER_URL")] if u]
+    if not urls:
+        raise fail("no consumer address: pass --url or set RUNSTATE_CONSUMER_URL (make up writes it)", EXIT_USAGE)
+
+    def scrape_all() -> tuple[dict, float]:
+        try:
+            return view_of.merge([view_of.scrape(u) for u in urls]), clock.monotonic()
+        except OSError as exc:
+            raise fail(f"cannot read metrics: {exc}") from exc
+
+    before, then = scrape_all()
+    if once or as_json:
+        clock.sleep(interval)
+        now, at = scrape_all()
+        current = view_of.view(now, before, at - then)
+        if as_json:
+            emit_json(current.as_json())
+        else:
+            Console().print(view_of.render(current, urls))
+        return
+    with Live(view_of.render(view_of.view(before, None, 1.0), urls), refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                clock.sleep(interval)
+                now, at = scrape_all()
+                live.update(view_of.render(view_of.view(now, before, at - then), urls))
+                before, then = now, at
+        except KeyboardInterrupt:
+            return
+
+
 @app.command("asyncapi")
 def asyncapi(out: str = typer.Option("-", help="File to write, or - for stdout."), as_json: JsonFlag = False) -> None:
     """Write the AsyncAPI document of the service's topics (JSON). With --out and --json, report the file written."""
