@@ -61,7 +61,7 @@ class Service:
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     """Whether `url` answers 2xx now (a probe: /ready answers 503 until it is)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own loopback URL
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False

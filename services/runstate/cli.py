@@ -72,7 +72,7 @@ def serve(
     if isinstance(service, AsgiFastStream):
         # uvicorn serves the probes and runs the consumer in its lifespan; the
         # logging configured above stays (no uvicorn log config, no access log).
-        options = {"host": settings.metrics_host, "port": settings.metrics_port, "log_config": None,
+        options: dict[str, Any] = {"host": settings.metrics_host, "port": settings.metrics_port, "log_config": None,
                    "access_log": "false"}
         uvloop.run(service.run(log_level=getattr(logging, log_level.upper()), run_extra_options=options))
     else:

@@ -6,7 +6,6 @@ from the histogram buckets that moved in that interval (all of them on the first
 from __future__ import annotations
 
 import math
-import time
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(url: str, timeout: float = 2.0) -> Samples:
-    with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=timeout) as response:  # noqa: S310
+    with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=timeout) as response:
         return parse(response.read().decode())
 
 

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
+from pipeline.test_pipeline import pg_dsn
 from runstate.client import state
 from runstate.database_urls import parse
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
-from pipeline.test_pipeline import pg_dsn
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 

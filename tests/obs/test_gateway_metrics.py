@@ -8,8 +8,8 @@ import uuid
 import httpx
 import pytest
 import uvicorn
-from pipeline.harness import InProcessService, isolated_settings
 
+from pipeline.harness import InProcessService, isolated_settings
 from runstate.gateway import create_app
 
 from .test_consumer_http import free_port, samples

@@ -183,7 +183,7 @@ class BulkHistogram(Collector):
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         cumulative, running = [], 0
-        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts):
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
             running += count
             cumulative.append((bound, running))
         family = HistogramMetricFamily(self.name, self.documentation)

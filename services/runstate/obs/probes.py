@@ -5,6 +5,7 @@ routes of FastStream's ASGI app (pipeline/app.py mounts them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -54,10 +55,8 @@ class ConsumerProbes:
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection is dropped either way
                 await conn.close()
-            except Exception:  # noqa: BLE001 - a broken connection is dropped either way
-                pass
 
     def in_group(self) -> bool:
         """Every lane's consumer is started: it holds partitions or waits for them."""

@@ -175,6 +175,6 @@ def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
         await probes.close()
         await disconnect(service)
 
-    app.state_service = service  # type: ignore[attr-defined]
-    app.probes = probes  # type: ignore[attr-defined]
+    app.state_service = service  # type: ignore[union-attr]
+    app.probes = probes  # type: ignore[union-attr]
     return app
