@@ -34,6 +34,8 @@ sys.path.append(str(REPO / "deploy"))
 ENV_FILE = REPO / ".runstate" / "env"
 BACKEND = os.environ.get("RUNSTATE_TEST_BACKEND", "local").strip().lower() or "local"
 CONNECT_TIMEOUT_S = 5.0
+# The consumers that tests start serve no HTTP port unless a test asks for one (runstate.config).
+os.environ.setdefault("RUNSTATE_METRICS_PORT", "0")
 
 
 def _setting(name: str) -> str | None:

@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .kafka_probes import kafka_group_stable
 from .layout import REPO, Layout
 from .output import StackError, say
-from .ports import HOST, Ports, tcp_open
+from .ports import HOST, Ports
 from .processes import Launcher, exited
 from .records import Record
 
@@ -57,6 +58,15 @@ class Service:
     port: str | None = None
 
 
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether `url` answers 2xx now (a probe: /ready answers 503 until it is)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def runstate_cli(*args: str) -> list[str]:
     """The project's CLI, run by this interpreter (the virtualenv's, under make)."""
     return [sys.executable, "-m", "runstate.cli", *args]
@@ -65,13 +75,15 @@ def runstate_cli(*args: str) -> list[str]:
 # The long-running runstate processes, in start order.
 SERVICES: list[Service] = [
     # The consumer service (`runstate serve`): applies the migrations first, then joins the
-    # consumer group on the command topic; ready once the group is Stable with a member.
+    # consumer group on the command topic; ready once its own /ready says so (in the group,
+    # the database answers, no outage, the producer started). /metrics is on the same port.
     Service(
         name="consumer",
         prepare=lambda ctx: [runstate_cli("db", "upgrade")],
-        argv=lambda ctx: runstate_cli("serve"),
-        ready=lambda ctx: kafka_group_stable(ctx.env["KAFKA_BOOTSTRAP_SERVERS"],
-                                             os.environ.get("RUNSTATE_CONSUMER_GROUP") or "runstate"),
+        argv=lambda ctx: runstate_cli("serve", "--metrics-port", str(ctx.port("consumer"))),
+        ready=lambda ctx: http_ok(f"{ctx.env['RUNSTATE_CONSUMER_URL']}/ready"),
+        port="consumer",
+        exports=lambda ctx: {"RUNSTATE_CONSUMER_URL": f"http://{HOST}:{ctx.port('consumer')}"},
         timeout=60.0,
     ),
     # The Prefect-compatible HTTP gateway; PREFECT_API_URL can point at RUNSTATE_HTTP_URL.
@@ -79,7 +91,7 @@ SERVICES: list[Service] = [
         name="gateway",
         argv=lambda ctx: runstate_cli("gateway", "--host", HOST, "--port", str(ctx.port("gateway")),
                                       "--log-level", "WARNING"),
-        ready=lambda ctx: tcp_open(HOST, ctx.port("gateway")),
+        ready=lambda ctx: http_ok(f"http://{HOST}:{ctx.port('gateway')}/api/ready"),
         port="gateway",
         exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api"},
         timeout=60.0,

@@ -5,6 +5,7 @@ runstate.cli_support."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,17 +50,33 @@ LogLevel = Annotated[str, typer.Option(help="Python log level.")]
 
 
 @app.command()
-def serve(log_level: LogLevel = "INFO", as_json: JsonFlag = False) -> None:
+def serve(
+    log_level: LogLevel = "INFO",
+    as_json: JsonFlag = False,
+    metrics_port: int | None = typer.Option(
+        None, help="Port of /metrics, /health and /ready (default: RUNSTATE_METRICS_PORT, else 9464; 0: none)."),
+) -> None:
     """Run the consumer service (decides commands until SIGTERM/SIGINT). --json: logs as JSON lines on stdout."""
     import uvloop
+    from faststream.asgi import AsgiFastStream
 
     from runstate.pipeline.app import build_app
 
     configure_logging(log_level, as_json)
     settings = load_settings()
+    if metrics_port is not None:
+        settings = settings.replace(metrics_port=metrics_port)
+    service = build_app(settings)
     # uvloop: the consumer's per-batch cost is mostly event-loop work (socket
     # waits for PostgreSQL and Kafka), which libuv does in C.
-    uvloop.run(build_app(settings).run())
+    if isinstance(service, AsgiFastStream):
+        # uvicorn serves the probes and runs the consumer in its lifespan; the
+        # logging configured above stays (no uvicorn log config, no access log).
+        options: dict[str, Any] = {"host": settings.metrics_host, "port": settings.metrics_port, "log_config": None,
+                   "access_log": "false"}
+        uvloop.run(service.run(log_level=getattr(logging, log_level.upper()), run_extra_options=options))
+    else:
+        uvloop.run(service.run())
 
 
 @app.command()
@@ -83,6 +100,56 @@ def gateway(
         create_app(settings, result_timeout=timeout), host=host, port=port, log_level=log_level.lower(),
         log_config=log_config,
     )
+
+
+@app.command()
+def top(
+    url: list[str] = typer.Option(None, "--url", help="A consumer's address (repeatable; default RUNSTATE_CONSUMER_URL)."),
+    interval: float = typer.Option(1.0, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one view (rates over --interval) and exit."),
+    as_json: JsonFlag = False,
+) -> None:
+    """Live view of the consumers: decisions per second by status, p50/p99 latency, lag per partition,
+    dead letters and outages, read from their /metrics. --json: one view as JSON (implies --once)."""
+    import os
+    import time as clock
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from runstate import top as view_of
+    from runstate.envfile import find_env_file, read_env_file
+
+    urls = url or [u for u in [os.environ.get("RUNSTATE_CONSUMER_URL")
+                               or read_env_file(find_env_file()).get("RUNSTATE_CONSUMER_URL")] if u]
+    if not urls:
+        raise fail("no consumer address: pass --url or set RUNSTATE_CONSUMER_URL (make up writes it)", EXIT_USAGE)
+
+    def scrape_all() -> tuple[dict, float]:
+        try:
+            return view_of.merge([view_of.scrape(u) for u in urls]), clock.monotonic()
+        except OSError as exc:
+            raise fail(f"cannot read metrics: {exc}") from exc
+
+    before, then = scrape_all()
+    if once or as_json:
+        clock.sleep(interval)
+        now, at = scrape_all()
+        current = view_of.view(now, before, at - then)
+        if as_json:
+            emit_json(current.as_json())
+        else:
+            Console().print(view_of.render(current, urls))
+        return
+    with Live(view_of.render(view_of.view(before, None, 1.0), urls), refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                clock.sleep(interval)
+                now, at = scrape_all()
+                live.update(view_of.render(view_of.view(now, before, at - then), urls))
+                before, then = now, at
+        except KeyboardInterrupt:
+            return
 
 
 @app.command("asyncapi")

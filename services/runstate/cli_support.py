@@ -108,9 +108,13 @@ _FASTSTREAM_LOGGERS = ("faststream", "faststream.access.kafka")
 
 def configure_logging(level: str, as_json: bool) -> None:
     """Logs as text on stderr, or (`--json`) as JSON lines on stdout."""
+    from runstate.obs.logs import ConsoleLogFormatter
+
     level = level.upper()
     if not as_json:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(ConsoleLogFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonLogFormatter())

@@ -28,6 +28,9 @@ from runstate.envfile import find_env_file, read_env_file
 
 # Kafka's rule for topic names.
 TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+# Where `runstate serve` answers /metrics, /health and /ready unless told otherwise
+# (the customary port range of Prometheus exporters).
+DEFAULT_METRICS_PORT = 9464
 HINT = "export it, or run `make up` to start the local stack"
 
 
@@ -184,6 +187,9 @@ class Settings(WorkerSettings):
     gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
     # What Prefect clients send as PREFECT_API_AUTH_STRING; unset, the gateway answers anyone.
     gateway_auth_string: SecretStr | None = Field(None, min_length=1, validation_alias="RUNSTATE_GATEWAY_AUTH_STRING")
+    # The consumer's HTTP port (/metrics, /health, /ready); 0 turns it off (the test suite sets 0).
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, validation_alias="RUNSTATE_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", min_length=1, validation_alias="RUNSTATE_METRICS_HOST")
 
     defaults_from: ClassVar[dict[str, str]] = {"admin_database_url": "database_url"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,8 +107,12 @@ class Consumer:
     def start(self) -> Consumer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "ab")  # noqa: SIM115 - the child process writes to it after this returns
+        # Each consumer serves its /metrics on a port of its own (as deployed; 9464 is one port).
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env = {**self.env, "RUNSTATE_METRICS_PORT": str(sock.getsockname()[1])}
         self.proc = subprocess.Popen([sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],
-                                     env=self.env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO,
                                      stdin=subprocess.DEVNULL)
         return self
 

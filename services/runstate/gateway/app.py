@@ -16,6 +16,7 @@ from starlette.types import Scope
 from runstate import __version__
 from runstate.client import CommandTooLarge, RunstateClient, RunstateTimeout, RunstateUnavailable
 from runstate.config import Settings
+from runstate.obs.http import HttpMetrics, HttpMetricsMiddleware, metrics_endpoint
 from runstate.store.reads import make_engine
 
 from .auth import BasicAuthGuard
@@ -39,12 +40,14 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
         await bus.start()
         engine = make_engine(s.database_url, pool_size=8)
         app.state.gateway = Gateway(bus, GatewayReads(engine), result_timeout, s.gateway_max_body_bytes)
+        metrics.sample_waiting = lambda: bus.pending
         try:
             yield
         finally:
             await bus.stop()
             await engine.dispose()
 
+    metrics = HttpMetrics()
     app = FastAPI(
         title="runstate gateway",
         version=__version__,
@@ -61,6 +64,9 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
     app.add_middleware(BodyGuard, max_body_bytes=_max_body_bytes)
     # Added last, so it runs first: an unauthenticated body is never read.
     app.add_middleware(BasicAuthGuard)
+    # Outermost: a request the guards refuse is counted too.
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_route("/metrics", metrics_endpoint(metrics), include_in_schema=False)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(PendingDecision, _pending)
     app.add_exception_handler(RunstateTimeout, _pending)

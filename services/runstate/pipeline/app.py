@@ -22,13 +22,17 @@ from functools import partial
 from typing import Any
 
 from faststream import AckPolicy, FastStream
+from faststream.asgi import AsgiFastStream
 from faststream.kafka import KafkaBroker
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
 from runstate import __version__
 from runstate.config import Settings
 from runstate.kafka_security import faststream_security
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.obs.metrics import ConsumerMetrics
+from runstate.obs.probes import ConsumerProbes
 from runstate.pipeline.consumer import CoalescingConsumer
 from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
 from runstate.pipeline.service import OrchestrationService
@@ -78,9 +82,32 @@ async def disconnect(service: OrchestrationService) -> None:
     await service.store.close()
 
 
-def build_app(settings: Settings | None = None) -> FastStream:
-    """The composition root of `runstate serve`: the ports' adapters wired in."""
+def _build_coalescing_consumers(broker: KafkaBroker, linger_ms: int, on_commit: Any) -> None:
+    """The subscribers build their aiokafka consumers through the broker config's
+    factory (the hook FastStream's own test broker replaces); ours coalesces
+    fetches and times commits. FastStream sets a plain factory again when the
+    broker connects, so ours is put back right after."""
+    config = broker.config.broker_config
+
+    def install() -> None:
+        config.builder = partial(CoalescingConsumer, linger_ms=linger_ms, on_commit=on_commit,
+                                 **config.builder.keywords)  # type: ignore[attr-defined]  # a functools.partial
+
+    connect = config.connect
+
+    async def connect_then_install(**connection: Any) -> None:
+        await connect(**connection)
+        install()
+
+    install()
+    config.connect = connect_then_install  # type: ignore[method-assign]
+
+
+def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
+    """The composition root of `runstate serve`: the ports' adapters wired in.
+    With a metrics port, FastStream's ASGI app, serving /metrics, /health and /ready."""
     settings = settings or Settings.load()
+    metrics = ConsumerMetrics()
     # FastStream's access log ("Received", "Processed") goes to DEBUG: two
     # lines a batch are a visible part of a small batch's CPU.
     broker = KafkaBroker(
@@ -88,12 +115,11 @@ def build_app(settings: Settings | None = None) -> FastStream:
         security=faststream_security(settings),
         client_id="runstate-service",
         log_level=logging.DEBUG,
+        middlewares=[KafkaPrometheusMiddleware(registry=metrics.registry, app_name="runstate")],
     )
-    # The subscribers build their aiokafka consumers through this factory (the
-    # hook FastStream's own test broker replaces); ours coalesces fetches.
-    config = broker.config.broker_config
-    config.builder = partial(CoalescingConsumer, linger_ms=settings.batch_timeout_ms, **config.builder.keywords)  # type: ignore[attr-defined]  # the default builder is a functools.partial
+    _build_coalescing_consumers(broker, settings.batch_timeout_ms, partial(metrics.phase, "commit"))
     service = new_service(settings)
+    service.metrics = metrics
 
     # Declared for the AsyncAPI document; the service publishes through its
     # own producer so one batch's sends are in flight together.
@@ -122,8 +148,9 @@ def build_app(settings: Settings | None = None) -> FastStream:
     # Each lane is one more member of the consumer group, with partitions of
     # its own: while one lane waits on PostgreSQL or the broker, another
     # decides, so one process keeps its core busy.
+    subscribers = []
     for lane in range(settings.lanes):
-        broker.subscriber(
+        subscriber = broker.subscriber(
             settings.command_topic,
             group_id=settings.consumer_group,
             batch=True,
@@ -138,12 +165,17 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 "create_task_run / set_task_run_state / create_flow_run / set_flow_run_state, keyed by run id."
             ),
             include_in_schema=lane == 0,
-        )(on_commands)
+        )
+        subscriber(on_commands)
+        subscribers.append(subscriber)
 
-    app = FastStream(
-        broker,
-        specification=AsyncAPI(broker, title="runstate", version=__version__, description=__doc__),
-    )
+    probes = ConsumerProbes(service, metrics, lambda: [s.consumer for s in subscribers])
+    specification = AsyncAPI(broker, title="runstate", version=__version__, description=__doc__)
+    app: FastStream | AsgiFastStream
+    if settings.metrics_port:
+        app = AsgiFastStream(broker, asgi_routes=probes.routes(), specification=specification)
+    else:
+        app = FastStream(broker, specification=specification)
 
     @app.on_startup
     async def start_service() -> None:
@@ -157,7 +189,9 @@ def build_app(settings: Settings | None = None) -> FastStream:
 
     @app.after_shutdown
     async def stop_service() -> None:
+        await probes.close()
         await disconnect(service)
 
-    app.state_service = service  # type: ignore[attr-defined]
+    app.state_service = service  # type: ignore[union-attr]
+    app.probes = probes  # type: ignore[union-attr]
     return app

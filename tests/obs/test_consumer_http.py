@@ -1,0 +1,151 @@
+"""The consumer's HTTP port on a real `runstate serve` process: /metrics counts
+what was published, /ready follows the database."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
+from pipeline.test_pipeline import pg_dsn
+from runstate.client import state
+from runstate.database_urls import parse
+from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_for(http: httpx.AsyncClient, path: str, status: int, timeout: float = 60.0) -> httpx.Response:
+    """Poll `path` until it answers `status`; the last answer (or the failure) otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: httpx.Response | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            last = await http.get(path)
+            if last.status_code == status:
+                return last
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"{path} did not answer {status}; last: {last and (last.status_code, last.text)}")
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+@pytest.fixture
+def serving(base_settings, tmp_path: Path):
+    settings = isolated_settings(base_settings, partitions=2)
+    port = free_port()
+    proc = ServiceProcess(settings, tmp_path / "serve.log", RUNSTATE_METRICS_PORT=str(port)).start()
+    try:
+        yield settings, f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.stop()
+
+
+async def test_metrics_count_every_result_published(serving):
+    settings, url, _ = serving
+    runs = [uuid.uuid4() for _ in range(5)]
+    records = []
+    for run_id in runs:
+        key = str(run_id).encode()
+        records += [
+            (key, CreateTaskRunCommand(id=run_id).model_dump_json().encode()),
+            (key, SetStateCommand(task_run_id=run_id, state=state("RUNNING")).model_dump_json().encode()),
+        ]
+    records.append((b"not-a-run", b"{not json"))
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        await wait_for(http, "/ready", 200)
+        await produce(settings, records)
+        results = await read_topic(settings, settings.result_topic, len(records))
+        assert len(results) == len(records)
+        # The counters move after the acks the results were read from, the commit after them: poll.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            text = (await http.get("/metrics")).text
+            decisions = samples(text, "runstate_decisions_total")
+            committed = samples(text, "runstate_batch_phase_seconds_count").get((("phase", "commit"),), 0)
+            done = sum(decisions.values()) >= len(records) and committed
+            if done or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    published = await read_all(settings, settings.result_topic)
+    assert sum(decisions.values()) == len(published) == len(records)
+    answers = [OrchestrationResultEvent.model_validate_json(r.value) for r in published]
+    by_status = {}
+    for a in answers:
+        label = "error" if a.error else a.status.value
+        by_status[label] = by_status.get(label, 0) + 1
+    counted = {}
+    for labels, value in decisions.items():
+        counted[dict(labels)["status"]] = counted.get(dict(labels)["status"], 0) + value
+    assert counted == by_status
+    assert decisions[(("kind", "create_task_run"), ("status", "ACCEPT"))] == len(runs)
+    assert samples(text, "runstate_dead_letters_total") == {(("code", "invalid_command"),): 1.0}
+    assert samples(text, "runstate_batch_records_sum")[()] == len(records)
+    assert samples(text, "runstate_decision_latency_seconds_count")[()] == len(records)
+    phases = {dict(k)["phase"] for k, v in samples(text, "runstate_batch_phase_seconds_count").items() if v}
+    assert phases >= {"parse", "snapshot", "decide", "write", "publish", "commit"}
+    lags = samples(text, "runstate_consumer_lag")
+    assert {dict(k)["partition"] for k in lags} == {"0", "1"} and set(lags.values()) == {0.0}
+    assert samples(text, "runstate_outage")[()] == 0
+    assert samples(text, "runstate_db_pool_connections")[()] >= 1
+    assert sum(samples(text, "faststream_received_messages_total").values()) >= 1
+
+
+async def test_ready_follows_the_database(serving):
+    """An outage (the app role may not insert) makes the consumer unready; the
+    grant back makes it ready again. Then the probe's own connection is cut and
+    connecting refused: unready until connecting is allowed again."""
+    settings, url, _ = serving
+    app_role = parse(settings.database_url).username
+    database = parse(settings.database_url).database
+    admin_dsn = pg_dsn(settings.admin_database_url)
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        await wait_for(http, "/ready", 200)
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'REVOKE INSERT ON events FROM "{app_role}"')
+        try:
+            run_id = uuid.uuid4()
+            await produce(settings, [(str(run_id).encode(), CreateTaskRunCommand(id=run_id).model_dump_json().encode())])
+            unready = await wait_for(http, "/ready", 503, timeout=30)
+            assert unready.json()["checks"]["no_outage"] is False
+            metrics = (await http.get("/metrics")).text
+            assert samples(metrics, "runstate_outage")[()] == 1
+        finally:
+            with psycopg.connect(admin_dsn, autocommit=True) as conn:
+                conn.execute(f'GRANT INSERT ON events TO "{app_role}"')
+        assert (await wait_for(http, "/ready", 200, timeout=30)).json()["ready"] is True
+        assert await read_topic(settings, settings.result_topic, 1)
+        assert samples((await http.get("/metrics")).text, "runstate_outage_seconds_total")[()] > 0
+
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'runstate-probe'")
+        try:
+            unready = await wait_for(http, "/ready", 503, timeout=30)
+            assert unready.json()["checks"]["database"] is False
+        finally:
+            with psycopg.connect(admin_dsn, autocommit=True) as conn:
+                conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO PUBLIC')
+        assert (await wait_for(http, "/ready", 200, timeout=30)).json()["checks"]["database"] is True
