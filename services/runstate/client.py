@@ -15,6 +15,12 @@ skipped and logged; it never stops the reader.
 
 This module needs only aiokafka, pydantic and runstate's pure modules (config,
 domain, messages), so workers can install it next to any other framework.
+
+Tracing: where the OpenTelemetry API is installed, each request is a
+`runstate.request` span of the given tracer provider, else of the process's
+global one (the application's to set up; without one nothing is recorded or
+sent). Its context travels in the command's `traceparent` header and comes
+back on the result's.
 """
 
 from __future__ import annotations
@@ -93,12 +99,16 @@ class _Waiter:
     partition: int
     command_id: UUID
     transition: tuple[UUID, UUID] | None
+    span: Any = None  # the request's span, when traced
+    headers: list[tuple[str, bytes]] | None = None  # the command record's trace context
 
 
 class RunstateClient:
-    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client") -> None:
+    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client",
+                 tracer_provider: Any = None) -> None:
         self.settings = settings or WorkerSettings.load()
         self._client_id = client_id
+        self._tracer = _tracer(tracer_provider)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -215,7 +225,7 @@ class RunstateClient:
             delay = READ_RETRY_S[0]
             for records in batches.values():
                 for record in records:
-                    self._deliver(record.key, record.value, record.partition, record.offset)
+                    self._deliver(record.key, record.value, record.partition, record.offset, record.headers)
             self._pause_idle_partitions()
 
     def _reader_ended(self, task: asyncio.Task[None]) -> None:
@@ -232,7 +242,8 @@ class RunstateClient:
                 waiter.future.set_exception(exc)
                 waiter.future.exception()  # a submit() future nobody awaits must not log it again
 
-    def _deliver(self, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
+    def _deliver(self, key: bytes | None, value: bytes | None, partition: int, offset: int,
+                 headers: Any = None) -> None:
         """Resolve the waiters this record answers. Never raises: a record that is not
         a result is skipped, so no record on the topic can stop the reader."""
         try:
@@ -260,6 +271,8 @@ class RunstateClient:
                             self.settings.result_topic, partition, offset, event.command_id, key, waiter.key)
                 continue
             if not waiter.future.done():
+                if waiter.span is not None:
+                    _tracing().record_result(waiter.span, event, headers)
                 waiter.future.set_result(event)
 
     def _pause_idle_partitions(self) -> None:
@@ -319,6 +332,8 @@ class RunstateClient:
         key = str(stream_id_of(command)).encode()
         waiter = _Waiter(asyncio.get_running_loop().create_future(), key, self._partition_of(key),
                          command.command_id, transition)
+        if self._tracer is not None:
+            waiter.span, waiter.headers = _tracing().start_request(self._tracer, command, self.settings.command_topic)
         self._by_command[waiter.command_id] = waiter
         if transition is not None:
             self._by_transition.setdefault(transition, []).append(waiter)
@@ -329,6 +344,10 @@ class RunstateClient:
         return waiter
 
     def _forget(self, waiter: _Waiter) -> None:
+        if waiter.span is not None:
+            future = waiter.future
+            failure = RunstateTimeout("no result: timed out or cancelled") if future.cancelled() else future.exception()
+            _tracing().end_request(waiter.span, failure)
         if self._by_command.get(waiter.command_id) is waiter:
             del self._by_command[waiter.command_id]
         if waiter.transition is not None:
@@ -370,8 +389,10 @@ class RunstateClient:
     async def _publish(self, waiter: _Waiter, value: bytes) -> None:
         await self._read_partition(waiter.partition)
         assert self._producer is not None
-        delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key,
-                                              headers=[(SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode())])
+        headers = [(SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode())]
+        if waiter.headers:
+            headers += waiter.headers
+        delivered = await self._producer.send(self.settings.command_topic, value, key=waiter.key, headers=headers)
         await delivered
 
     @staticmethod
@@ -492,8 +513,9 @@ class SyncRunstateClient:
     callback running on its own loop.
     """
 
-    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client") -> None:
-        self.client = RunstateClient(settings, client_id=client_id)
+    def __init__(self, settings: WorkerSettings | None = None, *, client_id: str = "runstate-client",
+                 tracer_provider: Any = None) -> None:
+        self.client = RunstateClient(settings, client_id=client_id, tracer_provider=tracer_provider)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -575,6 +597,21 @@ class SyncRunstateClient:
         self, flow_run_id: UUID, state: StateCreate | dict[str, Any], *, timeout: float = 30.0
     ) -> OrchestrationResultEvent:
         return self._run(self.client.set_flow_run_state(flow_run_id, state, timeout=timeout))
+
+
+def _tracing() -> Any:
+    from runstate.obs import tracing
+
+    return tracing
+
+
+def _tracer(provider: Any) -> Any:
+    """The requests' tracer, or None where the OpenTelemetry API is not installed."""
+    try:
+        from runstate.obs.tracing import client_tracer
+    except ImportError:
+        return None
+    return client_tracer(provider)
 
 
 async def _await(future: Awaitable[T]) -> T:

@@ -190,6 +190,19 @@ class Settings(WorkerSettings):
     # The consumer's HTTP port (/metrics, /health, /ready); 0 turns it off (the test suite sets 0).
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, validation_alias="RUNSTATE_METRICS_PORT")
     metrics_host: str = Field("127.0.0.1", min_length=1, validation_alias="RUNSTATE_METRICS_HOST")
+    # off: no Prometheus work per batch (the consumer's /metrics answers 404; probes and logs stay).
+    metrics: Literal["on", "off"] = Field("on", validation_alias="RUNSTATE_METRICS")
+    # OpenTelemetry tracing of the consumer and the gateway (runstate.obs.tracing). auto: on when
+    # the standard OTEL_TRACES_EXPORTER names an exporter or an OTLP endpoint is set.
+    tracing: Literal["auto", "on", "off"] = Field("auto", validation_alias="RUNSTATE_TRACING")
+    # The standard OpenTelemetry variables runstate reads itself; the OTLP exporter reads the
+    # rest of its own (OTEL_EXPORTER_OTLP_HEADERS, _PROTOCOL, _CERTIFICATE, ...) from the environment.
+    otel_traces_exporter: Literal["otlp", "console", "none"] | None = Field(
+        None, validation_alias="OTEL_TRACES_EXPORTER")
+    otel_exporter_otlp_endpoint: str | None = Field(None, min_length=1, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None, min_length=1, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
 
     defaults_from: ClassVar[dict[str, str]] = {"admin_database_url": "database_url"}
 
@@ -201,6 +214,19 @@ class Settings(WorkerSettings):
             if app_url:
                 data = {**data, "admin_database_url": app_url}
         return data
+
+    @property
+    def traces_exporter(self) -> str | None:
+        """Where spans go when tracing is on (otlp, console, none: made and dropped); None when off."""
+        if self.tracing == "off" or self.otel_sdk_disabled:
+            return None
+        configured = self.otel_traces_exporter
+        if configured == "none":
+            return "none" if self.tracing == "on" else None
+        endpoint = self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint
+        if self.tracing == "on" or configured or endpoint:
+            return configured or "otlp"
+        return None
 
     @field_validator("database_url", "admin_database_url")
     @classmethod

@@ -3,6 +3,7 @@ Prefect's error bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +37,12 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
         s = settings or Settings.load()
         secret = s.gateway_auth_string
         app.state.auth_string = secret.get_secret_value() if secret is not None else None
-        bus = RunstateClient(s, client_id="runstate-gateway")
+        provider = None
+        if s.traces_exporter is not None:
+            from runstate.obs.tracing import tracer_provider
+
+            provider = tracer_provider(s, "runstate-gateway")
+        bus = RunstateClient(s, client_id="runstate-gateway", tracer_provider=provider)
         await bus.start()
         engine = make_engine(s.database_url, pool_size=8)
         app.state.gateway = Gateway(bus, GatewayReads(engine), result_timeout, s.gateway_max_body_bytes)
@@ -46,6 +52,8 @@ def create_app(settings: Settings | None = None, *, result_timeout: float = DEFA
         finally:
             await bus.stop()
             await engine.dispose()
+            if provider is not None:
+                await asyncio.to_thread(provider.shutdown)  # exports the spans still buffered
 
     metrics = HttpMetrics()
     app = FastAPI(

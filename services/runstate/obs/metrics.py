@@ -142,6 +142,22 @@ class ConsumerMetrics:
         self._account_outage()
 
 
+class RefusalLog:
+    """The ServiceMetrics port with metrics off (RUNSTATE_METRICS=off): no Prometheus work,
+    only the log line of each refused command that ConsumerMetrics.batch writes too."""
+
+    def phase(self, name: str, seconds: float) -> None:
+        pass
+
+    def batch(self, outcome: BatchOutcome, records: int, decided_at: float,
+              record_timestamps_ms: list[int]) -> None:
+        if outcome.dead_letters:
+            log_refused(outcome.dead_letters)
+
+    def outage(self, what: str | None) -> None:
+        pass
+
+
 def _kind_and_status(value: str) -> tuple[str, str]:
     try:
         answer: Any = json.loads(value)

@@ -103,7 +103,8 @@ class ConsumerProbes:
     async def close(self) -> None:
         await self._drop()
 
-    def routes(self) -> list[tuple[str, Any]]:
+    def routes(self, *, metrics: bool = True) -> list[tuple[str, Any]]:
+        """/health and /ready, and /metrics unless metrics are off."""
         @get(include_in_schema=False)
         async def health(scope: Any) -> AsgiResponse:
             return AsgiResponse(b'{"status":"alive"}', 200, headers={"content-type": "application/json"})
@@ -116,7 +117,7 @@ class ConsumerProbes:
             return AsgiResponse(body, 200 if ok else 503, headers={"content-type": "application/json"})
 
         @get(include_in_schema=False)
-        async def metrics(scope: Any) -> AsgiResponse:
+        async def exposition(scope: Any) -> AsgiResponse:
             return AsgiResponse(await self.exposition(), 200, headers={"content-type": CONTENT_TYPE_LATEST})
 
-        return [("/health", health), ("/ready", ready), ("/metrics", metrics)]
+        return [("/health", health), ("/ready", ready), *([("/metrics", exposition)] if metrics else [])]

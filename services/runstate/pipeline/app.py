@@ -14,12 +14,13 @@ record already decided and its stored outcome is published again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faststream import AckPolicy, FastStream
 from faststream.asgi import AsgiFastStream
@@ -31,18 +32,22 @@ from runstate import __version__
 from runstate.config import Settings
 from runstate.kafka_security import faststream_security
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
-from runstate.obs.metrics import ConsumerMetrics
+from runstate.obs.metrics import ConsumerMetrics, RefusalLog
 from runstate.obs.probes import ConsumerProbes
 from runstate.pipeline.consumer import CoalescingConsumer
 from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
 from runstate.pipeline.service import OrchestrationService
 from runstate.store.postgres import PostgresEventStore
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 
 async def _parse_batch(records: tuple[Any, ...], original: Callable[..., Awaitable[Any]]) -> Any:
     """FastStream's batch parser decodes every header value as UTF-8 and so fails
     the whole batch on one binary or null header, before runstate sees a record.
-    runstate reads no header of a command: such values are passed on as text."""
+    runstate reads no header of a command but the trace context: such values are
+    passed on as text."""
     try:
         return await original(records)
     except Exception:  # noqa: BLE001 - any header the parser cannot take
@@ -82,6 +87,14 @@ async def disconnect(service: OrchestrationService) -> None:
     await service.store.close()
 
 
+def _trace(service: OrchestrationService, provider: TracerProvider) -> None:
+    from runstate.obs.tracing import ConsumerTracer  # the OpenTelemetry API: only when tracing is on
+
+    tracer = ConsumerTracer(provider, service.settings.command_topic)
+    service.tracer = tracer
+    service.metrics = tracer.metrics(service.metrics)
+
+
 def _build_coalescing_consumers(broker: KafkaBroker, linger_ms: int, on_commit: Any) -> None:
     """The subscribers build their aiokafka consumers through the broker config's
     factory (the hook FastStream's own test broker replaces); ours coalesces
@@ -103,11 +116,14 @@ def _build_coalescing_consumers(broker: KafkaBroker, linger_ms: int, on_commit: 
     config.connect = connect_then_install  # type: ignore[method-assign]
 
 
-def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
+def build_app(settings: Settings | None = None, *,
+              tracer_provider: TracerProvider | None = None) -> FastStream | AsgiFastStream:
     """The composition root of `runstate serve`: the ports' adapters wired in.
-    With a metrics port, FastStream's ASGI app, serving /metrics, /health and /ready."""
+    With a metrics port, FastStream's ASGI app, serving /metrics, /health and /ready.
+    Spans go to `tracer_provider`, else to the one the settings ask for (none by default)."""
     settings = settings or Settings.load()
     metrics = ConsumerMetrics()
+    metrics_on = settings.metrics == "on"
     # FastStream's access log ("Received", "Processed") goes to DEBUG: two
     # lines a batch are a visible part of a small batch's CPU.
     broker = KafkaBroker(
@@ -115,11 +131,19 @@ def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
         security=faststream_security(settings),
         client_id="runstate-service",
         log_level=logging.DEBUG,
-        middlewares=[KafkaPrometheusMiddleware(registry=metrics.registry, app_name="runstate")],
+        middlewares=[KafkaPrometheusMiddleware(registry=metrics.registry, app_name="runstate")] if metrics_on else [],
     )
-    _build_coalescing_consumers(broker, settings.batch_timeout_ms, partial(metrics.phase, "commit"))
+    _build_coalescing_consumers(broker, settings.batch_timeout_ms,
+                                partial(metrics.phase, "commit") if metrics_on else None)
     service = new_service(settings)
-    service.metrics = metrics
+    service.metrics = metrics if metrics_on else RefusalLog()
+    own_provider = None
+    if tracer_provider is None and settings.traces_exporter is not None:
+        from runstate.obs.tracing import tracer_provider as configured_provider
+
+        tracer_provider = own_provider = configured_provider(settings, "runstate-consumer")
+    if tracer_provider is not None:
+        _trace(service, tracer_provider)
 
     # Declared for the AsyncAPI document; the service publishes through its
     # own producer so one batch's sends are in flight together.
@@ -173,7 +197,7 @@ def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
     specification = AsyncAPI(broker, title="runstate", version=__version__, description=__doc__)
     app: FastStream | AsgiFastStream
     if settings.metrics_port:
-        app = AsgiFastStream(broker, asgi_routes=probes.routes(), specification=specification)
+        app = AsgiFastStream(broker, asgi_routes=probes.routes(metrics=metrics_on), specification=specification)
     else:
         app = FastStream(broker, specification=specification)
 
@@ -191,6 +215,8 @@ def build_app(settings: Settings | None = None) -> FastStream | AsgiFastStream:
     async def stop_service() -> None:
         await probes.close()
         await disconnect(service)
+        if own_provider is not None:
+            await asyncio.to_thread(own_provider.shutdown)  # exports the spans still buffered
 
     app.state_service = service  # type: ignore[union-attr]
     app.probes = probes  # type: ignore[union-attr]

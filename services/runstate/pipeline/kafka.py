@@ -153,7 +153,9 @@ class KafkaPublisher:
         s = self.settings
         send = self.producer.send
         version = [(SCHEMA_VERSION_HEADER, SCHEMA_VERSION_BYTES)]
-        sends = [await send(s.result_topic, p.value.encode(), key=p.key, headers=version) for p in outcome.results]
+        sends = [await send(s.result_topic, p.value.encode(), key=p.key,
+                            headers=version if p.trace_headers is None else version + p.trace_headers)
+                 for p in outcome.results]
         sends += [await send(s.state_change_topic, p.value.encode(), key=p.key, headers=version)
                   for p in outcome.state_changes]
         for dead in outcome.dead_letters:

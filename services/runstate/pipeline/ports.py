@@ -137,6 +137,8 @@ class EventRow:
 class Publication:
     key: bytes | None
     value: str
+    # W3C trace context headers (traceparent, tracestate) when tracing is on.
+    trace_headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from runstate.config import Settings
 from runstate.domain import OrchestrationSettings
@@ -77,6 +77,22 @@ async def read_snapshot(
     return snap
 
 
+class BatchTrace(Protocol):
+    def stored(self, outcome: BatchOutcome) -> None:
+        """The batch is decided and stored; its results are about to be published."""
+
+    def end(self, outcome: BatchOutcome | None, error: BaseException | None = None) -> None:
+        """The batch's results are acknowledged, or `error` stopped it (it is delivered again)."""
+
+
+class BatchTracer(Protocol):
+    """Tracing of batches (obs/tracing.py); the service holds none when tracing is off."""
+
+    def begin(self, raw_records: Sequence[Any], items: Sequence[ParsedCommand | BadRecord],
+              started: float) -> BatchTrace:
+        """A batch began at `started` (time.perf_counter())."""
+
+
 class OrchestrationService:
     """Decides batches of command records and publishes what they produced."""
 
@@ -86,6 +102,7 @@ class OrchestrationService:
         self.store = store
         self.publisher = publisher
         self.metrics: ServiceMetrics = metrics or NoMetrics()
+        self.tracer: BatchTracer | None = None
         self.rules_settings = OrchestrationSettings()
         # What a result or state change may weigh (the topics' limit, set at start-up).
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
@@ -104,13 +121,23 @@ class OrchestrationService:
         records = [IncomingRecord(r.topic, r.partition, r.offset, r.key, r.value, getattr(r, "timestamp", None))
                    for r in raw_records]
         items = [parse_record(r, self.settings.max_command_bytes) for r in records]
+        trace = None if self.tracer is None else self.tracer.begin(raw_records, items, started)
         self.metrics.phase("parse", time.perf_counter() - started)
-        outcome = await self._store(items)
-        self.crash.reached("after_db_commit")
-        started = time.perf_counter()
-        await self._publish(outcome)
-        self.metrics.phase("publish", time.perf_counter() - started)
-        self.crash.reached("after_publish")
+        try:
+            outcome = await self._store(items)
+            self.crash.reached("after_db_commit")
+            if trace is not None:
+                trace.stored(outcome)
+            started = time.perf_counter()
+            await self._publish(outcome)
+            self.metrics.phase("publish", time.perf_counter() - started)
+            self.crash.reached("after_publish")
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(None, exc)
+            raise
+        if trace is not None:
+            trace.end(outcome)
         self.metrics.batch(outcome, len(records), time.time(),
                            [r.timestamp_ms for r in records if r.timestamp_ms is not None])
         self.decided += len(outcome.events)
