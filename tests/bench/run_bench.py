@@ -37,7 +37,7 @@ import psycopg  # noqa: E402
 import uvloop  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
-from procs import Consumer, CpuMeter, pids_by_comm, rss_kib, stop_popen  # noqa: E402
+from procs import TICK, Consumer, CpuMeter, cpu_ticks, pids_by_comm, rss_kib, stop_popen  # noqa: E402
 from workload import Driver, percentile  # noqa: E402
 
 from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
@@ -204,6 +204,15 @@ class Sampler:
     def lag_stats(self) -> dict:
         lags = [s["lag"] for s in self.samples if "lag" in s]
         return {"lag_mean": sum(lags) / len(lags) if lags else None, "lag_max": max(lags) if lags else None}
+
+
+# The consumer settings the overhead measurement compares.
+OVERHEAD_VARIANTS = {
+    "metrics_off": {"RUNSTATE_METRICS": "off", "RUNSTATE_TRACING": "off"},
+    "metrics_on": {"RUNSTATE_METRICS": "on", "RUNSTATE_TRACING": "off"},
+    # Spans made by the SDK and dropped (no exporter): what tracing costs the consumer itself.
+    "tracing_on": {"RUNSTATE_METRICS": "on", "RUNSTATE_TRACING": "on", "OTEL_TRACES_EXPORTER": "none"},
+}
 
 
 def summarize(stats, extra: dict | None = None) -> dict:
@@ -380,6 +389,16 @@ class Bench:
                 runs["floor_1000"] = r
                 log(f"  at 1000/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
 
+        # 3b. what metrics and tracing cost the consumer, per command
+        if "overhead" in a.parts:
+            log(f"metrics and tracing overhead: 1 process per variant, {a.overhead_runs} lifecycles at "
+                f"{a.overhead_rate:.0f}/s per variant, {a.overhead_rounds} rounds")
+            self.reset_database()
+            res = await self.overhead()
+            runs["overhead"] = res
+            log(f"  metrics add {res['metrics_overhead_pct']:+.1f} % CPU per command, tracing (no exporter) "
+                f"{res['tracing_overhead_pct']:+.1f} % more")
+
         # 4. scale-out
         runs["scale"] = []
         for n in (a.scale if "scale" in a.parts else []):
@@ -409,6 +428,63 @@ class Bench:
         finally:
             if prefect:
                 prefect.stop()
+
+    # ---------------------------------------------------------------- metrics and tracing overhead
+    @contextlib.asynccontextmanager
+    async def overhead_consumer(self, label: str, extra_env: dict[str, str]):
+        """One `runstate serve` process (1 lane) with `extra_env`, its topics and a warmed driver."""
+        topics = topic_names(label)
+        await create_topics(self.bootstrap, self.app_url, topics)
+        env = {k: v for k, v in self.consumer_env(topics, 1).items() if not k.startswith("OTEL_")}
+        consumer = Consumer({**env, **extra_env}, WORK / f"{label}.log").start()
+        try:
+            await wait_group(self.bootstrap, topics["RUNSTATE_CONSUMER_GROUP"], 1)
+            async with Driver(self.bootstrap, topics["RUNSTATE_COMMAND_TOPIC"],
+                              topics["RUNSTATE_RESULT_TOPIC"]) as driver:
+                await driver.run(32, 200, None, warmup=0)
+                yield driver, consumer.pid
+        finally:
+            consumer.stop()
+
+    async def overhead(self) -> dict:
+        """Consumer CPU per command with metrics off, on, and on with tracing: one consumer
+        process per variant, all running; each round drives the same fixed workload (the same
+        lifecycles, seed and offered rate) through each variant in turn, so the machine's drift
+        falls on all of them. The median over the rounds is reported."""
+        a = self.args
+        samples: dict[str, list[dict]] = {name: [] for name in OVERHEAD_VARIANTS}
+        async with contextlib.AsyncExitStack() as stack:
+            consumers = {name: await stack.enter_async_context(self.overhead_consumer(f"overhead-{name}", env))
+                         for name, env in OVERHEAD_VARIANTS.items()}
+            for round_ in range(a.overhead_rounds):
+                order = list(consumers)
+                order = order[round_ % len(order):] + order[:round_ % len(order)]
+                for name in order:
+                    driver, pid = consumers[name]
+                    received0, ticks0 = driver.received, cpu_ticks(pid)
+                    stats = await driver.run(a.load_workers, a.overhead_runs, None, rate=a.overhead_rate, warmup=0)
+                    await asyncio.sleep(0.5)  # the last batch's offset commit
+                    cpu_s = (cpu_ticks(pid) - ticks0) / TICK
+                    commands = driver.received - received0
+                    samples[name].append({"commands": commands, "cpu_s": cpu_s,
+                                          "cpu_us_per_command": cpu_s / commands * 1e6 if commands else None,
+                                          "throughput": stats.throughput, "p50_ms": percentile(stats.latencies, 50) * 1e3,
+                                          "p99_ms": percentile(stats.latencies, 99) * 1e3})
+                    log(f"  round {round_ + 1} {name}: {commands} commands, "
+                        f"{samples[name][-1]['cpu_us_per_command']:.0f} µs CPU each, p99 {samples[name][-1]['p99_ms']:.1f} ms")
+
+        def median(values: list[float]) -> float:
+            ordered = sorted(values)
+            mid = len(ordered) // 2
+            return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+        variants = {name: {"cpu_us_per_command": median([x["cpu_us_per_command"] for x in xs if x["cpu_us_per_command"]]),
+                           "p99_ms": median([x["p99_ms"] for x in xs]), "samples": xs}
+                    for name, xs in samples.items()}
+        off, on, traced = (variants[n]["cpu_us_per_command"] for n in ("metrics_off", "metrics_on", "tracing_on"))
+        return {"rate": a.overhead_rate, "runs": a.overhead_runs, "rounds": a.overhead_rounds,
+                "workers": a.load_workers, "variants": variants,
+                "metrics_overhead_pct": (on - off) / off * 100, "tracing_overhead_pct": (traced - on) / on * 100}
 
     def rebuild_template(self) -> list[tuple]:
         """Whole histories of real runs decided by runstate in this run (every lifecycle shape)."""
@@ -603,11 +679,15 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO)
     p.add_argument("--report-only", action="store_true",
                    help="rewrite BENCHMARKS.md/.png from the last run's .runstate/bench/results.json")
-    p.add_argument("--parts", type=str, default="main,floor,scale,rebuild,prefect")
+    p.add_argument("--parts", type=str, default="main,floor,overhead,scale,rebuild,prefect")
+    p.add_argument("--overhead-rate", type=float, default=1000, help="offered commands/s of the overhead runs")
+    p.add_argument("--overhead-runs", type=int, default=3000, help="lifecycles per variant and round")
+    p.add_argument("--overhead-rounds", type=int, default=3)
     a = p.parse_args(argv)
     if a.quick:
         a.main_commands, a.main_seconds, a.load_seconds, a.side_seconds = 120_000, 40, 5, 8
         a.prefect_seconds, a.rebuild_events = 8, 50_000
+        a.overhead_runs, a.overhead_rounds = 600, 2
     a.loads = [float(x) for x in a.loads.split(",") if x]
     a.scale = [int(x) for x in a.scale.split(",") if x]
     a.parts = set(a.parts.split(","))

@@ -263,11 +263,11 @@ def client_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
 def start_request(tracer: trace.Tracer, command: Command, topic: str) -> tuple[Span | None, list[tuple[str, bytes]]]:
     """The request span of a command about to be produced, and the headers that carry it;
     (None, []) when the tracer does not record."""
-    span = tracer.start_span("runstate.request", kind=SpanKind.CLIENT, attributes={
-        **SYSTEM, "messaging.destination.name": topic, "messaging.operation.type": "send",
-        "runstate.command.kind": command.kind, "runstate.command.id": str(command.command_id)})
+    span = tracer.start_span("runstate.request", kind=SpanKind.CLIENT)
     if not span.is_recording():
         return None, []
+    span.set_attributes({**SYSTEM, "messaging.destination.name": topic, "messaging.operation.type": "send",
+                         "runstate.command.kind": command.kind, "runstate.command.id": str(command.command_id)})
     return span, context_headers(span)
 
 
