@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pipeline.harness import isolated_settings, produce, read_topic
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
+from runstate.kafka_security import kafka_options
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.obs.metrics import ConsumerMetrics, RefusalLog
 from runstate.pipeline.app import build_app
@@ -136,8 +138,36 @@ async def test_without_a_header_the_proposals_traceparent_is_the_parent(traced):
     assert refused.attributes["runstate.error.code"] == "invalid_command"
 
 
+@pytest.mark.kafka
+@pytest.mark.postgres
+async def test_hostile_trace_headers_are_decided_all_the_same(traced):
+    settings, _, exporter = traced
+    exporter.clear()
+    run_id = uuid.uuid4()
+    create = CreateTaskRunCommand(command_id=uuid.uuid4(), id=run_id)
+    headers = [("traceparent", b"\xff\xfe"), ("traceparent", b"00-" + b"z" * 100_000), ("tracestate", None),
+               ("traceparent", b"00-00000000000000000000000000000000-0000000000000000-01")]
+    producer = AIOKafkaProducer(**kafka_options(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.command_topic, create.model_dump_json().encode(),
+                                     key=str(run_id).encode(), headers=headers)
+    finally:
+        await producer.stop()
+    spans = await finished(exporter, lambda spans: any(
+        s.attributes.get("runstate.command.id") == str(create.command_id) for s in spans))
+    (command,) = [s for s in named(spans, "runstate.command")
+                  if s.attributes.get("runstate.command.id") == str(create.command_id)]
+    assert command.attributes["runstate.status"] == "ACCEPT"
+    batch_ids = {s.context.span_id for s in named(spans, "runstate.batch")}
+    assert command.parent is not None and command.parent.span_id in batch_ids
+
+
 @pytest.mark.postgres
 def test_tracing_is_off_by_default_and_metrics_can_be_turned_off(base_settings):
+    # The defaults, whatever OTEL_* variables this shell may have.
+    base_settings = base_settings.replace(tracing="auto", otel_traces_exporter=None, otel_exporter_otlp_endpoint=None,
+                                          otel_exporter_otlp_traces_endpoint=None, metrics="on")
     app = build_app(base_settings)
     service = app.state_service  # type: ignore[union-attr]
     assert service.tracer is None

@@ -19,6 +19,7 @@ The spans:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from runstate.messages import Command, OrchestrationResultEvent
+
+log = logging.getLogger("runstate.tracing")
 
 Headers = Sequence[tuple[str, Any]]
 
@@ -146,8 +149,7 @@ class BatchTrace:
         batch_link = Link(self.span.get_span_context())
         self.commands: list[Span] = []
         for raw, item in zip(raw_records, items, strict=True):
-            sent = sent_context(getattr(raw, "headers", None))
-            proposed = traceparent_context(_details_traceparent(item))
+            sent, proposed = _contexts_of(raw, item)
             links = [batch_link]
             if sent is not None:
                 parent = trace.set_span_in_context(trace.NonRecordingSpan(sent))
@@ -207,6 +209,17 @@ class BatchTrace:
                 span.set_status(Status(StatusCode.ERROR, "not decided in this delivery"))
             span.end(finished)
         self.span.end(finished)
+
+
+def _contexts_of(raw: Any, item: ParsedCommand | BadRecord) -> tuple[SpanContext | None, SpanContext | None]:
+    """The trace contexts a record carries: its headers', its proposal's. Whatever it holds,
+    tracing it must not fail the batch (a record that stalled its partition)."""
+    try:
+        return sent_context(getattr(raw, "headers", None)), traceparent_context(_details_traceparent(item))
+    except Exception:  # noqa: BLE001 - a propagator's bug or a header it chokes on: traced without them
+        log.debug("the trace context of %s[%d]@%d was not read", item.record.topic, item.record.partition,
+                  item.record.offset, exc_info=True)
+        return None, None
 
 
 def _answer_attributes(span: Span, value: str) -> None:
