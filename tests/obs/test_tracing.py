@@ -199,3 +199,31 @@ def test_the_standard_variables_turn_tracing_on(monkeypatch, env, exporter):
         monkeypatch.setenv(var, value)
     settings = Settings(kafka_bootstrap_servers="localhost:9092", database_url="postgresql+psycopg://u@h/d")
     assert settings.traces_exporter == exporter
+
+
+@pytest.mark.parametrize(("env", "endpoint"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "http://collector:4318/v1/traces"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/custom"}, "http://collector:4318/custom"),
+])
+def test_the_otlp_exporter_sends_where_the_variables_say(monkeypatch, env, endpoint):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from runstate.obs.tracing import tracer_provider
+
+    for var in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_SDK_DISABLED", "RUNSTATE_TRACING", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+                "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    settings = Settings(kafka_bootstrap_servers="localhost:9092", database_url="postgresql+psycopg://u@h/d")
+    provider = tracer_provider(settings, "runstate-consumer")
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == "runstate-consumer"
+        (processor,) = provider._active_span_processor._span_processors  # noqa: SLF001
+        exporter = processor.span_exporter
+        assert isinstance(exporter, OTLPSpanExporter)
+        assert exporter._endpoint == endpoint  # noqa: SLF001
+    finally:
+        provider.shutdown()
