@@ -4,6 +4,7 @@ decision to the result, over the real Kafka and PostgreSQL; and off by default."
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline.harness import isolated_settings, produce, read_topic
+from pipeline.harness import ServiceProcess, isolated_settings, produce, read_topic
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.kafka_security import kafka_options
@@ -227,3 +228,39 @@ def test_the_otlp_exporter_sends_where_the_variables_say(monkeypatch, env, endpo
         assert exporter._endpoint == endpoint  # noqa: SLF001
     finally:
         provider.shutdown()
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+async def test_runstate_serve_traces_when_the_standard_variables_say_so(base_settings, tmp_path):
+    settings = isolated_settings(base_settings, partitions=1)
+    log = tmp_path / "serve.log"
+    proc = ServiceProcess(settings, log, OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="traced-consumer")
+    proc.start()
+    try:
+        run_id = uuid.uuid4()
+        create = CreateTaskRunCommand(command_id=uuid.uuid4(), id=run_id)
+        await produce(settings, [(str(run_id).encode(), create.model_dump_json().encode())])
+        (result,) = await read_topic(settings, settings.result_topic, 1)
+    finally:
+        proc.stop()  # SIGTERM: the spans still buffered are exported on the way out
+    assert "traceparent" in dict(result.headers)
+    spans = [json.loads(block) for block in _json_blocks(log.read_text())]
+    commands = [s for s in spans if s.get("name") == "runstate.command"]
+    assert [s["attributes"]["runstate.command.id"] for s in commands] == [str(create.command_id)]
+    assert commands[0]["resource"]["attributes"]["service.name"] == "traced-consumer"
+    assert {"runstate.batch", "runstate.decide", "runstate.write", "runstate.publish"} <= {s["name"] for s in spans}
+
+
+def _json_blocks(text: str) -> list[str]:
+    """The console exporter's spans: indented JSON objects, one after another, among log lines."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line == "{":
+            current = [line]
+        elif current:
+            current.append(line)
+            if line == "}":
+                blocks.append("\n".join(current))
+                current = []
+    return blocks
