@@ -18,7 +18,7 @@ from .output import StackError, say
 from .ports import HOST, tcp_open
 from .processes import Launcher, exited
 from .records import Record
-from .security import KafkaSecurity, write_private
+from .security import PLAINTEXT_ENV, KafkaSecurity, write_private
 from .tools import KAFKA_ARTIFACT, KAFKA_VERSION, need_java, need_maven
 
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -84,7 +84,8 @@ class KafkaNode:
                "RUNSTATE_TOPIC_REPLICATION_FACTOR": replicas,
                "RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS": str(max(1, int(replicas) - 1))}
         if self.security is None:
-            return {**env, "RUNSTATE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+            # Empty values (read as unset) replace a secured run's login in a shell that loads this file.
+            return {**env, **PLAINTEXT_ENV}
         return {**env, **self.security.client_env(WORKER)}
 
     def properties(self) -> dict[str, str]:

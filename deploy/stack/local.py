@@ -22,7 +22,7 @@ from .ports import HOST, Ports
 from .postgres import PostgresServer
 from .processes import Launcher, is_up, kill_group, stop
 from .records import Record, StateFiles
-from .security import SERVICE, SERVICE_ENV_NAME, hide_secrets, stack_mode, write_private
+from .security import PLAINTEXT_ENV, SERVICE, SERVICE_ENV_NAME, hide_secrets, stack_mode, write_private
 from .security import prepare as prepare_kafka_security
 from .services import SERVICES, Context, Service, start_service
 from .tools import need_java
@@ -158,7 +158,7 @@ class LocalStack:
                 # The service processes log in as the service; .runstate/env carries the worker.
                 ctx.service_env = kafka.security.client_env(SERVICE)
             elif kafka is not None:
-                ctx.service_env = {"RUNSTATE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+                ctx.service_env = dict(PLAINTEXT_ENV)
             write_private(self.layout.root / SERVICE_ENV_NAME, env_file_text(ctx.service_env))
             components = externals + started
             for svc in services:

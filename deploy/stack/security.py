@@ -47,6 +47,8 @@ TOOLS_ARTIFACT = f"org.apache.kafka:kafka-tools:{KAFKA_VERSION}"
 TOOLS_JAR = CACHE_DIR / "kafka" / KAFKA_VERSION / "tools" / f"kafka-tools-{KAFKA_VERSION}.jar"
 SERVICE_ENV_NAME = "service.env"
 HIDDEN = "********"
+PLAINTEXT_ENV = {"RUNSTATE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT", "RUNSTATE_KAFKA_USERNAME": "",
+                 "RUNSTATE_KAFKA_PASSWORD": "", "RUNSTATE_KAFKA_SSL_CAFILE": ""}
 
 
 def stack_mode(environ: Mapping[str, str] = os.environ) -> str:
@@ -78,6 +80,19 @@ def topic_names(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
                 "RUNSTATE_STATE_CHANGE_TOPIC": "runstate.state-changes",
                 "RUNSTATE_DEAD_LETTER_TOPIC": "runstate.dead-letter"}
     return {k: environ.get(k) or v for k, v in defaults.items()}
+
+
+def environment_client_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """aiokafka security options from the RUNSTATE_KAFKA_* variables, for probing a Kafka named
+    by the environment the way runstate will connect to it; None when none is set."""
+    if not any(k.startswith("RUNSTATE_KAFKA_") and v for k, v in environ.items()):
+        return None
+    from runstate.config import WorkerSettings
+    from runstate.kafka_security import kafka_options
+
+    options = dict(kafka_options(WorkerSettings.load(kafka_bootstrap_servers="unused")))
+    options.pop("bootstrap_servers")
+    return options
 
 
 def _openssl(args: list[str], log: Path) -> None:

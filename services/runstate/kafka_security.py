@@ -138,6 +138,9 @@ async def start_client(client: Any, settings: WorkerSettings) -> None:
     try:
         await client.start()
     except KafkaConnectionError as exc:
+        # A client whose start failed still holds its connections and tasks.
+        with contextlib.suppress(Exception):
+            await (client.close() if hasattr(client, "close") else client.stop())
         if isinstance(exc, KafkaConnectError):
             raise
         raise KafkaConnectError(connect_failure(settings, str(exc), causes.lines)) from exc
@@ -148,7 +151,7 @@ async def start_client(client: Any, settings: WorkerSettings) -> None:
 def connect_failure(settings: WorkerSettings, error: str, causes: Sequence[str] = ()) -> str:
     """The message of KafkaConnectError: what was tried and what may be wrong, no password."""
     seen = f" (aiokafka: {'; '.join(causes)})" if causes else ""
-    hint = "check the brokers are up and the address is right"
+    hint = "Check the brokers are up and the address is right"
     if settings.kafka_security_protocol != "PLAINTEXT":
         hint += ("; if they are, the credentials, the SASL mechanism, the security protocol or the CA file may be"
                  " wrong (aiokafka reports a refused login or certificate only as this), and the broker's log names"
