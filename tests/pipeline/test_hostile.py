@@ -17,6 +17,7 @@ from runstate.database_urls import parse
 from runstate.domain import SetStateStatus, StateCreate
 from runstate.kafka_security import kafka_options
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+from runstate.pipeline.kafka import ensure_topics
 
 from .harness import InProcessService, isolated_settings, produce, read_all, read_topic
 from .test_pipeline import history, pg_dsn
@@ -269,6 +270,7 @@ async def test_records_with_binary_or_null_headers_are_decided(base_settings):
     settings = isolated_settings(base_settings, partitions=1)
     run_id = uuid.uuid4()
     key = str(run_id).encode()
+    await ensure_topics(settings)  # the broker makes no topic by itself
     producer = AIOKafkaProducer(**kafka_options(settings))
     await producer.start()
     try:
