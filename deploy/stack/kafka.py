@@ -18,7 +18,7 @@ from .output import StackError, say
 from .ports import HOST, tcp_open
 from .processes import Launcher, exited
 from .records import Record
-from .security import PLAINTEXT_ENV, KafkaSecurity, write_private
+from .security import PLAINTEXT_ENV, WORKER, KafkaSecurity, write_private
 from .tools import KAFKA_ARTIFACT, KAFKA_VERSION, need_java, need_maven
 
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -77,8 +77,6 @@ class KafkaNode:
 
     def env(self) -> dict[str, str]:
         """What a worker gets (.runstate/env): the worker principal's login on a secured node."""
-        from .security import WORKER
-
         replicas = str(min(len(self.voters or {self.node_id: 0}), 3))
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
                "RUNSTATE_TOPIC_REPLICATION_FACTOR": replicas,

@@ -218,3 +218,18 @@ def test_env_mode_is_private_even_when_the_umask_is_open(tmp_path: Path) -> None
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "env").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"topic_replication_factor": 7, "topic_min_insync_replicas": 2}, "RUNSTATE_TOPIC_REPLICATION_FACTOR"),
+    ({"create_topics": False}, "RUNSTATE_CREATE_TOPICS is false"),
+])
+async def test_topics_that_cannot_be_made_stop_the_start_with_a_reason(service: WorkerSettings,
+                                                                       stack_env: dict[str, str],
+                                                                       changes: dict, fragment: str) -> None:
+    token = uuid.uuid4().hex[:8]
+    topics = {"command_topic": f"t{token}.commands", "result_topic": f"t{token}.results",
+              "state_change_topic": f"t{token}.state-changes", "dead_letter_topic": f"t{token}.dead-letter"}
+    settings = Settings(**{**service.model_dump(), **topics}, database_url=stack_env["DATABASE_URL"], **changes)
+    with pytest.raises(TopicSetupError, match=fragment):
+        await ensure_topics(settings)
