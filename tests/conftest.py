@@ -32,10 +32,17 @@ REPO = Path(__file__).resolve().parent.parent
 # The local stack's package (`from stack import LocalStack, free_port`) for every test module.
 sys.path.append(str(REPO / "deploy"))
 ENV_FILE = REPO / ".runstate" / "env"
+# The service principal's Kafka login (deploy/stack writes it, mode 0600): the tests start the
+# service, which a worker's login (.runstate/env) may not be.
+SERVICE_ENV_FILE = REPO / ".runstate" / "service.env"
 BACKEND = os.environ.get("RUNSTATE_TEST_BACKEND", "local").strip().lower() or "local"
 CONNECT_TIMEOUT_S = 5.0
 # The consumers that tests start serve no HTTP port unless a test asks for one (runstate.config).
 os.environ.setdefault("RUNSTATE_METRICS_PORT", "0")
+if BACKEND == "local":
+    for _key, _value in read_env_file(SERVICE_ENV_FILE).items():
+        if _key.startswith("RUNSTATE_KAFKA_"):
+            os.environ[_key] = _value
 
 
 def _setting(name: str) -> str | None:

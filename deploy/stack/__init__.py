@@ -4,13 +4,14 @@ started as plain processes from the repository, plus the long-running runstate s
     python deploy/stack up       start everything (or report "already up"), write .runstate/env
     python deploy/stack down     stop exactly the processes that `up` recorded
     python deploy/stack status   show what is running (exit 0 = all up, 3 = not up)
-    python deploy/stack env      print .runstate/env (shell `export` lines)
+    python deploy/stack env      print .runstate/env (shell `export` lines, passwords hidden)
 
 Run it with the project's virtualenv Python (`make up` does): the Kafka readiness check uses
 aiokafka; `down` and `status` need only the standard library. In Python, with deploy/ on the
 path: `from stack import LocalStack`.
 
 Modules: local (LocalStack: up, down, status, restart), kafka and postgres (one server each),
+security (the secured Kafka: CA and certificates, SCRAM users, ACLs; RUNSTATE_STACK_SECURITY),
 services (the runstate processes), external (servers named by the environment), processes
 (start and stop), records (state.json and friends), envfile (.runstate/env), ports, layout
 (where files go), tools (java, mvn, PostgreSQL binaries), kafka_probes, output, cli.

@@ -6,9 +6,16 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .security import write_private
+
 HEADER = "# Written by deploy/stack up. Load with: set -a; . .runstate/env; set +a"
 
 
-def write_env_file(path: Path, env: dict[str, str]) -> None:
+def env_file_text(env: dict[str, str]) -> str:
     lines = [HEADER, *(f"export {key}={shlex.quote(value)}" for key, value in env.items())]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    """Written readable by its owner only: it carries passwords."""
+    write_private(path, env_file_text(env))

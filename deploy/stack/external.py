@@ -15,6 +15,7 @@ from .output import StackError, say
 from .ports import HOST, tcp_open
 from .postgres import PG_READY_TIMEOUT
 from .records import Record
+from .security import environment_client_options
 
 
 def external_settings(environ: Mapping[str, str], last_run: dict[str, Any]) -> dict[str, str]:
@@ -50,7 +51,7 @@ def wait_external(rec: Record) -> None:
     reason = "port closed"
     while True:
         if tcp_open(rec.probe_host, rec.probe_port):
-            reason = kafka_probe(url) if name == "kafka" else None
+            reason = kafka_probe(url, environment_client_options()) if name == "kafka" else None
             if reason is None:
                 break
         if time.monotonic() > deadline:

@@ -18,6 +18,7 @@ from .output import StackError, say
 from .ports import HOST, tcp_open
 from .processes import Launcher, exited
 from .records import Record
+from .security import PLAINTEXT_ENV, WORKER, KafkaSecurity, write_private
 from .tools import KAFKA_ARTIFACT, KAFKA_VERSION, need_java, need_maven
 
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -68,13 +69,22 @@ class KafkaNode:
     voters: dict[int, int] | None = None  # node id -> controller port of each quorum member; None: this node alone
     cluster_id: str = dataclasses.field(default_factory=kafka_cluster_id)  # used when the storage is formatted
     name: str = "kafka"
+    security: KafkaSecurity | None = None  # None: a PLAINTEXT node (RUNSTATE_STACK_SECURITY=plaintext)
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap}
+        """What a worker gets (.runstate/env): the worker principal's login on a secured node."""
+        replicas = str(min(len(self.voters or {self.node_id: 0}), 3))
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+               "RUNSTATE_TOPIC_REPLICATION_FACTOR": replicas,
+               "RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS": str(max(1, int(replicas) - 1))}
+        if self.security is None:
+            # Empty values (read as unset) replace a secured run's login in a shell that loads this file.
+            return {**env, **PLAINTEXT_ENV}
+        return {**env, **self.security.client_env(WORKER)}
 
     def properties(self) -> dict[str, str]:
         voters = self.voters or {self.node_id: self.controller_port}
@@ -99,6 +109,9 @@ class KafkaNode:
             # Kafka 4's group coordinator holds every offset commit up to 5 ms to batch its log
             # writes; runstate commits once per batch and waits for it before fetching on.
             "group.coordinator.append.linger.ms": "0",
+            # Topics are made by runstate (ensure_topics) with their settings, never by a typo.
+            "auto.create.topics.enable": "false",
+            **(self.security.broker_properties(HOST, self.port, self.controller_port) if self.security else {}),
         }
 
     def log_file(self) -> Path:
@@ -117,8 +130,9 @@ class KafkaNode:
         for d in (data, logs):
             d.mkdir(parents=True, exist_ok=True)
         props = self.home / "server.properties"
-        props.write_text("\n".join(["# Written by deploy/stack (KRaft broker+controller on loopback)",
-                                    *(f"{k}={v}" for k, v in self.properties().items()), ""]))
+        # Private: a secured node's file holds the inter-broker password.
+        write_private(props, "\n".join(["# Written by deploy/stack (KRaft broker+controller on loopback)",
+                                        *(f"{k}={v}" for k, v in self.properties().items()), ""]))
         classpath = f"{KAFKA_LIBS}/*"
         logging_flags = [f"-Dlog4j2.configurationFile={KAFKA_LOG4J}", f"-Dkafka.logs.dir={logs}"]
         formatted = "data reused"
@@ -127,7 +141,8 @@ class KafkaNode:
             log = self.home / "format.log"
             with open(log, "wb") as out:
                 rc = subprocess.run([java, "-cp", classpath, *logging_flags, "kafka.tools.StorageTool", "format",
-                                     f"--cluster-id={self.cluster_id}", "-c", str(props)],
+                                     f"--cluster-id={self.cluster_id}", "-c", str(props),
+                                     *(self.security.format_args() if self.security else [])],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
             if rc != 0:
                 raise StackError(f"Kafka storage format failed (exit code {rc})", log)
@@ -144,7 +159,7 @@ class KafkaNode:
             if code is not None:
                 raise StackError(f"Kafka exited during startup (exit code {code})", self.log_file())
             if tcp_open(HOST, self.port):
-                reason = kafka_probe(self.bootstrap)
+                reason = kafka_probe(self.bootstrap, self.security.client_options() if self.security else None)
                 if reason is None:
                     break
             if time.monotonic() > deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from .output import StackError
 
@@ -14,9 +15,10 @@ def _quiet() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
-def kafka_probe(bootstrap: str, group: str = "runstate-readiness") -> str | None:
+def kafka_probe(bootstrap: str, options: dict[str, Any] | None = None,
+                group: str = "runstate-readiness") -> str | None:
     """None when the broker answers a metadata request and can coordinate a consumer group,
-    else a short reason."""
+    else a short reason. `options`: aiokafka's security keyword arguments (the admin's login)."""
     try:
         from aiokafka.client import AIOKafkaClient, CoordinationType
     except ImportError:
@@ -26,7 +28,7 @@ def kafka_probe(bootstrap: str, group: str = "runstate-readiness") -> str | None
 
     async def probe() -> str | None:
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000,
-                                client_id="runstate-stack-readiness")
+                                client_id="runstate-stack-readiness", **(options or {}))
         try:
             await asyncio.wait_for(client.bootstrap(), 10)
             if not client.cluster.brokers():
@@ -42,14 +44,14 @@ def kafka_probe(bootstrap: str, group: str = "runstate-readiness") -> str | None
     return asyncio.run(probe())
 
 
-def kafka_group_stable(bootstrap: str, group: str) -> bool:
+def kafka_group_stable(bootstrap: str, group: str, options: dict[str, Any] | None = None) -> bool:
     """True when consumer group `group` is Stable with at least one member."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     _quiet()
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **(options or {}))
         try:
             await admin.start()
             for response in await asyncio.wait_for(admin.describe_consumer_groups([group]), 10):

@@ -5,7 +5,9 @@
     <root>/kafka                server.properties, data/, logs/server.log
     <root>/postgres             data/ (the cluster), sock/ (unix socket), postgres.log
     <root>/<service>            <service>.log of each runstate service
-    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RUNSTATE_ADMIN_DATABASE_URL, ...
+    <root>/kafka-security       the secured Kafka's CA, broker certificate, passwords (security.py)
+    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, the worker's Kafka login, ... (0600)
+    <root>/service.env          the service principal's Kafka login (0600)
     <root>/pids                 "<name> <pid>" per started process
     <root>/state.json           what `up` started (pids, process start times, ports), read by down/status
     <root>/last.json            ports and local URLs of the previous run, reused when free

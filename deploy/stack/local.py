@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from .envfile import env_file_text
 from .external import external_record, external_settings, wait_external
 from .kafka import KafkaNode
 from .layout import DEFAULT_ROOT, Layout, relative
@@ -21,7 +22,10 @@ from .ports import HOST, Ports
 from .postgres import PostgresServer
 from .processes import Launcher, is_up, kill_group, stop
 from .records import Record, StateFiles
+from .security import PLAINTEXT_ENV, SERVICE, SERVICE_ENV_NAME, hide_secrets, stack_mode, write_private
+from .security import prepare as prepare_kafka_security
 from .services import SERVICES, Context, Service, start_service
+from .tools import need_java
 
 
 class Server(Protocol):
@@ -129,10 +133,14 @@ class LocalStack:
         ports = Ports(last.get("ports", {}))
         externals: list[Record] = []
         servers: list[Server] = []
+        kafka: KafkaNode | None = None
         if "KAFKA_BOOTSTRAP_SERVERS" in ext:
             externals.append(external_record("kafka", ext["KAFKA_BOOTSTRAP_SERVERS"]))
         else:
-            servers.append(KafkaNode(self.layout.root / "kafka", ports["kafka"], ports["kafka_controller"]))
+            home = self.layout.root / "kafka"
+            security = prepare_kafka_security(self.layout.root, [home], stack_mode())
+            kafka = KafkaNode(home, ports["kafka"], ports["kafka_controller"], security=security)
+            servers.append(kafka)
         if "DATABASE_URL" in ext:
             externals.append(external_record("postgres", ext["DATABASE_URL"]))
         else:
@@ -145,6 +153,13 @@ class LocalStack:
             ctx = Context(env=dict(ext), ports=ports, layout=self.layout)
             for server in servers:
                 ctx.env.update(server.env())
+            if kafka is not None and kafka.security is not None:
+                say(f"kafka: {kafka.security.ensure_acls(need_java(self.apt_log), kafka.bootstrap, self.apt_log)}")
+                # The service processes log in as the service; .runstate/env carries the worker.
+                ctx.service_env = kafka.security.client_env(SERVICE)
+            elif kafka is not None:
+                ctx.service_env = dict(PLAINTEXT_ENV)
+            write_private(self.layout.root / SERVICE_ENV_NAME, env_file_text(ctx.service_env))
             components = externals + started
             for svc in services:
                 components.append(start_service(svc, ctx, launcher))
@@ -156,7 +171,7 @@ class LocalStack:
             raise
         self._servers = {s.name: s for s in servers}
         say(f"up in {time.monotonic() - t_all:.1f} s; connection details in {relative(self.env_file)}:")
-        for k, v in ctx.env.items():
+        for k, v in hide_secrets(ctx.env).items():
             say(f"  {k}={v}")
 
     def _start_all(self, servers: list[Server], launcher: Launcher) -> list[Record]:

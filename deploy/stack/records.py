@@ -15,6 +15,7 @@ from typing import Any
 
 from .envfile import write_env_file
 from .layout import Layout
+from .security import SERVICE_ENV_NAME, write_private
 
 
 @dataclasses.dataclass
@@ -74,14 +75,15 @@ class StateFiles:
 
     def save(self, components: list[Record], env: dict[str, str]) -> None:
         layout = self.layout
-        tmp = layout.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"components": [c.to_json() for c in components], "env": env}, indent=2))
-        tmp.replace(layout.state_file)
+        # Private, like .runstate/env: the env it records carries the worker's password.
+        write_private(layout.state_file, json.dumps({"components": [c.to_json() for c in components], "env": env},
+                                                    indent=2))
         layout.pids_file.write_text("".join(f"{c.name} {c.pid}\n" for c in components if c.pid))
         write_env_file(layout.env_file, env)
 
     def clear(self) -> None:
-        for f in (self.layout.state_file, self.layout.pids_file, self.layout.env_file):
+        for f in (self.layout.state_file, self.layout.pids_file, self.layout.env_file,
+                  self.layout.root / SERVICE_ENV_NAME):
             f.unlink(missing_ok=True)
 
     def last_run(self) -> dict[str, Any]:
@@ -89,7 +91,7 @@ class StateFiles:
         return load_json(self.layout.last_file)
 
     def save_last_run(self, ports: dict[str, int], local_env: dict[str, str]) -> None:
-        self.layout.last_file.write_text(json.dumps({"ports": ports, "local_env": local_env}, indent=2))
+        write_private(self.layout.last_file, json.dumps({"ports": ports, "local_env": local_env}, indent=2))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

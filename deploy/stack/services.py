@@ -28,6 +28,8 @@ class Context:
     env: dict[str, str]  # connection variables so far (infrastructure + earlier services' exports)
     ports: Ports  # ports chosen for this run, by name
     layout: Layout
+    # What only the service processes get (the service principal's Kafka login), not .runstate/env.
+    service_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def port(self, name: str) -> int:
         """A free port for `name`, the previous run's one when it is still free."""
@@ -103,7 +105,7 @@ def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
     t0 = time.monotonic()
     ctx.env.update(svc.exports(ctx))
     log = ctx.dir(svc.name) / f"{svc.name}.log"
-    env = {**os.environ, **ctx.env}
+    env = {**os.environ, **ctx.env, **ctx.service_env}
     for argv in svc.prepare(ctx):
         with open(log, "ab") as out:
             out.write(f"$ {shlex.join(argv)}\n".encode())
@@ -113,7 +115,7 @@ def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
         if rc != 0:
             raise StackError(f"{svc.name}: `{shlex.join(argv[1:] if argv[0] == sys.executable else argv)}` "
                              f"failed (exit code {rc})", log)
-    rec = launcher.spawn(svc.name, svc.argv(ctx), log, cwd=REPO, env={**os.environ, **ctx.env},
+    rec = launcher.spawn(svc.name, svc.argv(ctx), log, cwd=REPO, env=env,
                          stop_signal=svc.stop_signal, port=ctx.port(svc.port) if svc.port else None)
     deadline = time.monotonic() + svc.timeout
     while not svc.ready(ctx):

@@ -44,7 +44,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from runstate.config import WorkerSettings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
-from runstate.kafka_security import kafka_options
+from runstate.kafka_security import kafka_options, start_client
 from runstate.messages import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_HEADER,
@@ -155,7 +155,7 @@ class RunstateClient:
             client_id=self._client_id,
             max_request_size=max(s.max_command_bytes + PRODUCER_HEADROOM, 1_048_576),
         )
-        await self._producer.start()
+        await start_client(self._producer, s)
         # No consumer group: each client reads the partitions its own requests'
         # results land on, so any number of clients can wait independently.
         self._consumer = AIOKafkaConsumer(

@@ -31,6 +31,7 @@ TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
 # Where `runstate serve` answers /metrics, /health and /ready unless told otherwise
 # (the customary port range of Prometheus exporters).
 DEFAULT_METRICS_PORT = 9464
+DAY_MS = 24 * 3600 * 1000
 HINT = "export it, or run `make up` to start the local stack"
 
 
@@ -204,7 +205,44 @@ class Settings(WorkerSettings):
         None, min_length=1, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
 
+    # Topics runstate creates (existing topics are left as they are): defaults safe on a cluster
+    # of three or more brokers; a single broker needs 1 and 1 (`make up` writes them).
+    topic_replication_factor: int = Field(3, ge=1, validation_alias="RUNSTATE_TOPIC_REPLICATION_FACTOR")
+    topic_min_insync_replicas: int = Field(2, ge=1, validation_alias="RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS")
+    # retention.ms of each topic (-1: kept forever). Dead letters point at their command's
+    # offset, so the command topic keeps records as long as the dead-letter topic does.
+    command_retention_ms: int = Field(30 * DAY_MS, ge=-1, validation_alias="RUNSTATE_COMMAND_RETENTION_MS")
+    result_retention_ms: int = Field(7 * DAY_MS, ge=-1, validation_alias="RUNSTATE_RESULT_RETENTION_MS")
+    state_change_retention_ms: int = Field(
+        7 * DAY_MS, ge=-1, validation_alias="RUNSTATE_STATE_CHANGE_RETENTION_MS"
+    )
+    dead_letter_retention_ms: int = Field(30 * DAY_MS, ge=-1, validation_alias="RUNSTATE_DEAD_LETTER_RETENTION_MS")
+    # False: the topics must exist (made by the cluster's operator); start-up refuses without them.
+    create_topics: bool = Field(True, validation_alias="RUNSTATE_CREATE_TOPICS")
+
     defaults_from: ClassVar[dict[str, str]] = {"admin_database_url": "database_url"}
+
+    @model_validator(mode="after")
+    def _min_insync_fits(self) -> Self:
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise ValueError(
+                f"RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS={self.topic_min_insync_replicas} is more than "
+                f"RUNSTATE_TOPIC_REPLICATION_FACTOR={self.topic_replication_factor}: no write could succeed"
+            )
+        return self
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Topic name -> the configs runstate creates it with (max.message.bytes aside)."""
+        isr = str(self.topic_min_insync_replicas)
+        return {
+            topic: {"min.insync.replicas": isr, "retention.ms": str(retention)}
+            for topic, retention in (
+                (self.command_topic, self.command_retention_ms),
+                (self.result_topic, self.result_retention_ms),
+                (self.state_change_topic, self.state_change_retention_ms),
+                (self.dead_letter_topic, self.dead_letter_retention_ms),
+            )
+        }
 
     @model_validator(mode="before")
     @classmethod

@@ -5,9 +5,13 @@ client library can use it."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 
 if TYPE_CHECKING:
@@ -89,3 +93,70 @@ def faststream_security(settings: WorkerSettings) -> BaseSecurity | None:
         ssl_context=context,
         use_ssl=protocol == "SASL_SSL",
     )
+
+
+class KafkaConnectError(KafkaConnectionError):
+    """No connection to the brokers, with what was tried (never the password) and the likely causes."""
+
+
+def describe_login(settings: WorkerSettings) -> str:
+    """How a client logs in, as a user may read it: protocol, mechanism, user, CA file."""
+    protocol = settings.kafka_security_protocol
+    parts = [f"security protocol {protocol}"]
+    if uses_sasl(settings):
+        parts.append(f"SASL {settings.kafka_sasl_mechanism} as user {settings.kafka_username!r}")
+    if uses_tls(settings):
+        parts.append(f"CA file {settings.kafka_ssl_cafile}" if settings.kafka_ssl_cafile else "the system's CAs")
+        if settings.kafka_ssl_certfile:
+            parts.append(f"client certificate {settings.kafka_ssl_certfile}")
+    return ", ".join(parts)
+
+
+class _Causes(logging.Handler):
+    """aiokafka's own ERROR lines about the bootstrap servers: the only place it names a refused login."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.addresses = addresses
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            line = record.getMessage()
+            if any(a in line for a in self.addresses) and len(self.lines) < 3:
+                self.lines.append(line.splitlines()[0][:300])
+
+
+async def start_client(client: Any, settings: WorkerSettings) -> None:
+    """`await client.start()` for an aiokafka producer, consumer or admin client; "Unable to
+    bootstrap" (which is also how aiokafka reports a refused login or certificate) becomes
+    KafkaConnectError naming the login used and the likely causes."""
+    addresses = [a.strip() for a in settings.kafka_bootstrap_servers.split(",") if a.strip()]
+    causes = _Causes(addresses)
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(causes)
+    try:
+        await client.start()
+    except KafkaConnectionError as exc:
+        # A client whose start failed still holds its connections and tasks.
+        with contextlib.suppress(Exception):
+            await (client.close() if hasattr(client, "close") else client.stop())
+        if isinstance(exc, KafkaConnectError):
+            raise
+        raise KafkaConnectError(connect_failure(settings, str(exc), causes.lines)) from exc
+    finally:
+        logger.removeHandler(causes)
+
+
+def connect_failure(settings: WorkerSettings, error: str, causes: Sequence[str] = ()) -> str:
+    """The message of KafkaConnectError: what was tried and what may be wrong, no password."""
+    seen = f" (aiokafka: {'; '.join(causes)})" if causes else ""
+    hint = "Check the brokers are up and the address is right"
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        hint += ("; if they are, the credentials, the SASL mechanism, the security protocol or the CA file may be"
+                 " wrong (aiokafka reports a refused login or certificate only as this), and the broker's log names"
+                 " the cause")
+    else:
+        hint += "; if the brokers ask for TLS or a login, set RUNSTATE_KAFKA_SECURITY_PROTOCOL and the rest"
+    return (f"cannot connect to Kafka at {settings.kafka_bootstrap_servers} with {describe_login(settings)}: "
+            f"{error}{seen}. {hint} (RUNSTATE_KAFKA_* settings)")

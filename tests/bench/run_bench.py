@@ -71,11 +71,17 @@ class Stack:
             self.env = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL",
                                                    "RUNSTATE_ADMIN_DATABASE_URL")}
             return
+        # The plaintext stack: the measurement is runstate's, not TLS's on a shared 2-core machine,
+        # and it stays comparable with earlier runs and with Prefect's server (plain HTTP here).
+        os.environ["RUNSTATE_STACK_SECURITY"] = "plaintext"
         try:
             self.started = self.local.up(servers_only=True)
         except StackError as err:
             raise SystemExit(f"deploy/stack up failed: {err.line}" + (f" (see {err.log})" if err.log else "")) from err
         self.env = self.local.env()
+        if self.env.get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") != "PLAINTEXT":
+            raise SystemExit("a secured local stack is running; the benchmark runs on the plaintext one: "
+                             "`make down` first")
         self.kafka_pid = self.local.pid("kafka")
 
     def down(self) -> None:

@@ -9,10 +9,12 @@ import uuid
 import psycopg
 import pytest
 import typer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from audit.support import copy_events, dsn, scratch_database
 from pipeline.harness import read_all, settings_env
 from runstate.cli import app
+from runstate.kafka_security import kafka_options
 
 from .conftest import invoke, run_cli
 
@@ -88,6 +90,13 @@ def test_rebuild_json_counts_what_it_folded(cli_env, cli_settings, decided_run):
 
 async def test_backfill_json_says_what_it_published(cli_env, cli_settings, decided_run):
     topic = f"cli-backfill-{uuid.uuid4().hex[:8]}"
+    # The stack's broker makes no topic by itself: backfill writes to one that exists.
+    admin = AIOKafkaAdminClient(**kafka_options(cli_settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, cli_settings.topic_replication_factor)])
+    finally:
+        await admin.close()
     # A new process: backfill runs an event loop of its own, and this test already has one.
     done = run_cli(cli_env, "backfill", "--since", "2000-01-01T00:00:00Z", "--run", str(decided_run.run_id),
                    "--topic", topic, "--json")

@@ -375,9 +375,9 @@ class GroupWatch:
     async def start(self) -> GroupWatch:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        self._admin = AIOKafkaAdminClient(**kafka_options(self.settings))
         await self._admin.start()
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self._consumer = AIOKafkaConsumer(**kafka_options(self.settings),
                                           enable_auto_commit=False)
         await self._consumer.start()
         self.tps = await _partitions(self._consumer, self.settings.command_topic)

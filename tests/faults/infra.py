@@ -14,6 +14,7 @@ from pathlib import Path
 import stack.kafka
 import stack.postgres
 from runstate.config import Settings
+from runstate.envfile import read_env_file
 from runstate.store.migrate import upgrade
 from stack import LocalStack
 
@@ -42,9 +43,16 @@ class PrivateStack:
         return self
 
     def settings(self) -> Settings:
+        """As this stack's service principal (its service.env), whatever the main stack's login is."""
+        login = read_env_file(self.root / "service.env")
+        kafka = {var: login.get(var) for var in ("RUNSTATE_KAFKA_USERNAME", "RUNSTATE_KAFKA_PASSWORD",
+                                                 "RUNSTATE_KAFKA_SSL_CAFILE", "RUNSTATE_KAFKA_SSL_CERTFILE",
+                                                 "RUNSTATE_KAFKA_SSL_KEYFILE")}
+        kafka["RUNSTATE_KAFKA_SECURITY_PROTOCOL"] = login.get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+        topics = {k: v for k, v in self.env.items() if k.startswith("RUNSTATE_TOPIC_")}
         return Settings(kafka_bootstrap_servers=self.env["KAFKA_BOOTSTRAP_SERVERS"],
                         database_url=self.env["DATABASE_URL"],
-                        admin_database_url=self.env["RUNSTATE_ADMIN_DATABASE_URL"])
+                        admin_database_url=self.env["RUNSTATE_ADMIN_DATABASE_URL"], **kafka, **topics)
 
     def restart_kafka(self, hard: bool = False, down_for: float = 0.0) -> float:
         took = self.stack.restart("kafka", hard=hard, down_for=down_for)

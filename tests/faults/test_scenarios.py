@@ -26,6 +26,7 @@ from psycopg import sql
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
 from runstate.database_urls import parse as parse_url
+from runstate.kafka_security import kafka_options
 from runstate.pipeline.faults import POINTS
 from runstate.pipeline.kafka import ensure_topics
 
@@ -446,7 +447,7 @@ async def test_database_refuses_inserts(scratch_settings, scale, tmp_path, publi
 
 
 async def _recreate_topic(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
     await admin.start()
     try:
         await admin.delete_topics([settings.command_topic])
@@ -468,7 +469,7 @@ async def _recreate_topic(settings: Settings) -> None:
 
 async def _reset_offsets(settings: Settings) -> None:
     """The group's committed offsets back to the beginning (the group has no members now)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = AIOKafkaConsumer(**kafka_options(settings),
                                 group_id=settings.consumer_group, enable_auto_commit=False)
     await consumer.start()
     try:

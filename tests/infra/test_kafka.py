@@ -15,6 +15,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from runstate.config import WorkerSettings
+from runstate.kafka_security import KafkaOptions, kafka_options
+
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 12
@@ -29,6 +32,11 @@ JAVA_MURMUR2 = {
     b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
     b"abc": 479470107,
 }
+
+
+def login(bootstrap: str) -> KafkaOptions:
+    """The connection the tests' settings give (the service principal's on the secured stack)."""
+    return kafka_options(WorkerSettings.load(kafka_bootstrap_servers=bootstrap))
 
 
 def expected_partition(key: bytes, partitions: int = PARTITIONS) -> int:
@@ -48,7 +56,7 @@ def test_murmur2_matches_the_java_client() -> None:
 @pytest.fixture
 async def topic(kafka_bootstrap: str):
     name = f"runstate.infra.{uuid.uuid4().hex[:12]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**login(kafka_bootstrap))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name=name, num_partitions=PARTITIONS, replication_factor=1)])
@@ -61,7 +69,7 @@ async def topic(kafka_bootstrap: str):
 
 
 async def test_keyed_messages_land_in_the_partition_the_key_selects(kafka_bootstrap: str, topic: str) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**login(kafka_bootstrap), enable_idempotence=True, acks="all")
     await producer.start()
     sent: dict[tuple[bytes, bytes], int] = {}
     try:
@@ -79,7 +87,7 @@ async def test_keyed_messages_land_in_the_partition_the_key_selects(kafka_bootst
     # 96 fixed keys spread over every partition: the test exercises all 12 of them
     assert set(sent.values()) == set(range(PARTITIONS))
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=f"infra-{uuid.uuid4().hex[:8]}",
+    consumer = AIOKafkaConsumer(topic, **login(kafka_bootstrap), group_id=f"infra-{uuid.uuid4().hex[:8]}",
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     received: list = []
@@ -104,7 +112,7 @@ async def test_keyed_messages_land_in_the_partition_the_key_selects(kafka_bootst
 
 
 async def test_broker_answers_metadata(kafka_bootstrap: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**login(kafka_bootstrap))
     await admin.start()
     try:
         cluster = await asyncio.wait_for(admin.describe_cluster(), 10)

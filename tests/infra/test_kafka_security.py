@@ -29,8 +29,13 @@ def pem(tmp_path_factory) -> dict[str, Path]:
     return {"cert": cert, "key": key}
 
 
+# Explicit, so that neither the environment nor .runstate/env (the secured stack's) fills them in.
+UNSET = {"kafka_security_protocol": "PLAINTEXT", "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_username": None,
+         "kafka_password": None, "kafka_ssl_cafile": None, "kafka_ssl_certfile": None, "kafka_ssl_keyfile": None}
+
+
 def worker(**kw) -> WorkerSettings:
-    return WorkerSettings.load(kafka_bootstrap_servers="broker:9093", **kw)
+    return WorkerSettings.load(kafka_bootstrap_servers="broker:9093", **{**UNSET, **kw})
 
 
 def test_plaintext_is_the_default_and_adds_nothing():

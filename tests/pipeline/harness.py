@@ -124,6 +124,9 @@ class ServiceProcess:
 
 
 async def produce(settings: Settings, records: list[tuple[bytes | None, bytes]]) -> None:
+    # The broker makes no topic by itself (auto.create.topics.enable=false), and a test may
+    # produce before the service it starts has made them.
+    await ensure_topics(settings)
     producer = AIOKafkaProducer(**kafka_options(settings), enable_idempotence=True)
     await producer.start()
     try:

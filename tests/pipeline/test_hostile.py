@@ -15,7 +15,9 @@ from aiokafka.errors import KafkaError
 from runstate.client import state
 from runstate.database_urls import parse
 from runstate.domain import SetStateStatus, StateCreate
+from runstate.kafka_security import kafka_options
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+from runstate.pipeline.kafka import ensure_topics
 
 from .harness import InProcessService, isolated_settings, produce, read_all, read_topic
 from .test_pipeline import history, pg_dsn
@@ -143,7 +145,7 @@ async def test_nan_data_gets_the_same_answers_in_one_batch_and_across_batches(ba
 async def test_a_decision_whose_result_would_not_fit_its_topic_is_refused_as_too_large(base_settings):
     settings = isolated_settings(base_settings, partitions=1)
     # The result topic exists already with a small limit (runstate leaves it as it is).
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(settings.result_topic, 1, 1,
@@ -208,7 +210,7 @@ async def test_a_revoked_insert_is_an_outage_waited_out_not_a_reason_to_dead_let
 
 
 async def _recreate_command_topic(settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
     await admin.start()
     try:
         await admin.delete_topics([settings.command_topic])
@@ -268,6 +270,7 @@ async def test_records_with_binary_or_null_headers_are_decided(base_settings):
     settings = isolated_settings(base_settings, partitions=1)
     run_id = uuid.uuid4()
     key = str(run_id).encode()
+    await ensure_topics(settings)  # the broker makes no topic by itself
     producer = AIOKafkaProducer(**kafka_options(settings))
     await producer.start()
     try:

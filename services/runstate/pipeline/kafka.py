@@ -4,7 +4,6 @@ limits, and the Publisher port on an idempotent aiokafka producer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,11 +11,10 @@ from functools import lru_cache
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from runstate.config import Settings
-from runstate.kafka_security import kafka_options
+from runstate.kafka_security import describe_login, kafka_options, start_client
 from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER
 from runstate.pipeline.ports import BatchOutcome
 
@@ -57,35 +55,84 @@ def wanted_message_bytes(settings: Settings) -> dict[str, int]:
     }
 
 
+class TopicSetupError(RuntimeError):
+    """runstate's topics are missing and cannot be made (refused, or not allowed by the settings)."""
+
+
+# Kafka error codes in a CreateTopics answer (aiokafka returns them without raising).
+TOPIC_ALREADY_EXISTS = 36
+TOPIC_AUTHORIZATION_FAILED = 29
+CLUSTER_AUTHORIZATION_FAILED = 31
+
+
 async def ensure_topics(settings: Settings) -> TopicLimits:
-    """Create runstate's topics when missing, each with an explicit size limit,
-    and read the limits of those that exist (they are left as they are)."""
+    """Create runstate's topics when missing, each with its replication factor,
+    min.insync.replicas, retention and size limit from the settings, and read the
+    limits of those that exist (they are left as they are)."""
     wanted = wanted_message_bytes(settings)
+    configs = settings.topic_configs()
     admin = AIOKafkaAdminClient(**kafka_options(settings))
-    await admin.start()
+    await start_client(admin, settings)
     try:
+        brokers = len(admin._client.cluster.brokers())  # noqa: SLF001 - the metadata start() fetched
         existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(t, settings.partitions, 1, topic_configs={"max.message.bytes": str(size)})
-            for t, size in wanted.items()
-            if t not in existing
-        ]
+        missing = [t for t in wanted if t not in existing]
         if missing:
-            # Another member may have created them first.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
+            await _create(admin, settings, missing, wanted, configs)
         actual = await _max_message_bytes(admin, list(wanted))
+        replicas = await _replication_factors(admin, list(wanted))
     finally:
         await admin.close()
     for topic, size in actual.items():
         if size < wanted[topic]:
             log.warning("topic %s takes records of up to %d bytes (max.message.bytes); runstate wants %d:"
                         " commands whose messages do not fit are refused as too_large", topic, size, wanted[topic])
+    single = sorted(t for t, n in replicas.items() if n == 1)
+    if single:
+        # The producers wait for acks=all, which on one replica is one broker's disk.
+        log.warning("topics %s have a replication factor of 1 on a cluster of %d broker(s): acks=all waits for "
+                    "that one replica only, and losing its broker loses acknowledged records%s", ", ".join(single),
+                    brokers, " (set RUNSTATE_TOPIC_REPLICATION_FACTOR, default 3)" if brokers > 1 else "")
     return TopicLimits(
         results=actual[settings.result_topic],
         state_changes=actual[settings.state_change_topic],
         dead_letters=actual[settings.dead_letter_topic],
     )
+
+
+async def _create(admin: AIOKafkaAdminClient, settings: Settings, missing: list[str], wanted: dict[str, int],
+                  configs: dict[str, dict[str, str]]) -> None:
+    who = describe_login(settings)
+    if not settings.create_topics:
+        raise TopicSetupError(f"Kafka topics {', '.join(missing)} do not exist and RUNSTATE_CREATE_TOPICS is false:"
+                              " create them (see the README, 'Running it securely')")
+    new = [NewTopic(t, settings.partitions, settings.topic_replication_factor,
+                    topic_configs={"max.message.bytes": str(wanted[t]), **configs[t]}) for t in missing]
+    response = await admin.create_topics(new)
+    refused = [(name, code, (rest[0] if rest else None)) for name, code, *rest in response.topic_errors
+               if code not in (0, TOPIC_ALREADY_EXISTS)]
+    if not refused:
+        return
+    name, code, message = refused[0]
+    if code in (TOPIC_AUTHORIZATION_FAILED, CLUSTER_AUTHORIZATION_FAILED):
+        raise TopicSetupError(
+            f"Kafka refused to create topic {name} for {who} (not authorized, error {code}): grant that principal"
+            " Create on runstate's topics, or create them beforehand and set RUNSTATE_CREATE_TOPICS=false")
+    names = ", ".join(n for n, _, _ in refused)
+    raise TopicSetupError(f"Kafka could not create topics {names} (error {code}: {message or 'no message'}) with"
+                          f" replication factor {settings.topic_replication_factor} and min.insync.replicas"
+                          f" {settings.topic_min_insync_replicas} (RUNSTATE_TOPIC_REPLICATION_FACTOR,"
+                          " RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS)")
+
+
+async def _replication_factors(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Each topic's smallest replica count (from the metadata)."""
+    found: dict[str, int] = {}
+    for topic in await admin.describe_topics(topics):
+        counts = [len(p["replicas"]) for p in topic.get("partitions", [])]
+        if counts:
+            found[topic["topic"]] = min(counts)
+    return found
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
@@ -134,6 +181,7 @@ class KafkaPublisher:
         self.producer = AIOKafkaProducer(
             **kafka_options(settings),
             enable_idempotence=True,
+            acks="all",
             # A batch's records are all appended before the sender runs, so
             # lingering would only delay the acks the batch waits for.
             linger_ms=0,
@@ -144,7 +192,7 @@ class KafkaPublisher:
         )
 
     async def start(self) -> None:
-        await self.producer.start()
+        await start_client(self.producer, self.settings)
 
     async def stop(self) -> None:
         await self.producer.stop()
