@@ -142,6 +142,10 @@ def run_ranges(
                     yield done.pop(following)
                     following += 1
         except BaseException:
+            # Interrupted, or a range failed: the other ranges' work is of no use now, and a
+            # worker holds nothing that needs a clean stop (its session ends with it).
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     if on_progress is not None and counter.value > shown:
