@@ -114,9 +114,11 @@ def run_ranges(
     args: tuple[Any, ...],
     workers: int,
     on_progress: Callable[[int], None] | None = None,
+    ordered: bool = True,
 ) -> Iterator[T]:
     """task(range, *args) for every range in `workers` processes; yields the results in
-    range order, each as soon as it and every range before it are done."""
+    range order, each as soon as it and every range before it are done (or, not `ordered`,
+    each as soon as it is done, so no finished result waits in memory for a slower one)."""
     # spawn: the parent may hold database connections and a progress-bar thread, which a
     # forked child must not share.
     context = multiprocessing.get_context("spawn")
@@ -137,7 +139,11 @@ def run_ranges(
                         on_progress(now - shown)
                         shown = now
                 for future in finished:
-                    done[futures[future]] = future.result()
+                    index = futures.pop(future)  # a future keeps its result while referenced
+                    if not ordered:
+                        yield future.result()
+                        continue
+                    done[index] = future.result()
                 while following in done:
                     yield done.pop(following)
                     following += 1
