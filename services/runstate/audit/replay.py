@@ -204,6 +204,8 @@ VERIFY_COLUMNS = (
 def recorded_event(row: Any) -> RecordedEvent:
     """What a stored task-run event recorded: the one place replay decodes a payload."""
     payload = from_json(row.payload)
+    if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
+        payload = {}
     return RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
                          payload.get("context"), payload.get("decision"))
 
