@@ -54,17 +54,21 @@ class _NoProgress:
 
 
 class _RichProgress:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self._progress, self._task = progress, task
+    def __init__(self, progress: Any, task: Any, unit: str) -> None:
+        self._progress, self._task, self._unit = progress, task, unit
 
     def update(self, n: int) -> None:
         self._progress.advance(self._task, n)
+        speed = next(t.speed for t in self._progress.tasks if t.id == self._task)  # None at first
+        if speed:
+            self._progress.update(self._task, rate=f"{speed:,.0f} {self._unit}/s")
 
 
 @contextmanager
-def progress(total: int, label: str) -> Iterator[Progress]:
-    """A progress bar on stderr while a person watches a terminal; nothing otherwise, so
-    logs of scripts and CI hold no bar and stdout carries only the report."""
+def progress(total: int, label: str, unit: str = "events") -> Iterator[Progress]:
+    """A progress bar on stderr, with the rate and the time left, while a person watches a
+    terminal; nothing otherwise, so logs of scripts and CI hold no bar and stdout carries
+    only the report."""
     if not sys.stderr.isatty():
         yield _NoProgress()
         return
@@ -72,9 +76,11 @@ def progress(total: int, label: str) -> Iterator[Progress]:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as RichProgress
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    rate = TextColumn("{task.fields[rate]}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn())
     with RichProgress(*columns, console=Console(stderr=True)) as bar:
-        yield _RichProgress(bar, bar.add_task(label, total=max(total, 1)))
+        task = bar.add_task(label, total=max(total, 1), rate="")
+        yield _RichProgress(bar, task, unit)
 
 
 # -- logs ----------------------------------------------------------------------------------

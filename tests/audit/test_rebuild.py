@@ -141,3 +141,25 @@ def test_an_event_recording_no_run_is_skipped_and_counted(driven_log, admin_data
         assert (report.events, report.unreadable, report.task_runs) == (copied + 1, 1, 5)
         with psycopg.connect(dsn(app_url)) as conn:
             assert conn.execute("SELECT count(*) FROM task_runs WHERE id = %s", (damaged,)).fetchone()[0] == 0
+
+
+def test_a_rebuild_by_worker_processes_reproduces_the_live_projections(driven_log):
+    """More than one worker: the log is cut into ranges of whole streams, each folded in a
+    session of its own and handed to the rebuilding session."""
+    from runstate.audit.db import open_engine
+    from runstate.audit.parallel import plan_ranges
+
+    url = driven_log.settings.database_url
+    engine = open_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert len(plan_ranges(conn, 2, min_events=1)) > 2  # the log really is split
+    finally:
+        engine.dispose()
+    live = projections(url)
+    damage_projections(url, driven_log)
+    progressed = []
+    report = rebuild(url, batch_size=2, workers=2, min_range_events=1, on_batch=progressed.append)
+    assert report.events == event_count(url) == sum(progressed)
+    assert (report.task_runs, report.flow_runs, report.unreadable) == (5, 1, 0)
+    assert projections(url) == live

@@ -145,3 +145,56 @@ def test_a_rewrite_by_the_owner_that_keeps_the_decisions_is_caught_by_the_hash_c
         findings = [line for line in done.stdout.splitlines() if line.startswith("DIFFERS")]
         assert [f.split(":")[0] for f in findings if "hash chain broken" in f] == [
             f"DIFFERS run {run} seq 2", f"DIFFERS run {run} seq 4"]
+
+
+def copy_chained(source_admin_url: str, target_admin_url: str) -> int:
+    """Every event verbatim, hash included (copy_events leaves the hash out)."""
+    with psycopg.connect(dsn(source_admin_url)) as src, psycopg.connect(dsn(target_admin_url), autocommit=True) as dst:
+        rows = src.execute(f"SELECT {CHAINED_COLUMNS}, payload::text FROM events ORDER BY stream_id, seq").fetchall()
+        marks = ", ".join(["%s"] * 16)
+        dst.cursor().executemany(
+            f"INSERT INTO events ({CHAINED_COLUMNS}, payload) VALUES ({marks}, CAST(%s AS json))", rows)
+    return len(rows)
+
+
+def test_the_report_is_the_same_whatever_the_number_of_workers(driven_log, admin_database_url, database_url):
+    """Findings in several streams (altered decisions and a broken hash link) come out in
+    (run, seq) order, identical with one process and with workers taking ranges of streams."""
+    from runstate.audit.parallel import plan_ranges
+
+    runs = driven_log.runs
+    with scratch_database(admin_database_url, database_url, "audit_workers") as (copy_app, copy_admin):
+        copied = copy_chained(driven_log.settings.admin_database_url, copy_admin)
+        with psycopg.connect(dsn(copy_admin), autocommit=True) as owner:
+            owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
+            for run, seq in ((runs["flaky"], 3), (runs["lifecycle"], 2), (runs["cached"], 2)):
+                owner.execute(
+                    "UPDATE events SET payload = jsonb_set(payload::jsonb, '{decision,run,run_count}', '42')::json"
+                    " WHERE stream_id = %s AND seq = %s", (run, seq))
+            owner.execute("UPDATE events SET source_offset = source_offset + 1000 WHERE stream_id = %s AND seq = 1",
+                          (runs["slot_held"],))
+            owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
+
+        engine = open_engine(copy_app)
+        try:
+            with engine.connect() as conn:
+                assert len(plan_ranges(conn, 3, min_events=1)) > 3  # the log really is split
+            reports, announced = [], []
+            for workers in (1, 2, 3):
+                seen: list = []
+                reports.append(verify_log(engine, batch_size=3, workers=workers, min_range_events=1,
+                                          on_mismatch=seen.append))
+                announced.append(seen)
+        finally:
+            engine.dispose()
+    first = reports[0]
+    assert (first.events, first.chained) == (task_run_event_count(driven_log.settings.database_url), copied)
+    # Each altered run_count differs where it was altered (and the next decision, re-made
+    # from the altered run, differs too); the rewritten source breaks one link.
+    assert len(first.mismatches) >= 4
+    assert [(m.stream_id, m.seq) for m in first.mismatches] == sorted((m.stream_id, m.seq) for m in first.mismatches)
+    assert {(runs["slot_held"], 1), (runs["flaky"], 3), (runs["lifecycle"], 2), (runs["cached"], 2)} <= {
+        (m.stream_id, m.seq) for m in first.mismatches}
+    for report, seen in zip(reports, announced, strict=True):
+        assert (report.events, report.chained, report.mismatches) == (first.events, first.chained, first.mismatches)
+        assert seen == first.mismatches

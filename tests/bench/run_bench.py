@@ -551,7 +551,10 @@ class Bench:
 
     def rebuild_template(self) -> list[tuple]:
         """Whole histories of real runs decided by runstate in this run (every lifecycle shape)."""
-        with psycopg.connect(libpq(self.admin_url)) as src:
+        source = self.admin_url
+        if self.args.audit_template_db:  # measuring the audits alone: runs decided earlier
+            source = db_url(self.stack.env["RUNSTATE_ADMIN_DATABASE_URL"], self.args.audit_template_db)
+        with psycopg.connect(libpq(source)) as src:
             return src.execute(
                 "SELECT stream_id, seq, stream_type, event_type, transition_id, status, state_type, state_name,"
                 " payload::text FROM events WHERE stream_id IN ((SELECT stream_id FROM events GROUP BY stream_id"
@@ -583,19 +586,25 @@ class Bench:
             # rebuild reads it (and writes its projections) exactly as it would a logged one.
             dst.execute("ALTER TABLE events SET UNLOGGED")
             dst.commit()
+            chain_functions(dst)
             step = max(1, 100_000 // per_copy)
             for lo in range(0, copies, step):
                 hi = min(copies, lo + step)
                 dst.execute(
                     "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, transition_id,"
                     " status, state_type, state_name, state_id, payload, source_topic, source_partition,"
-                    " source_offset)"
-                    " SELECT md5(t.n::text || '/' || g::text)::uuid,"
-                    " t.seq, t.stream_type, t.event_type, gen_random_uuid(), t.transition_id, t.status,"
-                    " t.state_type, t.state_name, CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END,"
-                    " t.payload, 'bench.rebuild', (g %% 12)::integer,"
-                    " g::bigint * 1000000 + row_number() OVER ()"
-                    " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t ORDER BY g, t.n, t.seq",
+                    " source_offset, hash)"
+                    " SELECT stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,"
+                    " state_name, state_id, payload, source_topic, source_partition, source_offset,"
+                    f" bench_chain({CHAIN_PARTS}) OVER (PARTITION BY g, n ORDER BY seq)"
+                    " FROM (SELECT g, t.n, md5(t.n::text || '/' || g::text)::uuid AS stream_id,"
+                    " t.seq, t.stream_type, t.event_type, gen_random_uuid() AS command_id, t.transition_id, t.status,"
+                    " t.state_type, t.state_name,"
+                    " CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END AS state_id,"
+                    " t.payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
+                    " g::bigint * 1000000 + row_number() OVER () AS source_offset"
+                    " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t) x"
+                    " ORDER BY g, n, seq",
                     (lo, hi - 1))
                 dst.commit()
             dst.execute("DROP TABLE bench_template")
@@ -606,14 +615,89 @@ class Bench:
             dst.execute("VACUUM ANALYZE events")
         gen_s = time.monotonic() - t0
         log(f"  {total} events ({size}) from {per_copy} template events of {len(streams)} runs in {gen_s:.0f} s")
-        from runstate.audit.rebuild import rebuild
-        report = rebuild(r_app, batch_size=a.rebuild_batch)
-        res = {"events": report.events, "seconds": report.seconds, "events_per_second": report.events / report.seconds,
-               "task_runs": getattr(report, "task_runs", None), "generated": total, "table_size": size,
-               "generation_seconds": gen_s, "batch_size": a.rebuild_batch, "template_events": per_copy}
-        log(f"  rebuild: {report.events} events in {report.seconds:.1f} s = {res['events_per_second']:.0f} events/s")
+        res = self.measure_rebuild(r_app)
+        res.update({"generated": total, "table_size": size, "generation_seconds": gen_s,
+                    "template_events": per_copy})
+        self.results["runs"]["replay"] = self.measure_replay(r_app)
         admin_sql(env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench_rebuild WITH (FORCE)")
         return res
+
+
+    def measure_rebuild(self, app_url: str) -> dict:
+        """`runstate rebuild` of the generated log, by --audit-workers processes."""
+        from runstate.audit.rebuild import rebuild
+
+        a = self.args
+        report = rebuild(app_url, batch_size=a.rebuild_batch, workers=a.audit_workers)
+        res = {"events": report.events, "seconds": report.seconds, "events_per_second": report.events / report.seconds,
+               "task_runs": report.task_runs, "batch_size": a.rebuild_batch, "workers": a.audit_workers}
+        log(f"  rebuild, {a.audit_workers} worker(s): {report.events} events in {report.seconds:.1f} s"
+            f" = {res['events_per_second']:.0f} events/s")
+        return res
+
+    def measure_replay(self, app_url: str) -> dict:
+        """`runstate replay --verify` of the generated log, by --audit-workers processes, with the
+        workers' resident memory sampled as the verified share of the log grows."""
+        import threading
+
+        from runstate.audit.db import open_engine
+        from runstate.audit.replay import verify_log
+
+        a = self.args
+        engine = open_engine(app_url)
+        done = [0]
+        series: list[tuple[float, int, int]] = []  # seconds, events verified, workers' RSS KiB
+        stop = threading.Event()
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            while not stop.wait(0.5):
+                workers = _children(os.getpid())
+                if workers:
+                    series.append((time.monotonic() - t0, done[0], sum(rss_kib(p) or 0 for p in workers)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            report = verify_log(engine, batch_size=a.replay_batch, workers=a.audit_workers,
+                                on_batch=lambda n: done.__setitem__(0, done[0] + n))
+        finally:
+            stop.set()
+            sampler.join()
+            engine.dispose()
+        seconds = time.monotonic() - t0
+        res = {"events": report.chained, "decisions": report.events, "seconds": seconds,
+               "events_per_second": report.chained / seconds, "mismatches": len(report.mismatches),
+               "workers": a.audit_workers, "batch_size": a.replay_batch, "rss_series": series}
+        # Memory against the share of the log verified: flat if the workers hold no more than a batch.
+        early = next((s for s in series if s[1] >= report.chained // 10), None)
+        late = [s[2] for s in series if s[1] >= report.chained // 2]
+        res["rss_kib_at_10pct"] = early[2] if early else None
+        res["rss_kib_max_after_50pct"] = max(late) if late else None
+        log(f"  replay --verify, {a.audit_workers} worker(s): {report.chained} events ({report.events} decisions) in"
+            f" {seconds:.1f} s = {res['events_per_second']:.0f} events/s, {len(report.mismatches)} mismatches;"
+            f" workers' RSS {res['rss_kib_at_10pct']} KiB at 10 % -> max {res['rss_kib_max_after_50pct']} KiB"
+            " after 50 %")
+        return res
+
+
+# runstate.events.event_hash in SQL, so that the generated log carries hash chains that
+# replay --verify checks as it would a real one: each column length-prefixed, no digest.
+CHAIN_PARTS = " || ".join(
+    [f"bench_part({c})" for c in ("stream_id::text", "seq::text", "stream_type", "event_type", "command_id::text",
+                                  "transition_id::text", "status", "state_type", "state_name", "state_id::text",
+                                  "source_topic", "source_partition::text", "source_offset::text")]
+    + ["int8send(0::bigint)", "bench_part(payload::text)"])
+
+
+def chain_functions(conn) -> None:
+    conn.execute("CREATE FUNCTION bench_part(text) RETURNS bytea IMMUTABLE LANGUAGE sql AS $$ SELECT"
+                 " int8send(octet_length(convert_to(coalesce($1, ''), 'UTF8'))::bigint)"
+                 " || convert_to(coalesce($1, ''), 'UTF8') $$")
+    conn.execute("CREATE FUNCTION bench_link(bytea, bytea) RETURNS bytea IMMUTABLE LANGUAGE sql AS"
+                 " $$ SELECT sha256($1 || $2) $$")
+    conn.execute("CREATE AGGREGATE bench_chain(bytea) (SFUNC = bench_link, STYPE = bytea,"
+                 " INITCOND = '\\x" + "00" * 32 + "')")
 
 
 class PrefectServer:
@@ -738,6 +822,11 @@ def parse_args(argv=None):
     p.add_argument("--prefect-seconds", type=float, default=30)
     p.add_argument("--rebuild-events", type=int, default=1_000_000)
     p.add_argument("--rebuild-batch", type=int, default=50_000)
+    p.add_argument("--replay-batch", type=int, default=1000)
+    p.add_argument("--audit-workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes of rebuild and replay --verify")
+    p.add_argument("--audit-template-db", default=None,
+                   help="take the generated log's template runs from this database (to measure the audits alone)")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=REPO)
     p.add_argument("--report-only", action="store_true",

@@ -26,6 +26,19 @@ from runstate.database_urls import DatabaseURL
 limit_app = typer.Typer(no_args_is_help=True, help="Tag concurrency limits.")
 
 
+def _workers(value: int | None) -> int:
+    from runstate.audit.parallel import default_workers
+
+    return value or default_workers()
+
+
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="Worker processes, each taking ranges of whole streams"
+                 " (default: one per core; a small log is done in one)."),
+]
+
+
 @contextmanager
 def _database(url: DatabaseURL) -> Iterator[Engine]:
     """An engine for the command; unreachable or lost servers end it with one line."""
@@ -66,6 +79,7 @@ def replay(
     run: Annotated[UUID | None, typer.Option("--run", help="Only this task run.")] = None,
     all_runs: bool = typer.Option(False, "--all", help="Every task run (the default)."),
     batch_size: int = typer.Option(1000, min=1, help="Events read per query."),
+    workers: WorkersOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Decide every recorded command again through the current rules; exit 1 if any decision differs."""
@@ -83,7 +97,8 @@ def replay(
         if run is not None and total == 0:
             raise fail(f"no events recorded for run {run}")
         with progress(total, "replaying") as bar:
-            report = verify_log(engine, run, batch_size=batch_size, on_batch=bar.update, on_mismatch=on_mismatch)
+            report = verify_log(engine, run, batch_size=batch_size, workers=_workers(workers), on_batch=bar.update,
+                                on_mismatch=on_mismatch)
     if as_json:
         emit_json({
             "events": report.events,
@@ -106,6 +121,7 @@ def replay(
 
 def rebuild(
     batch_size: int = typer.Option(50_000, min=1, help="Events folded per statement."),
+    workers: WorkersOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Rebuild task_runs, flow_runs, task_cache, tag_leases and active slots from the log.
@@ -119,7 +135,7 @@ def rebuild(
     with _database(settings.database_url) as engine:
         total = count_events(engine)
         with progress(total, "rebuilding") as bar:
-            report = rebuild_projections(engine, batch_size=batch_size, on_batch=bar.update)
+            report = rebuild_projections(engine, batch_size=batch_size, on_batch=bar.update, workers=_workers(workers))
     if as_json:
         emit_json({
             "events": report.events,

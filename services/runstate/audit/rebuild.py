@@ -15,6 +15,10 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   recomputes `active_slots` of every tag limit as the slots of the leases still held.
 * Interrupting at any point before that commit leaves the live tables as they were, and
   TEMP tables vanish with the session: a rerun simply starts over. Nothing needs cleaning.
+* With more than one worker, the log is cut into ranges of whole streams (audit/parallel.py)
+  and each worker process folds its ranges in a session of its own, into TEMP tables of its
+  own, and hands them back to the rebuilding session as binary COPY data: a stream's events
+  are in one range, so the ranges' shadows never overlap and are simply appended.
 
 TEMP tables need no CREATE privilege on the schema, so the service's own role can rebuild.
 Limits themselves (`limit`, `active`) are configuration, not events, and are kept.
@@ -31,6 +35,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from runstate.audit.db import START, sync_url
+from runstate.audit.parallel import (
+    MIN_RANGE_EVENTS,
+    WHOLE_LOG,
+    StreamRange,
+    plan_ranges,
+    report_progress,
+    run_ranges,
+)
 
 # An event appended by a transaction that began before the rebuild started but committed
 # after the scan passed its stream is found by the final pass if recorded this long before
@@ -48,6 +60,7 @@ CREATE TEMP TABLE rb_leases_taken (id uuid, task_run_id uuid, tags text[], slots
 CREATE TEMP TABLE rb_leases_released (id uuid, task_run_id uuid);
 CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream_id, seq));
 """
+SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
 FOLD = """
@@ -108,7 +121,7 @@ SELECT count(*) FROM b
 """
 
 RANGE = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND (e.stream_id, e.seq) <= (:hi_stream, :hi_seq)"
-TAIL = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq)"
+TAIL = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND {streams}"
 LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
 
 SWAP = """
@@ -150,45 +163,55 @@ def rebuild(
     engine_or_url: Engine | AsyncEngine | str,
     batch_size: int = 50_000,
     on_batch: Callable[[int], None] | None = None,
+    workers: int = 1,
+    min_range_events: int = MIN_RANGE_EVENTS,
 ) -> RebuildReport:
     """Rebuild task_runs, flow_runs, task_cache, tag_leases and active_slots from the log.
 
     Accepts a sync Engine, an AsyncEngine or a URL (an AsyncEngine's URL is used with a
-    sync connection: this is a batch job with one session)."""
+    sync connection: this is a batch job with one session). With workers > 1 the log is
+    folded by that many processes, and on_batch hears of their batches a little late."""
     if batch_size < 1:
         raise ValueError("batch_size must be positive")
+    if workers < 1:
+        raise ValueError("workers must be positive")
     # A private, unpooled session: its TEMP tables and temp_buffers setting must not meet
     # a pooled session that already used them, and closing it is the cleanup.
-    engine = create_engine(sync_url(engine_or_url), poolclass=NullPool)
+    url = sync_url(engine_or_url)
+    engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            return _rebuild(conn, batch_size, on_batch)
+            return _rebuild(conn, url, batch_size, on_batch, workers, min_range_events)
     finally:
         engine.dispose()
 
 
-def _rebuild(conn: Connection, batch_size: int, on_batch: Callable[[int], None] | None) -> RebuildReport:
-    began = time.perf_counter()
+def _open_shadow(conn: Connection) -> None:
     # Local buffers must be sized before the session first touches a TEMP table; the shadow
     # of a large log would otherwise thrash the 8 MB default.
     conn.execute(text("SET temp_buffers = '256MB'"))
-    started_at = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
     _script(conn, SHADOW_DDL)
     conn.commit()
 
+
+def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
+                on_batch: Callable[[int], None] | None) -> int:
+    """Fold the events of `streams` into the session's shadow, one committed batch at a time."""
+    condition, range_params = streams.condition("e.stream_id")
     events = 0
-    lo = START
+    lo = (streams.lo, 0) if streams.lo is not None else START
     while True:
         hi = conn.execute(
             text(
-                "SELECT stream_id, seq FROM events WHERE (stream_id, seq) > (:s, :q)"
-                " ORDER BY stream_id, seq OFFSET :skip LIMIT 1"
+                "SELECT stream_id, seq FROM events e WHERE (stream_id, seq) > (:s, :q) AND "
+                + condition + " ORDER BY stream_id, seq OFFSET :skip LIMIT 1"
             ),
-            {"s": lo[0], "q": lo[1], "skip": batch_size - 1},
+            {"s": lo[0], "q": lo[1], "skip": batch_size - 1, **range_params},
         ).first()
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
         if hi is None:  # the tail: fewer than batch_size events are left
-            folded = conn.execute(text(FOLD.format(events=TAIL)), bounds).scalar_one()
+            tail = TAIL.format(streams=condition)
+            folded = conn.execute(text(FOLD.format(events=tail)), bounds | range_params).scalar_one()
         else:
             bounds |= {"hi_stream": hi.stream_id, "hi_seq": hi.seq}
             folded = conn.execute(text(FOLD.format(events=RANGE)), bounds).scalar_one()
@@ -197,8 +220,58 @@ def _rebuild(conn: Connection, batch_size: int, on_batch: Callable[[int], None] 
         if on_batch:
             on_batch(folded)
         if hi is None:
-            break
+            return events
         lo = (hi.stream_id, hi.seq)
+
+
+_worker_engine: Engine | None = None
+
+
+def _fold_in_worker(streams: StreamRange, url: str, batch_size: int) -> tuple[int, dict[str, bytes]]:
+    """One range, in a worker process: folded into a shadow of a session of its own, which
+    is handed back as binary COPY data (one blob a table) and vanishes with the session."""
+    global _worker_engine
+    if _worker_engine is None:
+        _worker_engine = create_engine(url, poolclass=NullPool)
+    with _worker_engine.connect() as conn:
+        _open_shadow(conn)
+        events = _fold_range(conn, streams, batch_size, report_progress)
+        raw = conn.connection.driver_connection
+        shadow: dict[str, bytes] = {}
+        with raw.cursor() as cur:  # type: ignore[union-attr]
+            for table in SHADOW_TABLES:
+                with cur.copy(f"COPY {table} TO STDOUT (FORMAT binary)") as copy:
+                    shadow[table] = b"".join(bytes(block) for block in copy)
+        conn.rollback()
+    return events, shadow
+
+
+def _take_shadow(conn: Connection, shadow: dict[str, bytes]) -> None:
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur:  # type: ignore[union-attr]
+        for table, data in shadow.items():
+            with cur.copy(f"COPY {table} FROM STDIN (FORMAT binary)") as copy:
+                copy.write(data)
+    conn.commit()
+
+
+def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[int], None] | None,
+             workers: int, min_range_events: int) -> RebuildReport:
+    began = time.perf_counter()
+    started_at = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+    _open_shadow(conn)
+
+    ranges = plan_ranges(conn, workers, min_range_events, max_events=batch_size)
+    conn.commit()
+    events = 0
+    if len(ranges) == 1:
+        events = _fold_range(conn, WHOLE_LOG, batch_size, on_batch)
+    else:
+        # Any order: the shadows of ranges never overlap.
+        for folded, shadow in run_ranges(_fold_in_worker, ranges, (url, batch_size), workers, on_batch,
+                                         ordered=False):
+            _take_shadow(conn, shadow)
+            events += folded
 
     # The swap. Taking ACCESS EXCLUSIVE up front (TRUNCATE needs it anyway) waits for the
     # service's batch in flight to commit, so its events are visible to the final pass, and

@@ -19,9 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine
+from pydantic_core import from_json
+from sqlalchemy import Engine, create_engine
 
-from runstate.audit.db import count_events, scan_events
+from runstate.audit.db import count_events, scan_events, sync_url
+from runstate.audit.parallel import (
+    MIN_RANGE_EVENTS,
+    WHOLE_LOG,
+    StreamRange,
+    plan_ranges,
+    report_progress,
+    run_ranges,
+)
 from runstate.domain import (
     Decision,
     OrchestrationContext,
@@ -98,10 +107,13 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def compare(recorded: Mapping[str, Any], recomputed: Decision) -> list[str]:
-    mine = json.loads(recomputed.model_dump_json())
+    mine = recomputed.model_dump(mode="json")
     diffs: list[str] = []
     for name in COMPARED_FIELDS:
-        diffs.extend(json_diff(normalised(recorded.get(name)), normalised(mine.get(name)), name))
+        # Both sides are plain JSON values, so equality is the common, cheap answer; only
+        # a difference is walked to name its paths.
+        if recorded.get(name) != mine.get(name):
+            diffs.extend(json_diff(normalised(recorded.get(name)), normalised(mine.get(name)), name))
     return diffs
 
 
@@ -182,6 +194,22 @@ class ChainVerifier:
             "(a rewritten or inserted event)",))
 
 
+# The columns verify_log reads: every hashed column, and the payload as the very text stored.
+VERIFY_COLUMNS = (
+    "stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
+    " source_topic, source_partition, source_offset, source_digest, hash, payload::text AS payload"
+)
+
+
+def recorded_event(row: Any) -> RecordedEvent:
+    """What a stored task-run event recorded: the one place replay decodes a payload."""
+    payload = from_json(row.payload)
+    if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
+        payload = {}
+    return RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
+                         payload.get("context"), payload.get("decision"))
+
+
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:
     if run_id is None:
         return "TRUE", {}
@@ -193,32 +221,32 @@ def count_to_verify(engine: Engine, run_id: UUID | None = None) -> int:
     return count_events(engine, condition, params)
 
 
-def verify_log(
+@dataclass
+class RangeReport:
+    events: int
+    chained: int
+    mismatches: list[Mismatch]
+
+
+def verify_range(
     engine: Engine,
-    run_id: UUID | None = None,
-    *,
-    batch_size: int = 1000,
+    condition: str,
+    params: Mapping[str, Any],
+    batch_size: int,
     on_batch: Callable[[int], None] | None = None,
     on_mismatch: Callable[[Mismatch], None] | None = None,
-) -> VerifyReport:
-    """Check every stream's hash chain and replay every task-run decision (or one
-    run's). Mismatches are kept in the report and, if given, passed to on_mismatch
-    as they are found (so a long run shows them early)."""
-    condition, params = _condition(run_id)
+) -> RangeReport:
+    """Check the hash chains and re-decide the task-run events of whole streams (those
+    matching `condition`), in (stream_id, seq) order."""
     verifier = StreamVerifier()
     chain = ChainVerifier()
-    report = VerifyReport(events=0, mismatches=[])
-    columns = ("stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
-               " source_topic, source_partition, source_offset, source_digest, hash, payload::text AS payload")
-    for rows in scan_events(engine, columns, condition=condition, params=params, batch_size=batch_size):
+    report = RangeReport(0, 0, [])
+    for rows in scan_events(engine, VERIFY_COLUMNS, condition=condition, params=params, batch_size=batch_size):
         for row in rows:
             found = [chain.check(row)]
             if row.stream_type == "task_run":
                 report.events += 1
-                payload = json.loads(row.payload)
-                event = RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
-                                      payload.get("context"), payload.get("decision"))
-                found.append(verifier.check(event))
+                found.append(verifier.check(recorded_event(row)))
             for mismatch in found:
                 if mismatch is not None:
                     report.mismatches.append(mismatch)
@@ -227,4 +255,53 @@ def verify_log(
         report.chained += len(rows)
         if on_batch:
             on_batch(len(rows))
+    return report
+
+
+_worker_engine: Engine | None = None
+
+
+def _verify_in_worker(streams: StreamRange, url: str, batch_size: int) -> RangeReport:
+    """One range, in a worker process (its engine lives as long as the process)."""
+    global _worker_engine
+    if _worker_engine is None:
+        _worker_engine = create_engine(url, pool_size=1, max_overflow=0)
+    condition, params = streams.condition()
+    return verify_range(_worker_engine, condition, params, batch_size, on_batch=report_progress)
+
+
+def verify_log(
+    engine: Engine,
+    run_id: UUID | None = None,
+    *,
+    batch_size: int = 1000,
+    workers: int = 1,
+    min_range_events: int = MIN_RANGE_EVENTS,
+    on_batch: Callable[[int], None] | None = None,
+    on_mismatch: Callable[[Mismatch], None] | None = None,
+) -> VerifyReport:
+    """Check every stream's hash chain and replay every task-run decision (or one
+    run's). Mismatches are kept in the report and, if given, passed to on_mismatch
+    as they are found (so a long run shows them early); both in (stream_id, seq)
+    order, whatever the number of worker processes."""
+    if workers < 1:
+        raise ValueError("workers must be positive")
+    report = VerifyReport(events=0, mismatches=[])
+    ranges = [WHOLE_LOG]
+    if run_id is None and workers > 1:
+        with engine.connect() as conn:
+            ranges = plan_ranges(conn, workers, min_range_events)
+    if len(ranges) == 1:
+        condition, params = _condition(run_id)
+        whole = verify_range(engine, condition, params, batch_size, on_batch, on_mismatch)
+        report.events, report.chained, report.mismatches = whole.events, whole.chained, whole.mismatches
+        return report
+    url = sync_url(engine)
+    for part in run_ranges(_verify_in_worker, ranges, (url, batch_size), workers, on_batch):
+        report.events += part.events
+        report.chained += part.chained
+        report.mismatches.extend(part.mismatches)
+        if on_mismatch:
+            for mismatch in part.mismatches:
+                on_mismatch(mismatch)
     return report
