@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
+from .envfile import shown
 from .local import LocalStack
 from .output import StackError, say, tail
 from .ports import HOST
@@ -49,7 +51,9 @@ def cmd_env(stack: LocalStack, _args: argparse.Namespace) -> int:
     if not stack.env_file.exists():
         print("the stack is not up (.runstate/env missing): run 'make up'", file=sys.stderr)
         return 1
-    sys.stdout.write(stack.env_file.read_text())
+    print("# passwords hidden (***): load .runstate/env itself, e.g. set -a; . .runstate/env; set +a")
+    for key, value in stack.env().items():
+        print(f"export {key}={shlex.quote(shown(key, value))}")
     return 0
 
 
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, text in (("up", cmd_up, "start the stack (no-op when already up)"),
                            ("down", cmd_down, "stop exactly what `up` started"),
                            ("status", cmd_status, "show the stack; exit 0 when everything is up, 3 otherwise"),
-                           ("env", cmd_env, "print .runstate/env")):
+                           ("env", cmd_env, "print .runstate/env, passwords hidden")):
         command = sub.add_parser(name, help=text)
         command.set_defaults(fn=fn)
         if name == "up":

@@ -5,7 +5,9 @@
     <root>/kafka                server.properties, data/, logs/server.log
     <root>/postgres             data/ (the cluster), sock/ (unix socket), postgres.log
     <root>/<service>            <service>.log of each runstate service
-    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RUNSTATE_ADMIN_DATABASE_URL, ...
+    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL (read-only role), ... (mode 0600)
+    <root>/service.env          the services' own credentials: RUNSTATE_ADMIN_DATABASE_URL (owner),
+                                RUNSTATE_CONSUMER_DATABASE_URL, ... (mode 0600)
     <root>/pids                 "<name> <pid>" per started process
     <root>/state.json           what `up` started (pids, process start times, ports), read by down/status
     <root>/last.json            ports and local URLs of the previous run, reused when free
@@ -30,6 +32,10 @@ class Layout:
     @property
     def env_file(self) -> Path:
         return self.root / "env"
+
+    @property
+    def service_env_file(self) -> Path:
+        return self.root / "service.env"
 
     @property
     def pids_file(self) -> Path:
