@@ -154,7 +154,7 @@ class PostgresServer:
         tls = self._tls
         assert tls is not None, "start() makes the certificates first"
         return ["-c", "ssl=on", "-c", f"ssl_cert_file={tls.cert}", "-c", f"ssl_key_file={tls.key}",
-                "-c", f"ssl_ca_file={tls.ca}", "-c", "ssl_min_protocol_version=TLSv1.2",
+                "-c", "ssl_min_protocol_version=TLSv1.2",
                 "-c", "password_encryption=scram-sha-256"]
 
     def _ca(self) -> Path:
