@@ -28,8 +28,9 @@ class Context:
     env: dict[str, str]  # connection variables so far (infrastructure + earlier services' exports)
     ports: Ports  # ports chosen for this run, by name
     layout: Layout
-    # The services' own credentials (.runstate/service.env): RUNSTATE_ADMIN_DATABASE_URL and
-    # RUNSTATE_<ROLE>_DATABASE_URL; a service gets only its own (Service.env).
+    # The services' own credentials (.runstate/service.env). Every service process gets them,
+    # except the database URLs (RUNSTATE_ADMIN_DATABASE_URL, RUNSTATE_<ROLE>_DATABASE_URL):
+    # a service gets only its own role's, as DATABASE_URL (Service.env); prepare gets the owner's.
     service_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def port(self, name: str) -> int:
@@ -117,11 +118,13 @@ def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
     t0 = time.monotonic()
     ctx.env.update(svc.exports(ctx))
     log = ctx.dir(svc.name) / f"{svc.name}.log"
-    # The migrations run as the owner; the service itself never sees the owner's URL.
+    # The migrations run as the owner; the service itself gets its own database role only,
+    # never the owner's URL nor another role's (the *_DATABASE_URL of service.env).
     own = {k: v for k, v in os.environ.items() if k != "RUNSTATE_ADMIN_DATABASE_URL"}
     own.update(ctx.env)
+    own.update({k: v for k, v in ctx.service_env.items() if not k.endswith("_DATABASE_URL")})
     own.update(svc.env(ctx))
-    env = {**own, **ctx.service_env}
+    env = {**own, **ctx.service_env, **svc.env(ctx)}
     for argv in svc.prepare(ctx):
         with open(log, "ab") as out:
             out.write(f"$ {shlex.join(argv)}\n".encode())
