@@ -258,3 +258,12 @@ def test_the_files_with_passwords_are_readable_by_their_owner_only() -> None:
     for name in ("env", "service.env", "state.json", "last.json", "postgres/passwords.json"):
         mode = (REPO / ".runstate" / name).stat().st_mode & 0o777
         assert mode == 0o600, (name, oct(mode))
+
+
+def test_no_log_of_the_stack_holds_a_password() -> None:
+    logs = [f for f in (REPO / ".runstate").rglob("*.log") if f.is_file()]
+    assert any(f.name == "provision.log" for f in logs), "the stack wrote no provision.log"
+    for log in logs:
+        text = log.read_text(errors="replace")
+        for password in _passwords():
+            assert password not in text, log
