@@ -64,17 +64,18 @@ def new_passwords(home: Path) -> dict[str, str]:
     return passwords
 
 
-def url(role: str, password: str, host: str, port: int, ca: Path, database: str = DB_NAME) -> str:
-    """SQLAlchemy URL of `database` as `role`, over TLS verified against the local CA."""
-    query = urllib.parse.urlencode({"sslmode": "verify-full", "sslrootcert": str(ca)}, safe="/")
+def url(role: str, password: str, host: str, port: int, ca: Path | None, database: str = DB_NAME) -> str:
+    """SQLAlchemy URL of `database` as `role`, over TLS verified against the local CA (`ca`;
+    None: the plaintext stack, no TLS)."""
+    query = "?" + urllib.parse.urlencode({"sslmode": "verify-full", "sslrootcert": str(ca)}, safe="/") if ca else ""
     return (f"postgresql+psycopg://{urllib.parse.quote(role, safe='')}:{urllib.parse.quote(password, safe='')}"
-            f"@{host}:{port}/{database}?{query}")
+            f"@{host}:{port}/{database}{query}")
 
 
-def conninfo(role: str, host: str, port: int, ca: Path, database: str) -> str:
+def conninfo(role: str, host: str, port: int, ca: Path | None, database: str) -> str:
     """A libpq conninfo string for psql (the password goes in PGPASSWORD, never in argv)."""
-    values = {"host": host, "port": str(port), "user": role, "dbname": database, "sslmode": "verify-full",
-              "sslrootcert": str(ca)}
+    tls = {"sslmode": "verify-full", "sslrootcert": str(ca)} if ca else {"sslmode": "disable"}
+    values = {"host": host, "port": str(port), "user": role, "dbname": database, **tls}
     return " ".join(f"{k}='{v.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
                     for k, v in values.items())
 

@@ -3,7 +3,8 @@ SCRAM-SHA-256 superuser password, the server on loopback only with TLS (a certif
 by a throwaway CA, pg_tls), pg_hba accepting only `hostssl ... scram-sha-256`, and the
 database and login roles runstate expects (pg_roles: database `runstate` owned by
 runstate_owner, not a superuser; runstate_consumer, runstate_gateway, runstate_auditor, each
-granted its privileges by the migrations)."""
+granted its privileges by the migrations). RUNSTATE_STACK_SECURITY=plaintext turns TLS off
+(the same roles and passwords, `host ... scram-sha-256`): the benchmark's switch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import pg_roles
@@ -29,22 +31,29 @@ OWNER_ROLE = pg_roles.OWNER_ROLE
 # Only TLS over loopback, only SCRAM passwords; no socket (`local`) entry, so no peer or trust.
 HBA = ("# Written by deploy/stack: TLS and SCRAM-SHA-256 passwords on loopback, nothing else\n"
        f"hostssl all all {HOST}/32 scram-sha-256\n")
+HBA_PLAINTEXT = ("# Written by deploy/stack (RUNSTATE_STACK_SECURITY=plaintext): SCRAM-SHA-256 passwords on "
+                 f"loopback, no TLS\nhost all all {HOST}/32 scram-sha-256\n")
 
 
-def database_env(host: str, port: int, home: Path) -> dict[str, str]:
+def tls_wanted(environ: Mapping[str, str] = os.environ) -> bool:
+    """TLS unless RUNSTATE_STACK_SECURITY=plaintext (the stack's switch, shared with Kafka's)."""
+    return environ.get("RUNSTATE_STACK_SECURITY", "").strip().lower() != "plaintext"
+
+
+def database_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
     """DATABASE_URL for .runstate/env: the read-only gateway role, password and TLS included."""
     passwords = pg_roles.load_passwords(home) or {}
     role = pg_roles.PUBLIC_ROLE
     if role not in passwords:
         return {}
-    return {"DATABASE_URL": pg_roles.url(role, passwords[role], host, port, home / "tls" / "ca.pem")}
+    return {"DATABASE_URL": pg_roles.url(role, passwords[role], host, port, ca)}
 
 
-def database_service_env(host: str, port: int, home: Path) -> dict[str, str]:
+def database_service_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
     """Each runstate role's URL (the owner's as RUNSTATE_ADMIN_DATABASE_URL), for
     .runstate/service.env and the service processes."""
     passwords = pg_roles.load_passwords(home) or {}
-    return {var: pg_roles.url(role, passwords[role], host, port, home / "tls" / "ca.pem")
+    return {var: pg_roles.url(role, passwords[role], host, port, ca)
             for role, var in pg_roles.SERVICE_URL_VARS.items() if role in passwords}
 
 
@@ -66,13 +75,14 @@ class PostgresServer:
     home: Path  # data/ (the cluster), sock/, postgres.log
     port: int
     name: str = "postgres"
+    tls: bool = dataclasses.field(default_factory=tls_wanted)
     _tls: ServerTLS | None = dataclasses.field(default=None, init=False, repr=False)
 
     def env(self) -> dict[str, str]:
-        return database_env(HOST, self.port, self.home)
+        return database_env(HOST, self.port, self.home, self._ca())
 
     def service_env(self) -> dict[str, str]:
-        return database_service_env(HOST, self.port, self.home)
+        return database_service_env(HOST, self.port, self.home, self._ca())
 
     def start(self, launcher: Launcher, apt_log: Path) -> Record:
         """Create the cluster when new, start the server, wait for it and provision it."""
@@ -89,7 +99,8 @@ class PostgresServer:
             if probe.returncode != 0:
                 raise StackError(f"user postgres cannot write {self.home} (a parent folder is not searchable for it)")
         initdb = self._create_cluster(bindir, run_as)
-        self._tls = server_tls(self.home, run_as)
+        self._write_hba(run_as)
+        self._tls = server_tls(self.home, run_as) if self.tls else None
         t_start = time.monotonic()
         rec = self._spawn(launcher, bindir, run_as)
         self._wait_ready(rec, bindir, t_start)
@@ -119,10 +130,14 @@ class PostgresServer:
         shutil.rmtree(data, ignore_errors=True)
         passwords = pg_roles.new_passwords(self.home)
         self._initdb(bindir, run_as, passwords[pg_roles.SUPERUSER])
-        (data / "pg_hba.conf").write_text(HBA)
-        if run_as:
-            os.chown(data / "pg_hba.conf", *run_as)
         return f"initdb {time.monotonic() - t_init:.1f} s"
+
+    def _write_hba(self, run_as: tuple[int, int] | None) -> None:
+        """pg_hba.conf of the mode asked for, on every start (the switch may have changed)."""
+        hba = self.home / "data" / "pg_hba.conf"
+        hba.write_text(HBA if self.tls else HBA_PLAINTEXT)
+        if run_as:
+            os.chown(hba, *run_as)
 
     def _initdb(self, bindir: Path, run_as: tuple[int, int] | None, password: str) -> None:
         """initdb with the superuser's SCRAM password (read from a file only the server's user can read)."""
@@ -152,13 +167,15 @@ class PostgresServer:
     def _security_options(self) -> list[str]:
         """Server settings: TLS on with the stack's certificate, SCRAM for every new password."""
         tls = self._tls
-        assert tls is not None, "start() makes the certificates first"
+        if tls is None:
+            return ["-c", "ssl=off", "-c", "password_encryption=scram-sha-256"]
         return ["-c", "ssl=on", "-c", f"ssl_cert_file={tls.cert}", "-c", f"ssl_key_file={tls.key}",
                 "-c", "ssl_min_protocol_version=TLSv1.2",
                 "-c", "password_encryption=scram-sha-256"]
 
-    def _ca(self) -> Path:
-        return self.home / "tls" / "ca.pem"
+    def _ca(self) -> Path | None:
+        """The CA clients verify the server against; None without TLS."""
+        return self.home / "tls" / "ca.pem" if self.tls else None
 
     def _wait_ready(self, rec: Record, bindir: Path, t_start: float) -> None:
         log = self.home / "postgres.log"

@@ -29,6 +29,13 @@ def _local_only(test_backend: str) -> None:
         pytest.skip("RUNSTATE_TEST_BACKEND=testcontainers: the container's PostgreSQL is not deploy/stack's")
 
 
+@pytest.fixture
+def tls_stack(database_url: str) -> None:
+    """The TLS tests need the secured stack (RUNSTATE_STACK_SECURITY=plaintext turns TLS off)."""
+    if "sslmode" not in parse(database_url).query:
+        pytest.skip("the stack runs without TLS (RUNSTATE_STACK_SECURITY=plaintext)")
+
+
 @pytest.fixture(scope="module")
 def migrated(base_settings):
     """The shared database at the head revision (base_settings applies the migrations)."""
@@ -54,6 +61,7 @@ def refused(url: str, **changes: str | None) -> str:
 # --------------------------------------------------------------------------- connections
 
 
+@pytest.mark.usefixtures("tls_stack")
 def test_the_urls_ask_for_a_verified_tls_connection(database_url: str, gateway_database_url: str,
                                                      admin_database_url: str) -> None:
     for url in (database_url, gateway_database_url, admin_database_url):
@@ -62,6 +70,7 @@ def test_the_urls_ask_for_a_verified_tls_connection(database_url: str, gateway_d
         assert Path(str(query.get("sslrootcert"))).is_file(), url
 
 
+@pytest.mark.usefixtures("tls_stack")
 def test_a_connection_is_encrypted_and_scram_authenticated(database_url: str) -> None:
     with connect(database_url, channel_binding="require") as conn:
         ssl, version = conn.execute("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
@@ -70,11 +79,13 @@ def test_a_connection_is_encrypted_and_scram_authenticated(database_url: str) ->
     assert method == "scram-sha-256"
 
 
+@pytest.mark.usefixtures("tls_stack")
 def test_a_connection_without_tls_is_refused(database_url: str) -> None:
     message = refused(database_url, sslmode="disable", sslrootcert=None)
     assert "no pg_hba.conf entry" in message and "no encryption" in message, message
 
 
+@pytest.mark.usefixtures("tls_stack")
 def test_a_server_certificate_not_signed_by_a_trusted_ca_is_refused(database_url: str) -> None:
     # The system's CAs did not sign the stack's certificate: verify-full must not be satisfied by them.
     message = refused(database_url, sslrootcert="system")
@@ -98,6 +109,7 @@ def test_the_superuser_cannot_log_in_without_its_password(admin_database_url: st
     assert "password authentication failed" in message, message
 
 
+@pytest.mark.usefixtures("tls_stack")
 def test_the_server_listens_on_loopback_only_with_tls_on(admin_database_url: str) -> None:
     with connect(admin_database_url) as conn:
         settings = dict(conn.execute(
