@@ -279,3 +279,23 @@ def test_no_log_of_the_stack_holds_a_password() -> None:
         text = log.read_text(errors="replace")
         for password in _passwords():
             assert password not in text, log
+
+
+def test_runstate_db_finds_the_owner_in_service_env_for_the_same_database_only(tmp_path: Path, monkeypatch) -> None:
+    from runstate.config import Settings, migration_urls
+
+    (tmp_path / ".runstate").mkdir()
+    (tmp_path / ".runstate" / "env").write_text("export KAFKA_BOOTSTRAP_SERVERS=k:9092\n")
+    (tmp_path / ".runstate" / "service.env").write_text(
+        "export RUNSTATE_ADMIN_DATABASE_URL='postgresql+psycopg://runstate_owner:o@127.0.0.1:5999/runstate'\n")
+    monkeypatch.chdir(tmp_path)
+    for var in ("DATABASE_URL", "RUNSTATE_ADMIN_DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    same = Settings(kafka_bootstrap_servers="k:9092",
+                    database_url="postgresql+psycopg://runstate_gateway:g@127.0.0.1:5999/runstate")
+    assert parse(migration_urls(same)[0]).username == "runstate_owner"
+    other = Settings(kafka_bootstrap_servers="k:9092",
+                     database_url="postgresql+psycopg://app:a@db.example.com:5432/runstate")
+    assert parse(migration_urls(other)[0]).username == "app"
+    explicit = other.replace(admin_database_url="postgresql+psycopg://boss:b@db.example.com:5432/runstate")
+    assert parse(migration_urls(explicit)[0]).username == "boss"
