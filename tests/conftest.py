@@ -5,7 +5,8 @@ RUNSTATE_TEST_BACKEND selects where they come from:
 * ``local`` (default): the servers `make up` / `make test` started (deploy/stack), or any
   servers named by KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL / RUNSTATE_ADMIN_DATABASE_URL. The
   variables are read from the environment (`make test` exports .runstate/env) and, when
-  missing there, from .runstate/env itself.
+  missing there, from .runstate/env and .runstate/service.env (the services' own database
+  roles: RUNSTATE_CONSUMER_DATABASE_URL, RUNSTATE_GATEWAY_DATABASE_URL, ...).
 * ``testcontainers``: Kafka and PostgreSQL are started in Docker with testcontainers' Kafka and
   Postgres modules for the test session. Needs a Docker engine — untested on the project's
   machines, which have none.
@@ -46,7 +47,7 @@ if BACKEND == "local":
 
 
 def _setting(name: str) -> str | None:
-    return os.environ.get(name) or read_env_file(ENV_FILE).get(name)
+    return os.environ.get(name) or read_env_file(ENV_FILE).get(name) or read_env_file(SERVICE_ENV_FILE).get(name)
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -106,22 +107,25 @@ class _Containers:
             raise
         self.kafka_bootstrap = self.kafka.get_bootstrap_server()
         self.admin_database_url = self.postgres.get_connection_url()
-        self._create_app_role()
-        parsed = urllib.parse.urlsplit(self.admin_database_url)
-        self.database_url = urllib.parse.urlunsplit(
-            parsed._replace(netloc=f"runstate_app:runstate@{parsed.hostname}:{parsed.port}"))
+        self._create_roles()
+        self.database_url = self.role_url("runstate_consumer")
         # Code under test that reads the environment sees the containers too.
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap
         os.environ["DATABASE_URL"] = self.database_url
         os.environ["RUNSTATE_ADMIN_DATABASE_URL"] = self.admin_database_url
 
-    def _create_app_role(self) -> None:
+    def role_url(self, role: str) -> str:
+        parsed = urllib.parse.urlsplit(self.admin_database_url)
+        return urllib.parse.urlunsplit(parsed._replace(netloc=f"{role}:runstate@{parsed.hostname}:{parsed.port}"))
+
+    def _create_roles(self) -> None:
         import sqlalchemy as sa
 
         engine = sa.create_engine(self.admin_database_url, isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                conn.execute(sa.text("CREATE ROLE runstate_app LOGIN PASSWORD 'runstate'"))
+                for role in ("runstate_consumer", "runstate_gateway", "runstate_auditor"):
+                    conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'runstate'"))
         finally:
             engine.dispose()
 
@@ -164,11 +168,30 @@ def kafka_bootstrap(_containers: _Containers | None) -> str:
 
 @pytest.fixture(scope="session")
 def database_url(_containers: _Containers | None) -> str:
-    """SQLAlchemy URL of the runstate database as the application role (runstate_app)."""
+    """SQLAlchemy URL of the runstate database as the consumer's role (runstate_consumer:
+    appends events, writes projections); DATABASE_URL where the stack made no such role."""
     if _containers is not None:
         return _containers.database_url
-    value = _setting("DATABASE_URL")
+    value = _setting("RUNSTATE_CONSUMER_DATABASE_URL") or _setting("DATABASE_URL")
     return _require("DATABASE_URL", value, _db_host_port(value) if value else None)
+
+
+@pytest.fixture(scope="session")
+def gateway_database_url(_containers: _Containers | None) -> str:
+    """SQLAlchemy URL as the gateway's read-only role (runstate_gateway)."""
+    if _containers is not None:
+        return _containers.role_url("runstate_gateway")
+    value = _setting("RUNSTATE_GATEWAY_DATABASE_URL")
+    return _require("RUNSTATE_GATEWAY_DATABASE_URL", value, _db_host_port(value) if value else None)
+
+
+@pytest.fixture(scope="session")
+def auditor_database_url(_containers: _Containers | None) -> str:
+    """SQLAlchemy URL as the auditor's read-only role (runstate_auditor)."""
+    if _containers is not None:
+        return _containers.role_url("runstate_auditor")
+    value = _setting("RUNSTATE_AUDITOR_DATABASE_URL")
+    return _require("RUNSTATE_AUDITOR_DATABASE_URL", value, _db_host_port(value) if value else None)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-from .layout import relative
+from .envfile import shown
 from .local import LocalStack
 from .output import StackError, say, tail
 from .ports import HOST
@@ -50,12 +51,9 @@ def cmd_env(stack: LocalStack, _args: argparse.Namespace) -> int:
     if not stack.env_file.exists():
         print("the stack is not up (.runstate/env missing): run 'make up'", file=sys.stderr)
         return 1
-    # Passwords stay in the file (mode 0600): load it with `set -a; . .runstate/env; set +a`.
-    for line in stack.env_file.read_text().splitlines():
-        key = line.removeprefix("export ").partition("=")[0]
-        if line.startswith("export ") and "PASSWORD" in key:
-            line = f"# export {key}=...  (hidden; in {relative(stack.env_file)})"
-        print(line)
+    print("# passwords hidden (***): load .runstate/env itself, e.g. set -a; . .runstate/env; set +a")
+    for key, value in stack.env().items():
+        print(f"export {key}={shlex.quote(shown(key, value))}")
     return 0
 
 

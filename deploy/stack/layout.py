@@ -6,8 +6,9 @@
     <root>/postgres             data/ (the cluster), sock/ (unix socket), postgres.log
     <root>/<service>            <service>.log of each runstate service
     <root>/kafka-security       the secured Kafka's CA, broker certificate, passwords (security.py)
-    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, the worker's Kafka login, ... (0600)
-    <root>/service.env          the service principal's Kafka login (0600)
+    <root>/env                  KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL (read-only role), the worker's Kafka login, ... (0600)
+    <root>/service.env          the services' own credentials: the service principal's Kafka login,
+                                RUNSTATE_ADMIN_DATABASE_URL (owner), RUNSTATE_CONSUMER_DATABASE_URL, ... (0600)
     <root>/pids                 "<name> <pid>" per started process
     <root>/state.json           what `up` started (pids, process start times, ports), read by down/status
     <root>/last.json            ports and local URLs of the previous run, reused when free
@@ -32,6 +33,10 @@ class Layout:
     @property
     def env_file(self) -> Path:
         return self.root / "env"
+
+    @property
+    def service_env_file(self) -> Path:
+        return self.root / "service.env"
 
     @property
     def pids_file(self) -> Path:

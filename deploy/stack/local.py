@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .envfile import env_file_text
+from .envfile import shown
 from .external import external_record, external_settings, wait_external
 from .kafka import KafkaNode
 from .layout import DEFAULT_ROOT, Layout, relative
@@ -22,7 +22,7 @@ from .ports import HOST, Ports
 from .postgres import PostgresServer
 from .processes import Launcher, is_up, kill_group, stop
 from .records import Record, StateFiles
-from .security import PLAINTEXT_ENV, SERVICE, SERVICE_ENV_NAME, hide_secrets, stack_mode, write_private
+from .security import PLAINTEXT_ENV, SERVICE, stack_mode
 from .security import prepare as prepare_kafka_security
 from .services import SERVICES, Context, Service, start_service
 from .tools import need_java
@@ -66,6 +66,11 @@ class LocalStack:
     def env(self) -> dict[str, str]:
         """The connection variables of the running stack (what .runstate/env exports)."""
         return self.files.env()
+
+    def service_env(self) -> dict[str, str]:
+        """The services' own credentials (what .runstate/service.env exports): the owner's URL
+        as RUNSTATE_ADMIN_DATABASE_URL, each service role's RUNSTATE_<ROLE>_DATABASE_URL."""
+        return self.files.service_env()
 
     def pid(self, name: str) -> int | None:
         return next((c.pid for c in self.components() if c.name == name), None)
@@ -150,20 +155,22 @@ class LocalStack:
             for rec in externals:
                 wait_external(rec)
             started = self._start_all(servers, launcher)
-            ctx = Context(env=dict(ext), ports=ports, layout=self.layout)
+            # The owner's URL is for migrations only: never in .runstate/env.
+            service_env = {k: ext.pop(k) for k in ("RUNSTATE_ADMIN_DATABASE_URL",) if k in ext}
+            ctx = Context(env=dict(ext), ports=ports, layout=self.layout, service_env=service_env)
             for server in servers:
                 ctx.env.update(server.env())
+                ctx.service_env.update(getattr(server, "service_env", dict)())
             if kafka is not None and kafka.security is not None:
                 say(f"kafka: {kafka.security.ensure_acls(need_java(self.apt_log), kafka.bootstrap, self.apt_log)}")
                 # The service processes log in as the service; .runstate/env carries the worker.
-                ctx.service_env = kafka.security.client_env(SERVICE)
+                ctx.service_env.update(kafka.security.client_env(SERVICE))
             elif kafka is not None:
-                ctx.service_env = dict(PLAINTEXT_ENV)
-            write_private(self.layout.root / SERVICE_ENV_NAME, env_file_text(ctx.service_env))
+                ctx.service_env.update(PLAINTEXT_ENV)
             components = externals + started
             for svc in services:
                 components.append(start_service(svc, ctx, launcher))
-            self.files.save(components, ctx.env)
+            self.files.save(components, ctx.env, ctx.service_env)
             self.files.save_last_run(ports.chosen, {k: v for k, v in ctx.env.items() if k not in ext})
         except BaseException:
             launcher.stop_all(timeout=15)
@@ -171,8 +178,11 @@ class LocalStack:
             raise
         self._servers = {s.name: s for s in servers}
         say(f"up in {time.monotonic() - t_all:.1f} s; connection details in {relative(self.env_file)}:")
-        for k, v in hide_secrets(ctx.env).items():
-            say(f"  {k}={v}")
+        for k, v in ctx.env.items():
+            say(f"  {k}={shown(k, v)}")
+        if ctx.service_env:
+            say(f"the services' own credentials ({', '.join(ctx.service_env)}) are in "
+                f"{relative(self.layout.service_env_file)}")
 
     def _start_all(self, servers: list[Server], launcher: Launcher) -> list[Record]:
         """Start the servers side by side; the first failure is raised once all have finished."""

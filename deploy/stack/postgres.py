@@ -1,6 +1,10 @@
-"""A throwaway PostgreSQL cluster: initdb on first use, the server on loopback, and the
-database and roles runstate expects (database `runstate` owned by runstate_owner, LOGIN role
-runstate_app; the migrations grant it what it needs)."""
+"""A throwaway PostgreSQL cluster, secured as a real one is: initdb on first use with a
+SCRAM-SHA-256 superuser password, the server on loopback only with TLS (a certificate signed
+by a throwaway CA, pg_tls), pg_hba accepting only `hostssl ... scram-sha-256`, and the
+database and login roles runstate expects (pg_roles: database `runstate` owned by
+runstate_owner, not a superuser; runstate_consumer, runstate_gateway, runstate_auditor, each
+granted its privileges by the migrations). RUNSTATE_STACK_SECURITY=plaintext turns TLS off
+(the same roles and passwords, `host ... scram-sha-256`): the benchmark's switch."""
 
 from __future__ import annotations
 
@@ -10,26 +14,47 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from . import pg_roles
 from .output import StackError, say
+from .pg_tls import ServerTLS, server_tls
 from .ports import HOST
 from .processes import Launcher, exited
 from .records import Record
 from .tools import need_pg_bindir
 
 PG_READY_TIMEOUT = 30.0
-DB_NAME = "runstate"
-OWNER_ROLE = "runstate_owner"
-APP_ROLE = "runstate_app"
+DB_NAME = pg_roles.DB_NAME
+OWNER_ROLE = pg_roles.OWNER_ROLE
+# Only TLS over loopback, only SCRAM passwords; no socket (`local`) entry, so no peer or trust.
+HBA = ("# Written by deploy/stack: TLS and SCRAM-SHA-256 passwords on loopback, nothing else\n"
+       f"hostssl all all {HOST}/32 scram-sha-256\n")
+HBA_PLAINTEXT = ("# Written by deploy/stack (RUNSTATE_STACK_SECURITY=plaintext): SCRAM-SHA-256 passwords on "
+                 f"loopback, no TLS\nhost all all {HOST}/32 scram-sha-256\n")
 
 
-def database_env(host: str, port: int) -> dict[str, str]:
-    """The connection variables of the runstate database on one server."""
-    return {
-        "DATABASE_URL": f"postgresql+psycopg://{APP_ROLE}@{host}:{port}/{DB_NAME}",
-        "RUNSTATE_ADMIN_DATABASE_URL": f"postgresql+psycopg://{OWNER_ROLE}@{host}:{port}/{DB_NAME}",
-    }
+def tls_wanted(environ: Mapping[str, str] = os.environ) -> bool:
+    """TLS unless RUNSTATE_STACK_SECURITY=plaintext (the stack's switch, shared with Kafka's)."""
+    return environ.get("RUNSTATE_STACK_SECURITY", "").strip().lower() != "plaintext"
+
+
+def database_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
+    """DATABASE_URL for .runstate/env: the read-only gateway role, password and TLS included."""
+    passwords = pg_roles.load_passwords(home) or {}
+    role = pg_roles.PUBLIC_ROLE
+    if role not in passwords:
+        return {}
+    return {"DATABASE_URL": pg_roles.url(role, passwords[role], host, port, ca)}
+
+
+def database_service_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
+    """Each runstate role's URL (the owner's as RUNSTATE_ADMIN_DATABASE_URL), for
+    .runstate/service.env and the service processes."""
+    passwords = pg_roles.load_passwords(home) or {}
+    return {var: pg_roles.url(role, passwords[role], host, port, ca)
+            for role, var in pg_roles.SERVICE_URL_VARS.items() if role in passwords}
 
 
 def postgres_user() -> tuple[int, int] | None:
@@ -50,9 +75,14 @@ class PostgresServer:
     home: Path  # data/ (the cluster), sock/, postgres.log
     port: int
     name: str = "postgres"
+    tls: bool = dataclasses.field(default_factory=tls_wanted)
+    _tls: ServerTLS | None = dataclasses.field(default=None, init=False, repr=False)
 
     def env(self) -> dict[str, str]:
-        return database_env(HOST, self.port)
+        return database_env(HOST, self.port, self.home, self._ca())
+
+    def service_env(self) -> dict[str, str]:
+        return database_service_env(HOST, self.port, self.home, self._ca())
 
     def start(self, launcher: Launcher, apt_log: Path) -> Record:
         """Create the cluster when new, start the server, wait for it and provision it."""
@@ -69,6 +99,8 @@ class PostgresServer:
             if probe.returncode != 0:
                 raise StackError(f"user postgres cannot write {self.home} (a parent folder is not searchable for it)")
         initdb = self._create_cluster(bindir, run_as)
+        self._write_hba(run_as)
+        self._tls = server_tls(self.home, run_as) if self.tls else None
         t_start = time.monotonic()
         rec = self._spawn(launcher, bindir, run_as)
         self._wait_ready(rec, bindir, t_start)
@@ -90,29 +122,60 @@ class PostgresServer:
 
     def _create_cluster(self, bindir: Path, run_as: tuple[int, int] | None) -> str:
         data = self.home / "data"
-        if (data / "PG_VERSION").exists():
+        if (data / "PG_VERSION").exists() and pg_roles.load_passwords(self.home) is not None:
             return "cluster reused"
+        if (data / "PG_VERSION").exists():
+            say(f"{self.name}: the cluster in {data} predates password authentication: making a new one")
         t_init = time.monotonic()
         shutil.rmtree(data, ignore_errors=True)
-        self._run([str(bindir / "initdb"), "-D", str(data), "-U", OWNER_ROLE, "--auth=trust",
-                   "-E", "UTF8", "--locale=C"], "initdb.log", "initdb", run_as)
-        (data / "pg_hba.conf").write_text(
-            "# Written by deploy/stack: trust, loopback and the cluster's own socket only\n"
-            "local all all trust\n"
-            f"host  all all {HOST}/32 trust\n")
-        if run_as:
-            os.chown(data / "pg_hba.conf", *run_as)
+        passwords = pg_roles.new_passwords(self.home)
+        self._initdb(bindir, run_as, passwords[pg_roles.SUPERUSER])
         return f"initdb {time.monotonic() - t_init:.1f} s"
+
+    def _write_hba(self, run_as: tuple[int, int] | None) -> None:
+        """pg_hba.conf of the mode asked for, on every start (the switch may have changed)."""
+        hba = self.home / "data" / "pg_hba.conf"
+        hba.write_text(HBA if self.tls else HBA_PLAINTEXT)
+        if run_as:
+            os.chown(hba, *run_as)
+
+    def _initdb(self, bindir: Path, run_as: tuple[int, int] | None, password: str) -> None:
+        """initdb with the superuser's SCRAM password (read from a file only the server's user can read)."""
+        pwfile = self.home / ".initdb-password"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        if run_as:
+            os.chown(pwfile, *run_as)
+        try:
+            self._run([str(bindir / "initdb"), "-D", str(self.home / "data"), "-U", pg_roles.SUPERUSER,
+                       "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C"],
+                      "initdb.log", "initdb", run_as)
+        finally:
+            pwfile.unlink(missing_ok=True)
 
     def _spawn(self, launcher: Launcher, bindir: Path, run_as: tuple[int, int] | None) -> Record:
         return launcher.spawn(
             self.name,
             [str(bindir / "postgres"), "-D", str(self.home / "data"), "-p", str(self.port), "-k", str(self.home / "sock"),
              "-c", f"listen_addresses={HOST}", "-c", "shared_buffers=256MB", "-c", "max_connections=200",
-             "-c", "synchronous_commit=on", "-c", "logging_collector=off"],
+             "-c", "synchronous_commit=on", "-c", "logging_collector=off", *self._security_options()],
             self.home / "postgres.log", cwd=self.home, run_as=run_as,
             stop_signal=signal.SIGINT,  # fast shutdown
             port=self.port)
+
+    def _security_options(self) -> list[str]:
+        """Server settings: TLS on with the stack's certificate, SCRAM for every new password."""
+        tls = self._tls
+        if tls is None:
+            return ["-c", "ssl=off", "-c", "password_encryption=scram-sha-256"]
+        return ["-c", "ssl=on", "-c", f"ssl_cert_file={tls.cert}", "-c", f"ssl_key_file={tls.key}",
+                "-c", "ssl_min_protocol_version=TLSv1.2",
+                "-c", "password_encryption=scram-sha-256"]
+
+    def _ca(self) -> Path | None:
+        """The CA clients verify the server against; None without TLS."""
+        return self.home / "tls" / "ca.pem" if self.tls else None
 
     def _wait_ready(self, rec: Record, bindir: Path, t_start: float) -> None:
         log = self.home / "postgres.log"
@@ -121,8 +184,9 @@ class PostgresServer:
             code = exited(rec)
             if code is not None:
                 raise StackError(f"PostgreSQL exited during startup (exit code {code})", log)
-            if subprocess.run([str(bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(self.port), "-U", OWNER_ROLE,
-                               "-d", "postgres", "-t", "1"], stdin=subprocess.DEVNULL).returncode == 0:
+            if subprocess.run([str(bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(self.port),
+                               "-U", pg_roles.SUPERUSER, "-d", "postgres", "-t", "1"],
+                              stdin=subprocess.DEVNULL).returncode == 0:
                 return
             if time.monotonic() > deadline:
                 raise StackError(f"PostgreSQL did not accept connections on port {self.port} within "
@@ -130,24 +194,36 @@ class PostgresServer:
             time.sleep(0.1)
 
     def _provision(self, bindir: Path) -> None:
-        """Database and roles; idempotent."""
+        """Database and login roles, as the superuser over TLS; idempotent (passwords re-set)."""
         psql = bindir / "psql"
         if not psql.exists():
             psql = Path(shutil.which("psql") or "psql")
         log = self.home / "provision.log"
+        passwords = pg_roles.load_passwords(self.home)
+        if passwords is None:
+            raise StackError(f"{pg_roles.passwords_file(self.home)} is missing: remove {self.home} to start afresh")
+        env = {**os.environ, "PGPASSWORD": passwords[pg_roles.SUPERUSER], "PGCONNECT_TIMEOUT": "10"}
 
-        def sql(query: str) -> str:
-            res = subprocess.run([str(psql), "-X", "-q", "-h", HOST, "-p", str(self.port), "-U", OWNER_ROLE,
-                                  "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", query],
-                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        def sql(query: str, shown: str | None = None) -> str:
+            """Run `query`; the log gets `shown` instead when the query carries a password."""
+            res = subprocess.run([str(psql), "-X", "-q", "-d",
+                                  pg_roles.conninfo(pg_roles.SUPERUSER, HOST, self.port, self._ca(), "postgres"),
+                                  "-v", "ON_ERROR_STOP=1", "-tAc", query],
+                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
             with open(log, "a") as out:
-                out.write(f"> {query}\n{res.stdout}{res.stderr}")
+                out.write(f"> {shown or query}\n{res.stdout}{res.stderr}")
             if res.returncode != 0:
                 last = (res.stderr.strip().splitlines() or ["psql failed"])[-1]
                 raise StackError(f"could not provision PostgreSQL: {last}", log)
             return res.stdout.strip()
 
-        if sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}'") != "1":
-            sql(f"CREATE ROLE {APP_ROLE} LOGIN")
+        for role in (pg_roles.OWNER_ROLE, *pg_roles.SERVICE_ROLES):
+            create, alter = pg_roles.role_sql(role, passwords[role])
+            exists = sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'") == "1"
+            sql(alter if exists else create, f"{'ALTER' if exists else 'CREATE'} ROLE {role} ... PASSWORD '***'")
         if sql(f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'") != "1":
             sql(f"CREATE DATABASE {DB_NAME} OWNER {OWNER_ROLE}")
+        # Only runstate's roles may connect to its database (a new database lets PUBLIC in).
+        sql(f"REVOKE ALL ON DATABASE {DB_NAME} FROM PUBLIC")
+        sql(f"GRANT CONNECT ON DATABASE {DB_NAME} TO {', '.join(pg_roles.SERVICE_ROLES)}")
+        sql(f"GRANT TEMPORARY ON DATABASE {DB_NAME} TO {pg_roles.CONSUMER_ROLE}")

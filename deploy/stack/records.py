@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .envfile import write_env_file
+from .envfile import SERVICE_HEADER, write_env_file
 from .layout import Layout
-from .security import SERVICE_ENV_NAME, write_private
+from .security import write_private
 
 
 @dataclasses.dataclass
@@ -73,17 +73,25 @@ class StateFiles:
     def env(self) -> dict[str, str]:
         return dict(load_json(self.layout.state_file).get("env", {}))
 
-    def save(self, components: list[Record], env: dict[str, str]) -> None:
+    def service_env(self) -> dict[str, str]:
+        """The services' own credentials (.runstate/service.env)."""
+        return dict(load_json(self.layout.state_file).get("service_env", {}))
+
+    def save(self, components: list[Record], env: dict[str, str], service_env: dict[str, str] | None = None) -> None:
+        """state.json, pids, env and (when there is any) service.env; the ones with passwords 0600."""
         layout = self.layout
-        # Private, like .runstate/env: the env it records carries the worker's password.
-        write_private(layout.state_file, json.dumps({"components": [c.to_json() for c in components], "env": env},
-                                                    indent=2))
+        service_env = self.service_env() if service_env is None else service_env
+        write_private(layout.state_file, json.dumps({"components": [c.to_json() for c in components], "env": env,
+                                                     "service_env": service_env}, indent=2))
         layout.pids_file.write_text("".join(f"{c.name} {c.pid}\n" for c in components if c.pid))
         write_env_file(layout.env_file, env)
+        if service_env:
+            write_env_file(layout.service_env_file, service_env, SERVICE_HEADER)
+        else:
+            layout.service_env_file.unlink(missing_ok=True)
 
     def clear(self) -> None:
-        for f in (self.layout.state_file, self.layout.pids_file, self.layout.env_file,
-                  self.layout.root / SERVICE_ENV_NAME):
+        for f in (self.layout.state_file, self.layout.pids_file, self.layout.env_file, self.layout.service_env_file):
             f.unlink(missing_ok=True)
 
     def last_run(self) -> dict[str, Any]:

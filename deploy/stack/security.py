@@ -45,8 +45,6 @@ BROKER_PRINCIPAL = f"User:CN={BROKER_CN}"
 WORKER_GROUP_PREFIX = "runstate-worker"
 TOOLS_ARTIFACT = f"org.apache.kafka:kafka-tools:{KAFKA_VERSION}"
 TOOLS_JAR = CACHE_DIR / "kafka" / KAFKA_VERSION / "tools" / f"kafka-tools-{KAFKA_VERSION}.jar"
-SERVICE_ENV_NAME = "service.env"
-HIDDEN = "********"
 PLAINTEXT_ENV = {"RUNSTATE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT", "RUNSTATE_KAFKA_USERNAME": "",
                  "RUNSTATE_KAFKA_PASSWORD": "", "RUNSTATE_KAFKA_SSL_CAFILE": ""}
 
@@ -68,10 +66,6 @@ def write_private(path: Path, text: str) -> None:
         fh.write(text)
     tmp.replace(path)
 
-
-def hide_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` as it may be shown: passwords replaced."""
-    return {k: (HIDDEN if "PASSWORD" in k and v else v) for k, v in env.items()}
 
 
 def topic_names(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

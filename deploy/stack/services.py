@@ -28,7 +28,10 @@ class Context:
     env: dict[str, str]  # connection variables so far (infrastructure + earlier services' exports)
     ports: Ports  # ports chosen for this run, by name
     layout: Layout
-    # What only the service processes get (the service principal's Kafka login), not .runstate/env.
+    # The services' own credentials (.runstate/service.env): the service principal's Kafka login and
+    # the database roles' URLs, never in .runstate/env. Every service process gets them,
+    # except the database URLs (RUNSTATE_ADMIN_DATABASE_URL, RUNSTATE_<ROLE>_DATABASE_URL):
+    # a service gets only its own role's, as DATABASE_URL (Service.env); prepare gets the owner's.
     service_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def port(self, name: str) -> int:
@@ -48,13 +51,15 @@ class Service:
     the start so that argv can use them. prepare(ctx) -> one-shot commands run to completion
     before the start (e.g. the migrations). argv(ctx) -> the command (run with the environment of
     `up` plus ctx.env). ready(ctx) -> True once the service serves; polled for `timeout` s.
-    `port`, if given, names a ctx port that status checks."""
+    `port`, if given, names a ctx port that status checks. env(ctx) -> variables that only this
+    service's process gets (its own database role); prepare runs with the owner's URL as well."""
 
     name: str
     argv: Callable[[Context], list[str]]
     ready: Callable[[Context], bool]
     exports: Callable[[Context], dict[str, str]] = lambda ctx: {}
     prepare: Callable[[Context], list[list[str]]] = lambda ctx: []
+    env: Callable[[Context], dict[str, str]] = lambda ctx: {}
     timeout: float = 30.0
     stop_signal: int = signal.SIGTERM
     port: str | None = None
@@ -67,6 +72,13 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def role_url(ctx: Context, role_var: str) -> dict[str, str]:
+    """DATABASE_URL as the role of `role_var` (e.g. RUNSTATE_CONSUMER_DATABASE_URL) when the
+    stack made one; an external server named by DATABASE_URL alone keeps that URL."""
+    url = ctx.service_env.get(role_var)
+    return {"DATABASE_URL": url} if url else {}
 
 
 def runstate_cli(*args: str) -> list[str]:
@@ -84,6 +96,7 @@ SERVICES: list[Service] = [
         prepare=lambda ctx: [runstate_cli("db", "upgrade")],
         argv=lambda ctx: runstate_cli("serve", "--metrics-port", str(ctx.port("consumer"))),
         ready=lambda ctx: http_ok(f"{ctx.env['RUNSTATE_CONSUMER_URL']}/ready"),
+        env=lambda ctx: role_url(ctx, "RUNSTATE_CONSUMER_DATABASE_URL"),
         port="consumer",
         exports=lambda ctx: {"RUNSTATE_CONSUMER_URL": f"http://{HOST}:{ctx.port('consumer')}"},
         timeout=60.0,
@@ -94,6 +107,7 @@ SERVICES: list[Service] = [
         argv=lambda ctx: runstate_cli("gateway", "--host", HOST, "--port", str(ctx.port("gateway")),
                                       "--log-level", "WARNING"),
         ready=lambda ctx: http_ok(f"http://{HOST}:{ctx.port('gateway')}/api/ready"),
+        env=lambda ctx: role_url(ctx, "RUNSTATE_GATEWAY_DATABASE_URL"),
         port="gateway",
         exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api"},
         timeout=60.0,
@@ -105,7 +119,13 @@ def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
     t0 = time.monotonic()
     ctx.env.update(svc.exports(ctx))
     log = ctx.dir(svc.name) / f"{svc.name}.log"
-    env = {**os.environ, **ctx.env, **ctx.service_env}
+    # The migrations run as the owner; the service itself gets its own database role only,
+    # never the owner's URL nor another role's (the *_DATABASE_URL of service.env).
+    own = {k: v for k, v in os.environ.items() if k != "RUNSTATE_ADMIN_DATABASE_URL"}
+    own.update(ctx.env)
+    own.update({k: v for k, v in ctx.service_env.items() if not k.endswith("_DATABASE_URL")})
+    own.update(svc.env(ctx))
+    env = {**own, **ctx.service_env, **svc.env(ctx)}
     for argv in svc.prepare(ctx):
         with open(log, "ab") as out:
             out.write(f"$ {shlex.join(argv)}\n".encode())
@@ -115,7 +135,7 @@ def start_service(svc: Service, ctx: Context, launcher: Launcher) -> Record:
         if rc != 0:
             raise StackError(f"{svc.name}: `{shlex.join(argv[1:] if argv[0] == sys.executable else argv)}` "
                              f"failed (exit code {rc})", log)
-    rec = launcher.spawn(svc.name, svc.argv(ctx), log, cwd=REPO, env=env,
+    rec = launcher.spawn(svc.name, svc.argv(ctx), log, cwd=REPO, env=own,
                          stop_signal=svc.stop_signal, port=ctx.port(svc.port) if svc.port else None)
     deadline = time.monotonic() + svc.timeout
     while not svc.ready(ctx):

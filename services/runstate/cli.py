@@ -172,8 +172,10 @@ def asyncapi(out: str = typer.Option("-", help="File to write, or - for stdout."
 
 
 def _admin_urls() -> tuple[str, str]:
-    settings = load_settings()
-    return settings.admin_database_url.get_secret_value(), settings.database_url.get_secret_value()
+    from runstate.config import migration_urls
+
+    admin, app = migration_urls(load_settings())
+    return admin.get_secret_value(), app.get_secret_value()
 
 
 def _current_revision(admin_url: str) -> str | None:

@@ -176,7 +176,10 @@ class WorkerSettings(_RunstateSettings):
 
 class Settings(WorkerSettings):
     """The service's settings (consumer, gateway, CLI tools): the worker's plus the database
-    and the consumer's tuning. The owner's URL (migrations) defaults to DATABASE_URL."""
+    and the consumer's tuning. DATABASE_URL is the process's own role (the consumer's, the
+    gateway's, an auditor's); the service never needs more. The owner's URL is for the
+    migrations alone and defaults to DATABASE_URL (a server with a single role); see
+    `migration_urls` for where `runstate db` finds the local stack's."""
 
     database_url: SecretStr = Field(validation_alias="DATABASE_URL")
     admin_database_url: SecretStr = Field(validation_alias="RUNSTATE_ADMIN_DATABASE_URL")
@@ -280,3 +283,29 @@ class Settings(WorkerSettings):
         if backend != "postgresql":
             raise ValueError(f"not a PostgreSQL URL (it names {backend})")
         return url
+
+
+# The local stack's file of the services' own credentials, next to .runstate/env.
+SERVICE_ENV_FILE = "service.env"
+
+
+def migration_urls(settings: Settings) -> tuple[SecretStr, SecretStr]:
+    """(owner URL, service role URL) for `runstate db`. When RUNSTATE_ADMIN_DATABASE_URL is set
+    nowhere the settings look (it then equals DATABASE_URL), the owner's URL of the local stack's
+    .runstate/service.env is used, when it names the same database: only the migrations read that
+    file, so no service ever holds the owner's password."""
+    admin = settings.admin_database_url
+    if admin.get_secret_value() == settings.database_url.get_secret_value():
+        env_file = find_env_file()
+        if env_file is not None:
+            stack_admin = read_env_file(env_file.with_name(SERVICE_ENV_FILE)).get("RUNSTATE_ADMIN_DATABASE_URL")
+            if stack_admin and _same_database(stack_admin, settings.database_url.get_secret_value()):
+                admin = SecretStr(stack_admin)
+    return admin, settings.database_url
+
+
+def _same_database(a: str, b: str) -> bool:
+    from runstate.database_urls import parse
+
+    ua, ub = parse(a), parse(b)
+    return (ua.host, ua.port, ua.database) == (ub.host, ub.port, ub.database)

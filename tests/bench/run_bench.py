@@ -78,8 +78,10 @@ class Stack:
             self.started = self.local.up(servers_only=True)
         except StackError as err:
             raise SystemExit(f"deploy/stack up failed: {err.line}" + (f" (see {err.log})" if err.log else "")) from err
-        self.env = self.local.env()
-        if self.env.get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") != "PLAINTEXT":
+        # The benchmark's consumers run as the consumer's role; the owner's URL makes its databases.
+        self.env = {**self.local.env(), **self.local.service_env()}
+        self.env["DATABASE_URL"] = self.env.get("RUNSTATE_CONSUMER_DATABASE_URL", self.env["DATABASE_URL"])
+        if self.local.env().get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") != "PLAINTEXT":
             raise SystemExit("a secured local stack is running; the benchmark runs on the plaintext one: "
                              "`make down` first")
         self.kafka_pid = self.local.pid("kafka")

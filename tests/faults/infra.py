@@ -35,7 +35,9 @@ class PrivateStack:
     def start(self) -> PrivateStack:
         try:
             self.stack.up()
-            self.env = self.stack.env()
+            # The consumers under test run as the consumer's role; the owner migrates.
+            self.env = {**self.stack.env(), **self.stack.service_env()}
+            self.env["DATABASE_URL"] = self.env["RUNSTATE_CONSUMER_DATABASE_URL"]
             upgrade(self.env["RUNSTATE_ADMIN_DATABASE_URL"], self.env["DATABASE_URL"])
         except BaseException:
             self.stop()

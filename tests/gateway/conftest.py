@@ -39,6 +39,9 @@ class RunningGateway:
 @pytest.fixture(scope="session")
 async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
     settings = isolated_settings(base_settings).replace(gateway_auth_string=AUTH_STRING)
+    # Still the consumer's role: the gateway writes tag_concurrency_limits until its limit
+    # routes send commands (the `limits` branch); then give create_app the read-only
+    # `gateway_database_url` fixture (runstate_gateway), as the stack's gateway already has.
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stack.envfile import shown
 from stack.kafka import KafkaNode
 from stack.output import StackError
 from stack.security import (
@@ -19,7 +20,6 @@ from stack.security import (
     SERVICE,
     WORKER,
     KafkaSecurity,
-    hide_secrets,
     make_certificates,
     prepare,
     stack_mode,
@@ -62,7 +62,7 @@ def test_a_secured_node_authenticates_every_listener_and_denies_by_default(tmp_p
     env = node.env()
     assert env["RUNSTATE_KAFKA_USERNAME"] == WORKER and env["RUNSTATE_KAFKA_PASSWORD"] == "w" * 8
     assert security.client_env(SERVICE)["RUNSTATE_KAFKA_USERNAME"] == SERVICE
-    assert hide_secrets(env)["RUNSTATE_KAFKA_PASSWORD"] == "********"
+    assert shown("RUNSTATE_KAFKA_PASSWORD", env["RUNSTATE_KAFKA_PASSWORD"]) == "***"
 
 
 def test_the_worker_acls_grant_no_write_on_outputs(tmp_path: Path) -> None:

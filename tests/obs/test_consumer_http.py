@@ -139,13 +139,19 @@ async def test_ready_follows_the_database(serving):
         assert await read_topic(settings, settings.result_topic, 1)
         assert samples((await http.get("/metrics")).text, "runstate_outage_seconds_total")[()] > 0
 
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'runstate-probe'")
+        # The owner is no superuser: the app role ends its own probe connection (a role may
+        # signal its own backends), over a session opened before connecting is refused.
+        with psycopg.connect(pg_dsn(settings.database_url), autocommit=True) as own, \
+                psycopg.connect(admin_dsn, autocommit=True) as conn:
+            public = conn.execute("SELECT has_database_privilege('public', %s, 'CONNECT')", (database,)).fetchone()[0]
+            conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC, "{app_role}"')
+            own.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'runstate-probe' AND usename = current_user")
         try:
             unready = await wait_for(http, "/ready", 503, timeout=30)
             assert unready.json()["checks"]["database"] is False
         finally:
             with psycopg.connect(admin_dsn, autocommit=True) as conn:
-                conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO PUBLIC')
+                grantee = "PUBLIC" if public else f'"{app_role}"'
+                conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {grantee}')
         assert (await wait_for(http, "/ready", 200, timeout=30)).json()["checks"]["database"] is True
