@@ -27,7 +27,8 @@ KAFKA_HOME = CACHE_DIR / "kafka" / KAFKA_VERSION
 KAFKA_LIBS = KAFKA_HOME / "libs"
 MAVEN_REPO = CACHE_DIR / "maven"
 KAFKA_HEAP = "-Xmx512m"
-KAFKA_READY_TIMEOUT = 60.0
+# A secured first start (TLS, SCRAM, ACLs) on a busy 2-core machine can take over a minute.
+KAFKA_READY_TIMEOUT = 120.0
 
 
 def fetch_kafka_jars(apt_log: Path) -> str:

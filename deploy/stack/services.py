@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from .output import StackError, say
 from .ports import HOST, Ports
 from .processes import Launcher, exited
 from .records import Record
+from .security import write_private
 
 
 @dataclasses.dataclass
@@ -81,6 +83,15 @@ def role_url(ctx: Context, role_var: str) -> dict[str, str]:
     return {"DATABASE_URL": url} if url else {}
 
 
+def gateway_auth(ctx: Context) -> str:
+    """The `user:password` the stack's gateway requires (Prefect's PREFECT_API_AUTH_STRING),
+    made once per stack folder and kept (0600) so restarts do not log clients out."""
+    path = ctx.dir("gateway") / "auth-string"
+    if not path.exists():
+        write_private(path, f"runstate:{secrets.token_urlsafe(24)}")
+    return path.read_text().strip()
+
+
 def runstate_cli(*args: str) -> list[str]:
     """The project's CLI, run by this interpreter (the virtualenv's, under make)."""
     return [sys.executable, "-m", "runstate.cli", *args]
@@ -107,9 +118,12 @@ SERVICES: list[Service] = [
         argv=lambda ctx: runstate_cli("gateway", "--host", HOST, "--port", str(ctx.port("gateway")),
                                       "--log-level", "WARNING"),
         ready=lambda ctx: http_ok(f"http://{HOST}:{ctx.port('gateway')}/api/ready"),
-        env=lambda ctx: role_url(ctx, "RUNSTATE_GATEWAY_DATABASE_URL"),
+        env=lambda ctx: {**role_url(ctx, "RUNSTATE_GATEWAY_DATABASE_URL"),
+                         "RUNSTATE_GATEWAY_AUTH_STRING": gateway_auth(ctx)},
         port="gateway",
-        exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api"},
+        # HTTP clients (Prefect's included) read PREFECT_API_AUTH_STRING and send basic auth.
+        exports=lambda ctx: {"RUNSTATE_HTTP_URL": f"http://{HOST}:{ctx.port('gateway')}/api",
+                             "PREFECT_API_AUTH_STRING": gateway_auth(ctx)},
         timeout=60.0,
     ),
 ]

@@ -3,11 +3,15 @@ run, LocalStack reads the same records, and what it writes the rest of the repos
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,22 @@ def test_state_files_of_earlier_stacks_still_load() -> None:
         assert rec.to_json() == data
     assert Record.from_json(local).stop_signal == signal.SIGTERM
     assert Record.from_json(external).describe() == "postgres external db:5432"
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_the_stacks_gateway_requires_the_auth_string_its_env_file_gives_clients(test_backend: str,
+                                                                                 kafka_bootstrap: str) -> None:
+    local_only(test_backend)
+    env = LocalStack().env()
+    if "RUNSTATE_HTTP_URL" not in env:
+        pytest.skip("the stack was started without its services")
+    request = urllib.request.Request(env["RUNSTATE_HTTP_URL"] + f"/task_runs/{uuid.uuid4()}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(request, timeout=30)
+    assert unknown.value.code == 404  # let in, and the run is not there
