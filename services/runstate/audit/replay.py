@@ -2,7 +2,7 @@
 current rules and report each decision that would come out differently.
 
 Each decision is re-made from exactly what was recorded with it: the command
-(with the transition_id the pipeline filled in), the OrchestrationContext
+(with the transition_id the pipeline filled in, the event's column), the OrchestrationContext
 (clock, ids, random draw, lookups) and, as the run before, the `decision.run`
 the stream's previous event recorded. Using the *recorded* previous run rather
 than the recomputed one confines a difference to the event where the rules
@@ -29,7 +29,7 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import GENESIS, event_hash
+from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 
 COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
@@ -54,6 +54,16 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"run {self.stream_id} seq {self.seq}: " + "; ".join(self.differences)
+
+
+def recorded_event(row: Any) -> RecordedEvent:
+    """A task-run event row (stream_id, seq, event_type, transition_id, status and
+    the payload's text) as replay reads it, from either payload shape."""
+    payload = json.loads(row.payload)
+    if not isinstance(payload, dict):
+        payload = {}
+    return RecordedEvent(row.stream_id, row.seq, row.event_type, recorded_command(payload, row.transition_id),
+                         payload.get("context"), recorded_decision(payload, row.status))
 
 
 def redecide(event: RecordedEvent, previous_run: Mapping[str, Any] | None) -> Decision:
@@ -215,10 +225,7 @@ def verify_log(
             found = [chain.check(row)]
             if row.stream_type == "task_run":
                 report.events += 1
-                payload = json.loads(row.payload)
-                event = RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
-                                      payload.get("context"), payload.get("decision"))
-                found.append(verifier.check(event))
+                found.append(verifier.check(recorded_event(row)))
             for mismatch in found:
                 if mismatch is not None:
                     report.mismatches.append(mismatch)
