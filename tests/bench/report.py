@@ -39,8 +39,9 @@ def write_report(results: dict, out: Path) -> str:
     vs_floor = rs / fl if fl else float("nan")
     p99_1000 = at1000.get("p99_ms", float("nan"))
     rb = rebuild.get("events_per_second", float("nan"))
+    bpe = main.get("bytes_per_event") or float("nan")
     line = (f"bench: runstate={rs:.0f} floor={fl:.0f} prefect={pf:.0f} vs_prefect={vs_prefect:.1f} "
-            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} rebuild={rb:.0f}")
+            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} bytes_per_event={bpe:.0f} rebuild={rb:.0f}")
 
     marks = main.get("rss_marks", {})
     rss_100k = marks.get("100000")

@@ -67,7 +67,7 @@ def state_change_of(row: Any) -> dict[str, Any]:
     _, change = stored_messages(
         row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
         transition_id=row.transition_id, status=row.status,
-        from_state=state_ref_json(previous[0], previous[1], UUID(previous[2])) if previous else "null",
+        from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
     )
     if change is None:
         raise ValueError(f"event {row.stream_id} seq {row.seq} records no state change")

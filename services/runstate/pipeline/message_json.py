@@ -17,7 +17,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import OrchestrationResult, StateType
+from runstate.domain import OrchestrationResult
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
@@ -86,8 +86,9 @@ def result_event_json(
     )
 
 
-def state_ref_json(state_type: str, name: str, state_id: UUID) -> str:
-    return StateRef(type=StateType(state_type), name=name, id=state_id).model_dump_json()
+def state_ref_json(state_type: str, name: str | None, state_id: UUID | str | None) -> str:
+    """A StateChangeEvent's `from_state`, from the columns of the event that appended it."""
+    return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")

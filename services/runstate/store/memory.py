@@ -160,8 +160,8 @@ def _stored(t: _Tables, row: EventRow, by_source: bool = False) -> StoredOutcome
     result_event, state_change = stored_messages(
         row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
         transition_id=row.transition_id, status=row.status,
-        from_state=state_ref_json(previous.state_type, previous.state_name or "", previous.state_id)  # type: ignore[arg-type]
-        if previous else "null",
+        from_state=state_ref_json(previous.state_type, previous.state_name, previous.state_id)
+        if previous and previous.state_type else "null",
     )
     stored = StoredOutcome(result_event, state_change, str(row.stream_id).encode())
     if by_source:

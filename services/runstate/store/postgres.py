@@ -418,6 +418,6 @@ def _stored(row: dict[str, Any]) -> StoredOutcome:
     result_event, state_change = stored_messages(
         row["payload"], stream_id=UUID(row["stream_id"]), seq=row["seq"], command_id=UUID(row["command_id"]),
         transition_id=UUID(row["transition_id"]) if row["transition_id"] else None, status=row["status"],
-        from_state=state_ref_json(previous[0], previous[1], UUID(previous[2])) if previous else "null",
+        from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
     )
     return StoredOutcome(result_event, state_change, row["stream_id"].encode())
