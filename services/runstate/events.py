@@ -153,13 +153,13 @@ def event_hash(
 ) -> bytes:
     """SHA-256 over the previous event's hash and every column of this one, each
     length-prefixed, the payload as the very text stored (json keeps it)."""
-    h = hashlib.sha256(previous)
+    chunks = [previous]
     for part in (stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,
                  state_name, state_id, source_topic, source_partition, source_offset):
         data = b"" if part is None else str(part).encode()
-        h.update(len(data).to_bytes(8, "big") + data)
+        chunks += (len(data).to_bytes(8, "big"), data)
     digest = source_digest or b""
-    h.update(len(digest).to_bytes(8, "big") + digest)
     text = payload.encode()
-    h.update(len(text).to_bytes(8, "big") + text)
-    return h.digest()
+    chunks += (len(digest).to_bytes(8, "big"), digest, len(text).to_bytes(8, "big"), text)
+    # One update over the joined bytes: the same digest as an update per chunk, for less call overhead.
+    return hashlib.sha256(b"".join(chunks)).digest()

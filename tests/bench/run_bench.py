@@ -428,10 +428,10 @@ class Bench:
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.main_seconds,
                                              runs=runs_needed, marks=(100_000,))
                 runs["main"] = res
-            res["bytes_per_event"] = bytes_per_event(self.admin_url)
-            log(f"  events on disk: {res['bytes_per_event']:.0f} bytes per event (table, TOAST and indexes)")
                 log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                     f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
+            res["bytes_per_event"] = bytes_per_event(self.admin_url)
+            log(f"  events on disk: {res['bytes_per_event']:.0f} bytes per event (table, TOAST and indexes)")
             self.template = self.rebuild_template()
             self.reset_database()
 

@@ -12,30 +12,36 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import OrchestrationResult
+from runstate.domain import OrchestrationResult, StateType
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
-_UUID_SERIALIZER = TypeAdapter(UUID).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
 
 
 @cache
-def _field_names(model: type[BaseModel]) -> tuple[str, ...]:
-    return tuple(model.model_fields)
+def _template(model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
+    # Each field's name as written before its value, the separator included.
+    return tuple(((',' if i else '{') + f'"{name}":', name) for i, name in enumerate(model.model_fields))
 
 
 def render(model: type[BaseModel], **members: str) -> str:
     """What `model_dump_json` writes for a `model` whose members serialise to these values."""
-    rendered = "{" + ",".join([f'"{name}":{members.pop(name)}' for name in _field_names(model)]) + "}"
-    if members:
-        raise TypeError(f"{model.__name__} has no field {next(iter(members))!r}")
-    return rendered
+    template = _template(model)
+    if len(members) == len(template):
+        try:
+            return "".join([prefix + members[name] for prefix, name in template]) + "}"
+        except KeyError:
+            pass
+    names = {name for _, name in template}
+    wrong = sorted(set(members) ^ names)
+    raise TypeError(f"{model.__name__} has no field {wrong[0]!r}" if wrong[0] in members
+                    else f"{model.__name__}'s field {wrong[0]!r} is missing")
 
 
 def model_json(model: BaseModel | None) -> str:
@@ -43,14 +49,17 @@ def model_json(model: BaseModel | None) -> str:
 
 
 def uuid_json(value: UUID | None) -> str:
-    return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
+    # A UUID's JSON is its canonical text, as pydantic writes it.
+    return "null" if value is None else f'"{value}"'
 
 
 def datetime_json(value: datetime) -> str:
     return _DATETIME_SERIALIZER.to_json(value).decode()
 
 
+@lru_cache(maxsize=1024)
 def string_json(value: str) -> str:
+    # Kinds, statuses and policy names: a handful of values, each escaped once.
     return _STRING_SERIALIZER.to_json(value).decode()
 
 
@@ -88,7 +97,10 @@ def result_event_json(
 
 def state_ref_json(state_type: str, name: str | None, state_id: UUID | str | None) -> str:
     """A StateChangeEvent's `from_state`, from the columns of the event that appended it."""
-    return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
+    if name is None or state_id is None:  # not a state reference: let the model say why
+        return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
+    return render(StateRef, type=string_json(StateType(state_type).value), name=string_json(name),
+                  id=uuid_json(state_id if isinstance(state_id, UUID) else UUID(state_id)))
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
