@@ -5,6 +5,13 @@ field order of the models below, see pipeline/message_json.py); history,
 replay, rebuild, backfill and the gateway read them. A test checks that every
 JSON path the readers' SQL uses names a field of these models.
 
+A task-run event stores each fact once: the command as received, the context
+(what the decision read besides the run), and the decision without its
+repetitions. The result and state-change messages it published are rendered
+again from these and the event's columns (pipeline/message_json.py,
+`stored_messages`). Events written before this shape (LegacyTaskRunEventPayload)
+stay as they are; every reader accepts both (`recorded_decision` here).
+
 Each event also stores a hash chained to the previous event of its stream
 (`event_hash`), so that a rewrite of the log by its owner, who can disable the
 append-only triggers, is visible to `runstate replay --verify`.
@@ -13,12 +20,14 @@ append-only triggers, is visible to `runstate replay --verify`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
 
-from runstate.domain import Decision, FlowRunView, OrchestrationContext, State
+from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TaskRunView
+from runstate.domain.results import ResultDetails
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent
 
 
@@ -38,9 +47,31 @@ TASK_RUN_EVENTS = (EventType.TASK_RUN_CREATED, EventType.TRANSITION_DECIDED)
 FLOW_RUN_EVENTS = (EventType.FLOW_RUN_CREATED, EventType.FLOW_RUN_STATE_SET)
 
 
+class StoredDecision(BaseModel):
+    """A Decision without what repeats: its result's state is `appended_state`,
+    or `run.state` when nothing was appended; its status is the event's column."""
+
+    details: ResultDetails
+    appended_state: State | None
+    run: TaskRunView
+    effects: list[Effect]
+    policy: str
+
+
 class TaskRunEventPayload(BaseModel):
     """A task-run decision with everything it was decided from: replay re-decides
     `command` against the previous event's `decision.run` with `context`."""
+
+    # The record's value as received; a proposal without a transition_id was
+    # decided with the event's transition_id column.
+    command: dict[str, Any]
+    context: OrchestrationContext
+    decision: StoredDecision
+    schema_version: int  # of the messages published, which are rendered again from this event
+
+
+class LegacyTaskRunEventPayload(BaseModel):
+    """A task-run event as written before StoredDecision: every message in full."""
 
     command: dict[str, Any]  # the command as decided (transition_id filled in)
     context: OrchestrationContext
@@ -57,6 +88,43 @@ class FlowRunEventPayload(BaseModel):
     flow_run: FlowRunView
     result_event: OrchestrationResultEvent
     state_change: None = None
+
+
+def recorded_decision(payload: Mapping[str, Any], status: str | None) -> dict[str, Any] | None:
+    """A task-run event's decision as Decision's JSON, from either payload shape
+    (`status` is the event's column); None when the payload records none."""
+    decision = payload.get("decision")
+    if not isinstance(decision, Mapping):
+        return None
+    if "result" in decision:  # LegacyTaskRunEventPayload
+        return dict(decision)
+    run = decision.get("run")
+    appended = decision.get("appended_state")
+    state = appended if appended is not None else (run.get("state") if isinstance(run, Mapping) else None)
+    return {
+        "result": {"state": state, "status": status, "details": decision.get("details")},
+        "appended_state": appended,
+        "run": run,
+        "effects": decision.get("effects"),
+        "policy": decision.get("policy"),
+    }
+
+
+def recorded_command(payload: Mapping[str, Any], transition_id: object | None) -> dict[str, Any] | None:
+    """A task-run event's command as it was decided: a set_state's proposal
+    carries the transition_id the pipeline filled in (the event's column)."""
+    command = payload.get("command")
+    if not isinstance(command, Mapping):
+        return None
+    command = dict(command)
+    state = command.get("state")
+    if command.get("kind") == "set_task_run_state" and isinstance(state, Mapping) and transition_id is not None:
+        details = state.get("state_details")
+        details = dict(details) if isinstance(details, Mapping) else {}
+        if details.get("transition_id") is None:
+            details["transition_id"] = str(transition_id)
+            command["state"] = {**state, "state_details": details}
+    return command
 
 
 # The chain's start: the link before every stream's first event (and after an
@@ -85,13 +153,13 @@ def event_hash(
 ) -> bytes:
     """SHA-256 over the previous event's hash and every column of this one, each
     length-prefixed, the payload as the very text stored (json keeps it)."""
-    h = hashlib.sha256(previous)
+    chunks = [previous]
     for part in (stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,
                  state_name, state_id, source_topic, source_partition, source_offset):
         data = b"" if part is None else str(part).encode()
-        h.update(len(data).to_bytes(8, "big") + data)
+        chunks += (len(data).to_bytes(8, "big"), data)
     digest = source_digest or b""
-    h.update(len(digest).to_bytes(8, "big") + digest)
     text = payload.encode()
-    h.update(len(text).to_bytes(8, "big") + text)
-    return h.digest()
+    chunks += (len(digest).to_bytes(8, "big"), digest, len(text).to_bytes(8, "big"), text)
+    # One update over the joined bytes: the same digest as an update per chunk, for less call overhead.
+    return hashlib.sha256(b"".join(chunks)).digest()

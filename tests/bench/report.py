@@ -41,8 +41,10 @@ def write_report(results: dict, out: Path) -> str:
     rb = rebuild.get("events_per_second", float("nan"))
     replay = runs.get("replay", {})
     rp = replay.get("events_per_second", float("nan"))
+    bpe = main.get("bytes_per_event") or float("nan")
     line = (f"bench: runstate={rs:.0f} floor={fl:.0f} prefect={pf:.0f} vs_prefect={vs_prefect:.1f} "
-            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} rebuild={rb:.0f} replay={rp:.0f}")
+            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} bytes_per_event={bpe:.0f} rebuild={rb:.0f} "
+            f"replay={rp:.0f}")
 
     marks = main.get("rss_marks", {})
     rss_100k = marks.get("100000")

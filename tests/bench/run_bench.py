@@ -293,6 +293,13 @@ def summarize(stats, extra: dict | None = None) -> dict:
 
 # --------------------------------------------------------------------------- runstate runs
 
+def bytes_per_event(admin_url: str) -> float | None:
+    """The log's size on disk per event: table, TOAST and indexes together."""
+    with psycopg.connect(libpq(admin_url), autocommit=True) as conn:
+        size, count = conn.execute("SELECT pg_total_relation_size('events'), count(*) FROM events").fetchone()
+    return size / count if count else None
+
+
 class Bench:
     def __init__(self, args, stack: Stack) -> None:
         self.args = args
@@ -425,6 +432,8 @@ class Bench:
                 runs["main"] = res
                 log(f"  {res['throughput']:.0f} transitions/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                     f"{res['received']} results, RSS {res['rss_marks']} -> {res['rss_kib_end']} KiB")
+            res["bytes_per_event"] = bytes_per_event(self.admin_url)
+            log(f"  events on disk: {res['bytes_per_event']:.0f} bytes per event (table, TOAST and indexes)")
             self.template = self.rebuild_template()
             self.reset_database()
 

@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from runstate.domain import Decision, OrchestrationSettings
+from runstate.domain import OrchestrationContext, OrchestrationSettings
+from runstate.events import StoredDecision, TaskRunEventPayload
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
 from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.ports import StoreSnapshot
@@ -43,5 +44,9 @@ def test_assembled_messages_are_what_pydantic_writes(steps):
         (event,) = outcome.events
         payload = json.loads(event.payload)
         decision = json.dumps(payload["decision"], separators=(",", ":"), ensure_ascii=False)
-        assert decision == Decision.model_validate(payload["decision"]).model_dump_json()
-        assert json.dumps(payload["result_event"], separators=(",", ":"), ensure_ascii=False) == result.value
+        assert decision == StoredDecision.model_validate(payload["decision"]).model_dump_json()
+        context = json.dumps(payload["context"], separators=(",", ":"), ensure_ascii=False)
+        assert context == OrchestrationContext.model_validate(payload["context"]).model_dump_json()
+        TaskRunEventPayload.model_validate(payload)
+        # The event stores no message: they are rendered again from it (tests/pipeline/test_lean_event.py).
+        assert "result_event" not in payload and "state_change" not in payload

@@ -37,7 +37,9 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
+from runstate.events import recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
+from runstate.pipeline.message_json import state_ref_json, stored_messages
 
 from .driver import read_all
 from .workload import Cmd, Reference
@@ -93,7 +95,7 @@ def read_log(settings: Settings) -> list[dict[str, Any]]:
     with psycopg.connect(pg_dsn(settings.database_url)) as conn:
         cur = conn.execute(
             "SELECT stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,"
-            " state_name, payload::text, source_partition, source_offset FROM events"
+            " state_name, state_id, payload::text, source_partition, source_offset FROM events"
             " WHERE source_topic = %s ORDER BY stream_id, seq", (settings.command_topic,))
         cols = [d.name for d in cur.description]
         return [dict(zip(cols, row, strict=False)) for row in cur.fetchall()]
@@ -109,9 +111,9 @@ def read_slots(settings: Settings, tags: list[str]) -> dict[str, int]:
 def replay(prev_run: TaskRunView | None, row: dict, payload: dict) -> tuple[bool, TaskRunView | None, str]:
     """Re-decide one recorded task-run event from the previous event's run and
     the recorded context; True when the rules give the recorded decision."""
-    command_doc = payload["command"]
+    command_doc = recorded_command(payload, row["transition_id"])
     ctx = OrchestrationContext.model_validate(payload["context"])
-    recorded = Decision.model_validate(payload["decision"])
+    recorded = Decision.model_validate(recorded_decision(payload, row["status"]))
     if row["event_type"] == "task_run_created":
         if prev_run is not None:
             return False, recorded.run, "created twice"
@@ -166,8 +168,16 @@ async def check(scenario: str, settings: Settings, sent: list[Cmd], ref: Referen
         if seqs != list(range(1, len(rows) + 1)):
             rep.problem("forked", f"run {sid}: seqs {seqs[:10]} not gapless from 1")
         prev_run: TaskRunView | None = None
+        from_state = "null"
         for r in rows:
             payload = json.loads(r["payload"])
+            # The messages the event published, as a redelivery republishes them.
+            result_event, _ = stored_messages(
+                r["payload"], stream_id=sid, seq=r["seq"], command_id=r["command_id"],
+                transition_id=r["transition_id"], status=r["status"], from_state=from_state)
+            payload["result_event"] = json.loads(result_event)
+            if r["state_type"]:
+                from_state = state_ref_json(r["state_type"], r["state_name"], r["state_id"])
             payloads[(sid, r["seq"])] = payload
             if payload["result_event"]["seq"] != r["seq"] or payload["result_event"]["stream_id"] != str(sid):
                 rep.problem("forked", f"run {sid} seq {r['seq']}: payload's result event says otherwise")

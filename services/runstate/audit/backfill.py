@@ -1,7 +1,8 @@
 """`runstate backfill`: publish the recorded state changes again, for a consumer
 that joins late or lost its data.
 
-Each message is the stored `payload->'state_change'` re-serialised through
+Each message is the event's state change (stored, or rendered again from the
+event, pipeline/message_json.py) re-serialised through
 StateChangeEvent, which yields the bytes the service published originally
 (same model, same field order), keyed by the run id as the original was, so it
 lands in the same partition. Its `seq` is the original one: a consumer that
@@ -11,6 +12,7 @@ de-duplicates on (task_run_id, seq) sees nothing new twice.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from runstate.audit.db import ServerUnreachable, count_events, scan_events
 from runstate.config import WorkerSettings
 from runstate.kafka_security import kafka_options
 from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER, StateChangeEvent
+from runstate.pipeline.message_json import state_ref_json, stored_messages
 
 KAFKA_START_TIMEOUT_S = 15.0
 
@@ -49,10 +52,33 @@ def message_of(stream_id: UUID, state_change: dict[str, Any]) -> BackfillMessage
     return BackfillMessage(key=str(stream_id).encode(), value=event.model_dump_json().encode())
 
 
+# An event's state change is rendered again from its payload and columns
+# (pipeline/message_json.py), with the stream's appended state before it.
+STATE_CHANGE_COLUMNS = (
+    "command_id, transition_id, status, payload::text AS payload,"
+    " (SELECT json_build_array(p.state_type, p.state_name, p.state_id) FROM events p"
+    "  WHERE p.stream_id = events.stream_id AND p.seq < events.seq AND p.state_type IS NOT NULL"
+    "  ORDER BY p.seq DESC LIMIT 1) AS previous"
+)
+
+
+def state_change_of(row: Any) -> dict[str, Any]:
+    previous = row.previous
+    _, change = stored_messages(
+        row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
+        transition_id=row.transition_id, status=row.status,
+        from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
+    )
+    if change is None:
+        raise ValueError(f"event {row.stream_id} seq {row.seq} records no state change")
+    parsed: dict[str, Any] = json.loads(change)
+    return parsed
+
+
 def _condition(since: datetime, run_id: UUID | None) -> tuple[str, dict[str, Any]]:
     condition = (
         "stream_type = 'task_run' AND recorded_at >= :since"
-        " AND json_typeof(payload->'state_change') = 'object'"
+        " AND state_type IS NOT NULL"
     )
     params: dict[str, Any] = {"since": since}
     if run_id is not None:
@@ -92,7 +118,7 @@ async def backfill(
     condition, params = _condition(since, run_id)
     published = 0
     batches = scan_events(
-        engine, "payload->'state_change' AS state_change", condition=condition, params=params,
+        engine, STATE_CHANGE_COLUMNS, condition=condition, params=params,
         batch_size=batch_size,
     )
     while True:
@@ -104,7 +130,7 @@ async def backfill(
         # even across retries. Waiting per batch bounds what is in flight.
         sent = []
         for row in rows:
-            message = message_of(row.stream_id, row.state_change)
+            message = message_of(row.stream_id, state_change_of(row))
             sent.append(await producer.send(topic, message.value, key=message.key,
                                             headers=[(SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode())]))
         await asyncio.gather(*sent)

@@ -6,6 +6,7 @@ values; `load_history` is the only part that reads the database.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -13,6 +14,9 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Engine, text
+
+from runstate.domain import StateType
+from runstate.events import recorded_decision
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,17 @@ def _label(state: Mapping[str, Any] | None) -> StateLabel | None:
     return StateLabel(type=state.get("type"), name=state.get("name"))  # type: ignore[arg-type]  # a recorded state always has a type
 
 
+def _proposed(state: Any) -> StateLabel | None:
+    # The command as received may leave the name out; it was decided with the type's default.
+    if not isinstance(state, Mapping) or not state:
+        return None
+    name = state.get("name")
+    if name is None:
+        with contextlib.suppress(ValueError):
+            name = StateType(state.get("type")).default_name
+    return StateLabel(type=state.get("type"), name=name)  # type: ignore[arg-type]  # a recorded state always has a type
+
+
 def _flow_label(view: Mapping[str, Any] | None) -> StateLabel | None:
     if not view or not view.get("state_type"):
         return None
@@ -81,15 +96,15 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
         payload = row.payload if isinstance(row.payload, dict) else {}
         command = payload.get("command") or {}
         if row.stream_type == "task_run":
-            decision = payload.get("decision") or {}
-            proposed = command.get("state")
+            decision = recorded_decision(payload, row.status) or {}
+            proposed = _proposed(command.get("state"))
             if proposed is None and row.event_type == "task_run_created":
-                proposed = {"type": "PENDING"}  # what the pipeline applies to a bare create
+                proposed = StateLabel(type="PENDING", name=None)  # what the pipeline applies to a bare create
             to_state = _label(decision.get("appended_state"))
             reason = ((decision.get("result") or {}).get("details") or {}).get("reason")
             after = _label((decision.get("run") or {}).get("state"))
         else:
-            proposed = command.get("state")
+            proposed = _label(command.get("state"))
             to_state = _label(payload.get("state"))
             reason = None
             after = _flow_label(payload.get("flow_run"))
@@ -99,7 +114,7 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
                 recorded_at=row.recorded_at,
                 event_type=row.event_type,
                 command_id=row.command_id,
-                proposed=_label(proposed) if proposed else None,
+                proposed=proposed,
                 from_state=before,
                 to_state=to_state,
                 status=row.status,

@@ -2,7 +2,7 @@
 current rules and report each decision that would come out differently.
 
 Each decision is re-made from exactly what was recorded with it: the command
-(with the transition_id the pipeline filled in), the OrchestrationContext
+(with the transition_id the pipeline filled in, the event's column), the OrchestrationContext
 (clock, ids, random draw, lookups) and, as the run before, the `decision.run`
 the stream's previous event recorded. Using the *recorded* previous run rather
 than the recomputed one confines a difference to the event where the rules
@@ -38,7 +38,7 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import GENESIS, event_hash
+from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 
 COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
@@ -206,8 +206,9 @@ def recorded_event(row: Any) -> RecordedEvent:
     payload = from_json(row.payload)
     if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
         payload = {}
-    return RecordedEvent(row.stream_id, row.seq, row.event_type, payload.get("command"),
-                         payload.get("context"), payload.get("decision"))
+    # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
+    return RecordedEvent(row.stream_id, row.seq, row.event_type, recorded_command(payload, row.transition_id),
+                         payload.get("context"), recorded_decision(payload, row.status))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:

@@ -36,7 +36,7 @@ from runstate.domain import (
     decide,
     record_flow_state,
 )
-from runstate.events import EventType, FlowRunEventPayload, StreamType, TaskRunEventPayload
+from runstate.events import EventType, FlowRunEventPayload, StoredDecision, StreamType, TaskRunEventPayload
 from runstate.messages import (
     SCHEMA_VERSION,
     CreateFlowRunCommand,
@@ -47,10 +47,17 @@ from runstate.messages import (
     SetFlowRunStateCommand,
     SetStateCommand,
     StateChangeEvent,
-    StateRef,
 )
 from runstate.pipeline.ids import IdMinter, draw_for, system_clock
-from runstate.pipeline.message_json import datetime_json, model_json, render, string_json, uuid_json
+from runstate.pipeline.message_json import (
+    datetime_json,
+    model_json,
+    render,
+    state_ref_json,
+    string_json,
+    uuid_json,
+)
+from runstate.pipeline.message_json import result_event_json as result_event_json_of
 from runstate.pipeline.ports import (
     BatchOutcome,
     DeadLetter,
@@ -253,19 +260,17 @@ class BatchDecider:
             OrchestrationResult,
             state=appended_json if result.state is appended else model_json(result.state),
             status=status_json,
-            details=result.details.model_dump_json(),
+            details=(details_json := result.details.model_dump_json()),
         )
-        result_event_json = render(
-            OrchestrationResultEvent,
+        result_event_json = result_event_json_of(
             command_id=uuid_json(item.command_id),
             command_kind=string_json(command.kind),
             stream_id=run_id_json,
             transition_id=transition_id_json,
-            seq=str(seq),
+            seq=seq,
             status=status_json,
             result=result_json,
-            state_appended="false" if appended is None else "true",
-            error="null",
+            state_appended=appended is not None,
             decided_at=datetime_json(ctx.now),
             schema_version=SCHEMA_VERSION_JSON,
         )
@@ -277,9 +282,7 @@ class BatchDecider:
                 task_run_id=run_id_json,
                 flow_run_id=uuid_json(previous.flow_run_id),
                 seq=str(seq),
-                from_state=model_json(
-                    StateRef(type=from_state.type, name=from_state.name, id=from_state.id) if from_state else None
-                ),
+                from_state=state_ref_json(from_state.type, from_state.name, from_state.id) if from_state else "null",
                 to_state=appended_json,
                 status=status_json,
                 transition_id=transition_id_json,
@@ -290,21 +293,20 @@ class BatchDecider:
         if too_big:
             self._refuse(item, "too_large", too_big, dead_letter=True)
             return False
-        decision_json = render(
-            Decision,
-            result=result_json,
-            appended_state=appended_json,
-            run=(run_json := decision.run.model_dump_json()),
-            effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
-            policy=string_json(decision.policy),
-        )
+        run_json = decision.run.model_dump_json()
         payload = render(
             TaskRunEventPayload,
-            command=command.model_dump_json(),
+            command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
             context=ctx.model_dump_json(),
-            decision=decision_json,
-            result_event=result_event_json,
-            state_change=change_json or "null",
+            decision=render(
+                StoredDecision,
+                details=details_json,
+                appended_state=appended_json,
+                run=run_json,
+                effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
+                policy=string_json(decision.policy),
+            ),
+            schema_version=SCHEMA_VERSION_JSON,
         )
         self.out.events.append(
             row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,

@@ -9,28 +9,39 @@ compares them).
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
+from runstate.domain import OrchestrationResult, StateType
+from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
+
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
-_UUID_SERIALIZER = TypeAdapter(UUID).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
 
 
 @cache
-def _field_names(model: type[BaseModel]) -> tuple[str, ...]:
-    return tuple(model.model_fields)
+def _template(model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
+    # Each field's name as written before its value, the separator included.
+    return tuple(((',' if i else '{') + f'"{name}":', name) for i, name in enumerate(model.model_fields))
 
 
 def render(model: type[BaseModel], **members: str) -> str:
     """What `model_dump_json` writes for a `model` whose members serialise to these values."""
-    rendered = "{" + ",".join([f'"{name}":{members.pop(name)}' for name in _field_names(model)]) + "}"
-    if members:
-        raise TypeError(f"{model.__name__} has no field {next(iter(members))!r}")
-    return rendered
+    template = _template(model)
+    if len(members) == len(template):
+        try:
+            return "".join([prefix + members[name] for prefix, name in template]) + "}"
+        except KeyError:
+            pass
+    names = {name for _, name in template}
+    wrong = sorted(set(members) ^ names)
+    raise TypeError(f"{model.__name__} has no field {wrong[0]!r}" if wrong[0] in members
+                    else f"{model.__name__}'s field {wrong[0]!r} is missing")
 
 
 def model_json(model: BaseModel | None) -> str:
@@ -38,12 +49,144 @@ def model_json(model: BaseModel | None) -> str:
 
 
 def uuid_json(value: UUID | None) -> str:
-    return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
+    # A UUID's JSON is its canonical text, as pydantic writes it.
+    return "null" if value is None else f'"{value}"'
 
 
 def datetime_json(value: datetime) -> str:
     return _DATETIME_SERIALIZER.to_json(value).decode()
 
 
+@lru_cache(maxsize=1024)
 def string_json(value: str) -> str:
+    # Kinds, statuses and policy names: a handful of values, each escaped once.
     return _STRING_SERIALIZER.to_json(value).decode()
+
+
+# -- the messages of a decision, rendered when it is made and again from its event
+
+def result_event_json(
+    *,
+    command_id: str,
+    command_kind: str,
+    stream_id: str,
+    transition_id: str,
+    seq: int,
+    status: str,
+    result: str,
+    state_appended: bool,
+    decided_at: str,
+    schema_version: str,
+) -> str:
+    """A decided task-run command's OrchestrationResultEvent, from its members' JSON."""
+    return render(
+        OrchestrationResultEvent,
+        command_id=command_id,
+        command_kind=command_kind,
+        stream_id=stream_id,
+        transition_id=transition_id,
+        seq=str(seq),
+        status=status,
+        result=result,
+        state_appended="true" if state_appended else "false",
+        error="null",
+        decided_at=decided_at,
+        schema_version=schema_version,
+    )
+
+
+def state_ref_json(state_type: str, name: str | None, state_id: UUID | str | None) -> str:
+    """A StateChangeEvent's `from_state`, from the columns of the event that appended it."""
+    if name is None or state_id is None:  # not a state reference: let the model say why
+        return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
+    return render(StateRef, type=string_json(StateType(state_type).value), name=string_json(name),
+                  id=uuid_json(state_id if isinstance(state_id, UUID) else UUID(state_id)))
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def members(text: str) -> dict[str, str]:
+    """The members of a JSON object, each as its very text."""
+    found: dict[str, str] = {}
+    i = _WHITESPACE.match(text, 0).end()  # type: ignore[union-attr]  # matches the empty string at worst
+    if text[i : i + 1] != "{":
+        raise ValueError("not a JSON object")
+    i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text[i : i + 1] == "}":
+        return found
+    while True:
+        name, i = _DECODER.raw_decode(text, i)
+        i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+        if text[i : i + 1] != ":":
+            raise ValueError("a JSON member without a value")
+        i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+        _, end = _DECODER.raw_decode(text, i)
+        found[name] = text[i:end]
+        i = _WHITESPACE.match(text, end).end()  # type: ignore[union-attr]
+        if text[i : i + 1] == ",":
+            i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+        elif text[i : i + 1] == "}":
+            return found
+        else:
+            raise ValueError("a JSON object not closed")
+
+
+def stored_messages(
+    payload: str,
+    *,
+    stream_id: UUID,
+    seq: int,
+    command_id: UUID,
+    transition_id: UUID | None,
+    status: str | None,
+    from_state: str,
+) -> tuple[str, str | None]:
+    """The result event and state change an event's decision published, byte for
+    byte, from its stored payload and columns. `from_state` is the StateRef JSON
+    of the stream's previous appended state ("null" when there is none)."""
+    parts = members(payload)
+    if "result_event" in parts:  # a flow-run event, or a task-run event in the legacy shape
+        change = parts.get("state_change", "null")
+        return parts["result_event"], None if change == "null" else change
+    decision = members(parts["decision"])
+    run = members(decision["run"])
+    appended = decision["appended_state"]
+    state_appended = appended != "null"
+    status_json = string_json(status or "")
+    transition_id_json = uuid_json(transition_id)
+    schema_version = parts["schema_version"]
+    result = render(
+        OrchestrationResult,
+        state=appended if state_appended else run["state"],
+        status=status_json,
+        details=decision["details"],
+    )
+    result_event = result_event_json(
+        command_id=uuid_json(command_id),
+        command_kind=string_json(json.loads(parts["command"])["kind"]),
+        stream_id=uuid_json(stream_id),
+        transition_id=transition_id_json,
+        seq=seq,
+        status=status_json,
+        result=result,
+        state_appended=state_appended,
+        decided_at=members(parts["context"])["now"],
+        schema_version=schema_version,
+    )
+    if not state_appended:
+        return result_event, None
+    change = render(
+        StateChangeEvent,
+        task_run_id=uuid_json(stream_id),
+        flow_run_id=run["flow_run_id"],
+        seq=str(seq),
+        from_state=from_state,
+        to_state=appended,
+        status=status_json,
+        transition_id=transition_id_json,
+        timestamp=members(appended)["timestamp"],
+        schema_version=schema_version,
+    )
+    return result_event, change

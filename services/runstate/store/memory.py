@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from runstate.domain import CacheEntry, FlowRunView, Lease, TagLimit, TaskRunView
+from runstate.pipeline.message_json import state_ref_json, stored_messages
 from runstate.pipeline.ports import (
     BatchOutcome,
     EventRow,
@@ -93,11 +94,11 @@ class InMemorySession:
                 and position in positions
                 and (position not in into.by_source or row.source_digest in request.digests)
             ):
-                    into.by_source[position] = _stored(row, by_source=True)
+                    into.by_source[position] = _stored(t, row, by_source=True)
         transitions = set(request.transitions)
         for row in t.events:
             if row.status in FINAL and (row.stream_id, row.transition_id) in transitions:
-                into.by_transition[(row.stream_id, row.transition_id)] = _stored(row)  # type: ignore[index]
+                into.by_transition[(row.stream_id, row.transition_id)] = _stored(t, row)  # type: ignore[index]
         for key in request.cache_keys:
             live = [e for e in t.cache if e.cache_key == key
                     and (e.cache_expiration is None or e.cache_expiration > request.now)]
@@ -151,8 +152,18 @@ class InMemorySession:
                     t.tag_limits[tag] = limit.model_copy(update={"active_slots": max(0, limit.active_slots + delta)})
 
 
-def _stored(row: EventRow, by_source: bool = False) -> StoredOutcome:
-    stored = StoredOutcome(row.result_event, row.state_change, str(row.stream_id).encode())
+def _stored(t: _Tables, row: EventRow, by_source: bool = False) -> StoredOutcome:
+    # Rendered again from the stored payload, as the PostgreSQL store does, not
+    # taken from what the decider published: the contract tests compare the two.
+    before = [e for e in t.events if e.stream_id == row.stream_id and e.seq < row.seq and e.state_type]
+    previous = max(before, key=lambda e: e.seq) if before else None
+    result_event, state_change = stored_messages(
+        row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
+        transition_id=row.transition_id, status=row.status,
+        from_state=state_ref_json(previous.state_type, previous.state_name, previous.state_id)
+        if previous and previous.state_type else "null",
+    )
+    stored = StoredOutcome(result_event, state_change, str(row.stream_id).encode())
     if by_source:
         stored.digest, stored.command_id = row.source_digest, row.command_id
     return stored

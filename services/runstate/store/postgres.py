@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runstate.database_urls import DatabaseURL, libpq_dsn
 from runstate.domain import CacheEntry, FlowRunView, Lease, TagLimit, TaskRunView
+from runstate.pipeline.message_json import state_ref_json, stored_messages
 from runstate.pipeline.ports import (
     BatchOutcome,
     RecordRefused,
@@ -192,10 +193,8 @@ class PostgresSession:
         queries: dict[str, Statement] = {}
         if request.sources:
             queries["by_source"] = (
-                "SELECT e.source_partition, e.source_offset, e.stream_id, e.source_digest, e.command_id,"
-                " (e.payload->'result_event')::text AS result_event,"
-                " (e.payload->'state_change')::text AS state_change"
-                " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
+                "SELECT e.source_partition, e.source_offset, e.source_digest, " + _STORED_COLUMNS
+                + " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
                 " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
                 " WHERE e.source_topic = :topic",
                 {
@@ -218,10 +217,8 @@ class PostgresSession:
             )
         if request.transitions:
             queries["by_transition"] = (
-                "SELECT e.stream_id, e.transition_id,"
-                " (e.payload->'result_event')::text AS result_event,"
-                " (e.payload->'state_change')::text AS state_change"
-                " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
+                "SELECT " + _STORED_COLUMNS
+                + " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:tids AS uuid[]))"
                 " AS t(s, tid) ON e.stream_id = t.s AND e.transition_id = t.tid"
                 " WHERE e.status IN ('ACCEPT', 'REJECT', 'ABORT')",
                 {"sids": [s for s, _ in request.transitions], "tids": [t for _, t in request.transitions]},
@@ -406,6 +403,21 @@ def _bytea(value: str | None) -> bytes | None:
     return bytes.fromhex(value[2:]) if value else None
 
 
+# What renders an event's published messages again (message_json.stored_messages),
+# with the stream's appended state before it, which its state change names.
+_STORED_COLUMNS = (
+    "e.stream_id, e.seq, e.command_id, e.transition_id, e.status, e.payload::text AS payload,"
+    " (SELECT json_build_array(p.state_type, p.state_name, p.state_id) FROM events p"
+    "  WHERE p.stream_id = e.stream_id AND p.seq < e.seq AND p.state_type IS NOT NULL"
+    "  ORDER BY p.seq DESC LIMIT 1) AS previous"
+)
+
+
 def _stored(row: dict[str, Any]) -> StoredOutcome:
-    state_change = row["state_change"] if row["state_change"] not in (None, "null") else None
-    return StoredOutcome(row["result_event"], state_change, row["stream_id"].encode())
+    previous = row["previous"]
+    result_event, state_change = stored_messages(
+        row["payload"], stream_id=UUID(row["stream_id"]), seq=row["seq"], command_id=UUID(row["command_id"]),
+        transition_id=UUID(row["transition_id"]) if row["transition_id"] else None, status=row["status"],
+        from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
+    )
+    return StoredOutcome(result_event, state_change, row["stream_id"].encode())

@@ -1,0 +1,236 @@
+"""The stored task-run event holds each fact once, and what it published is
+rendered again from it byte for byte; events written in the legacy shape (every
+message in full, tests/pipeline/legacy_events.json, written by the decider
+before the change) are read as before."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from faults.workload import generate
+from runstate.audit.history import describe
+from runstate.audit.replay import StreamVerifier, recorded_event
+from runstate.domain import OrchestrationSettings, TagLimit
+from runstate.events import (
+    GENESIS,
+    LegacyTaskRunEventPayload,
+    TaskRunEventPayload,
+    event_hash,
+    recorded_command,
+    recorded_decision,
+)
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.message_json import members, state_ref_json, stored_messages
+from runstate.pipeline.ports import EventRow, StoreSnapshot
+from runstate.pipeline.records import IncomingRecord, parse_record
+
+LEGACY = Path(__file__).with_name("legacy_events.json")
+
+
+def decided_rows(seed: int, commands: int) -> list[EventRow]:
+    """The events of a varied workload (retries, rejections, tags, caches, flow
+    runs), plus proposals sent without a transition_id, decided in-process."""
+    workload = generate(seed, commands)
+    snapshot = StoreSnapshot(tag_limits={t: TagLimit(tag=t, limit=n) for t, n in workload.tag_limits.items()})
+    rows: list[EventRow] = []
+    offset = 0
+    for phase in (1, 2):
+        items = []
+        for cmd in (c for r in workload.phase(phase) for c in r.commands):
+            offset += 1
+            items.append(parse_record(IncomingRecord("lean", 0, offset, cmd.key, cmd.value()), 10**9))
+        rows += decide_batch(items, snapshot, OrchestrationSettings()).events
+    bare = uuid.uuid4()
+    items = []
+    for body in (
+        {"kind": "create_task_run", "id": str(bare), "state": {"type": "SCHEDULED"}},
+        {"kind": "set_task_run_state", "task_run_id": str(bare), "state": {"type": "PENDING"}},
+        {"kind": "set_task_run_state", "task_run_id": str(bare), "state": {"type": "RUNNING", "name": "Go"}},
+        {"kind": "set_task_run_state", "task_run_id": str(bare), "state": {"type": "PENDING"}},
+    ):
+        offset += 1
+        items.append(parse_record(IncomingRecord("lean", 0, offset, str(bare).encode(), json.dumps(body).encode()),
+                                  10**9))
+    rows += decide_batch(items, snapshot, OrchestrationSettings()).events
+    # Decisions that append nothing: a tag whose limit is 0 (ABORT), one taken (WAIT).
+    snapshot.tag_limits |= {"lean-zero": TagLimit(tag="lean-zero", limit=0), "lean-one": TagLimit(tag="lean-one", limit=1)}
+    for tag in ("lean-zero", "lean-one", "lean-one"):
+        run = uuid.uuid4()
+        items = []
+        for body in (
+            {"kind": "create_task_run", "id": str(run), "tags": [tag]},
+            {"kind": "set_task_run_state", "task_run_id": str(run), "state": {"type": "RUNNING"}},
+        ):
+            offset += 1
+            items.append(parse_record(IncomingRecord("lean", 0, offset, str(run).encode(), json.dumps(body).encode()),
+                                      10**9))
+        rows += decide_batch(items, snapshot, OrchestrationSettings()).events
+    return rows
+
+
+def rendered_again(row: Any, rows_before: list[Any]) -> tuple[str, str | None]:
+    previous = [r for r in rows_before if r.stream_id == row.stream_id and r.seq < row.seq and r.state_type]
+    last = max(previous, key=lambda r: r.seq) if previous else None
+    return stored_messages(
+        row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
+        transition_id=row.transition_id, status=row.status,
+        from_state=state_ref_json(last.state_type, last.state_name, last.state_id) if last else "null",
+    )
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[EventRow]:
+    return decided_rows(seed=17, commands=400)
+
+
+def test_every_published_message_is_rendered_again_from_the_event(rows):
+    task_rows = [r for r in rows if r.stream_type == "task_run"]
+    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
+    assert any(r.state_type is None for r in task_rows), "no decision without an appended state"
+    assert any(r.state_change is not None for r in task_rows)
+    for row in rows:
+        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
+
+
+def test_the_task_event_stores_the_command_as_received_and_no_message(rows):
+    for row in (r for r in rows if r.stream_type == "task_run"):
+        TaskRunEventPayload.model_validate_json(row.payload)
+        parts = members(row.payload)
+        assert set(parts) == {"command", "context", "decision", "schema_version"}
+        assert row.result_event not in row.payload
+        decision = members(parts["decision"])
+        assert "result" not in decision
+
+
+def test_a_command_sent_without_a_transition_id_is_replayed_with_the_one_it_was_decided_with(rows):
+    verifier = StreamVerifier()
+    bare = [r for r in rows if r.stream_type == "task_run" and r.transition_id is not None
+            and "transition_id" not in json.loads(r.payload)["command"]["state"].get("state_details", {})]
+    assert bare
+    for row in bare:
+        command = recorded_command(json.loads(row.payload), row.transition_id)
+        assert command is not None
+        assert command["state"]["state_details"]["transition_id"] == str(row.transition_id)
+    for row in sorted((r for r in rows if r.stream_type == "task_run"), key=lambda r: (r.stream_id, r.seq)):
+        assert verifier.check(recorded_event(row)) is None, (row.stream_id, row.seq)
+
+
+# -- events in the legacy shape ----------------------------------------------------
+
+def legacy_rows() -> list[SimpleNamespace]:
+    rows = []
+    for raw in json.loads(LEGACY.read_text())["events"]:
+        row = SimpleNamespace(**raw)
+        for name in ("stream_id", "command_id", "transition_id", "state_id"):
+            value = getattr(row, name)
+            setattr(row, name, UUID(value) if value else None)
+        row.source_digest, row.hash = bytes.fromhex(row.source_digest), bytes.fromhex(row.hash)
+        row.recorded_at = None
+        rows.append(row)
+    return rows
+
+
+def as_read(row: Any) -> SimpleNamespace:
+    """A row as history reads it: the payload parsed, as the json column gives it."""
+    fields = {name: getattr(row, name) for name in ("seq", "stream_id", "stream_type", "event_type", "command_id",
+                                                    "transition_id", "status", "state_type", "source_topic",
+                                                    "source_partition", "source_offset")}
+    fields["event_type"] = str(fields["event_type"])
+    return SimpleNamespace(**fields, payload=json.loads(row.payload), recorded_at=None)
+
+
+def test_legacy_events_are_in_the_legacy_shape_and_their_chain_holds():
+    rows = legacy_rows()
+    previous: dict[UUID, bytes] = defaultdict(lambda: GENESIS)
+    for row in rows:
+        LegacyTaskRunEventPayload.model_validate_json(row.payload)
+        with pytest.raises(ValueError):
+            TaskRunEventPayload.model_validate_json(row.payload)
+        expected = event_hash(
+            previous[row.stream_id], stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type,
+            event_type=row.event_type, command_id=row.command_id, transition_id=row.transition_id,
+            status=row.status, state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
+            source_topic=row.source_topic, source_partition=row.source_partition,
+            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
+        )
+        assert expected == row.hash
+        previous[row.stream_id] = row.hash
+
+
+def test_legacy_events_republish_their_stored_messages():
+    rows = legacy_rows()
+    assert any(r.state_change is None for r in rows) or any(r.status == "REJECT" for r in rows)
+    for row in rows:
+        assert rendered_again(row, rows) == (row.result_event, row.state_change)
+
+
+def test_legacy_events_replay_and_read_as_their_decision():
+    rows = legacy_rows()
+    verifier = StreamVerifier()
+    for row in sorted(rows, key=lambda r: (r.stream_id, r.seq)):
+        assert verifier.check(recorded_event(row)) is None, (row.stream_id, row.seq)
+        payload = json.loads(row.payload)
+        assert recorded_decision(payload, row.status) == payload["decision"]
+    flaky = [as_read(r) for r in rows if r.stream_id == UUID(int=0xA1)]
+    entries = describe(sorted(flaky, key=lambda r: r.seq))
+    assert [(str(e.proposed), str(e.from_state), str(e.to_state), e.status) for e in entries] == [
+        ("PENDING", "None", "PENDING", "ACCEPT"),
+        ("RUNNING", "PENDING", "RUNNING", "ACCEPT"),
+        ("FAILED", "RUNNING", "SCHEDULED/AwaitingRetry", "REJECT"),
+        ("RUNNING/Retrying", "SCHEDULED/AwaitingRetry", "RUNNING/Retrying", "ACCEPT"),
+        ("COMPLETED", "RUNNING/Retrying", "COMPLETED", "ACCEPT"),
+    ]
+
+
+def test_the_lean_event_reads_as_the_legacy_one_in_history(rows):
+    """history gives the same entries for both shapes: the lean event's decision is
+    read through recorded_decision, its proposal from the command as received."""
+    by_stream: dict[UUID, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_stream[row.stream_id].append(as_read(row))
+    rejected = [s for s, rs in by_stream.items() if any(r.status == "REJECT" and r.state_type for r in rs)]
+    assert rejected
+    entries = describe(sorted(by_stream[rejected[0]], key=lambda r: r.seq))
+    reasons = [e.reason for e in entries if e.status == "REJECT"]
+    assert reasons and all(reasons)
+    assert all(e.to_state is not None for e in entries if e.status == "ACCEPT")
+
+
+def test_the_same_commands_publish_the_same_bytes_and_history_as_before(monkeypatch):
+    """The fixture's commands decided again with its clock and ids: every message
+    published is the legacy one byte for byte, and history reads the same."""
+    fixture = json.loads(LEGACY.read_text())
+    rng = random.Random(fixture["random_seed"])
+    monkeypatch.setattr("runstate.pipeline.ids.os.urandom", rng.randbytes)
+    now = [datetime.fromisoformat(fixture["clock_start"])]
+
+    def clock() -> datetime:
+        now[0] += timedelta(seconds=1, microseconds=1234)
+        return now[0]
+
+    snapshot = StoreSnapshot(tag_limits={t: TagLimit(tag=t, limit=n) for t, n in fixture["tag_limits"].items()})
+    rows: list[EventRow] = []
+    for offset, (run, body) in enumerate(fixture["commands"]):
+        record = IncomingRecord("runstate.commands", 0, offset, run.encode(), json.dumps(body).encode())
+        rows += decide_batch([parse_record(record, 10**6)], snapshot, OrchestrationSettings(), clock=clock).events
+    legacy = legacy_rows()
+    assert len(rows) == len(legacy)
+    for new, old in zip(rows, legacy, strict=True):
+        assert (new.stream_id, new.seq, new.status, new.state_id) == (old.stream_id, old.seq, old.status, old.state_id)
+        assert (new.result_event, new.state_change) == (old.result_event, old.state_change)
+        assert rendered_again(new, rows) == (old.result_event, old.state_change)
+        assert len(new.payload) < len(old.payload) / 2
+    for run in {r.stream_id for r in rows}:
+        mine = describe(sorted((as_read(r) for r in rows if r.stream_id == run), key=lambda r: r.seq))
+        theirs = describe(sorted((as_read(r) for r in legacy if r.stream_id == run), key=lambda r: r.seq))
+        assert mine == theirs
