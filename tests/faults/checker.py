@@ -172,10 +172,11 @@ async def check(scenario: str, settings: Settings, sent: list[Cmd], ref: Referen
         for r in rows:
             payload = json.loads(r["payload"])
             # The messages the event published, as a redelivery republishes them.
-            result_event, _ = stored_messages(
+            result_event, state_change = stored_messages(
                 r["payload"], stream_id=sid, seq=r["seq"], command_id=r["command_id"],
                 transition_id=r["transition_id"], status=r["status"], from_state=from_state)
             payload["result_event"] = json.loads(result_event)
+            payload["state_change"] = None if state_change is None else json.loads(state_change)
             if r["state_type"]:
                 from_state = state_ref_json(r["state_type"], r["state_name"], r["state_id"])
             payloads[(sid, r["seq"])] = payload
