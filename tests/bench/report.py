@@ -23,6 +23,14 @@ def _cpu(cpu: dict | None) -> str:
     return ", ".join(f"{k} {cpu[k]:.2f}" for k in keys)
 
 
+def cpu_us_per_command(run: dict, group: str) -> float:
+    """CPU microseconds a group of processes spent per decided command in a closed-loop run
+    (its cores in use divided by the run's throughput)."""
+    cores = (run.get("cpu") or {}).get(group)
+    throughput = run.get("throughput")
+    return cores / throughput * 1e6 if cores is not None and throughput else float("nan")
+
+
 def write_report(results: dict, out: Path) -> str:
     runs = results["runs"]
     cfg = results["config"]
@@ -42,9 +50,13 @@ def write_report(results: dict, out: Path) -> str:
     replay = runs.get("replay", {})
     rp = replay.get("events_per_second", float("nan"))
     bpe = main.get("bytes_per_event") or float("nan")
+    p99_floor_1000 = runs.get("floor_1000", {}).get("p99_ms", float("nan"))
+    consumer_us = cpu_us_per_command(main, "consumers")
+    postgres_us = cpu_us_per_command(main, "postgres")
     line = (f"bench: runstate={rs:.0f} floor={fl:.0f} prefect={pf:.0f} vs_prefect={vs_prefect:.1f} "
-            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} bytes_per_event={bpe:.0f} rebuild={rb:.0f} "
-            f"replay={rp:.0f}")
+            f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} p99_floor_at_1000={p99_floor_1000:.1f} "
+            f"consumer_us={consumer_us:.0f} postgres_us={postgres_us:.0f} bytes_per_event={bpe:.0f} "
+            f"rebuild={rb:.0f} replay={rp:.0f}")
 
     marks = main.get("rss_marks", {})
     rss_100k = marks.get("100000")
