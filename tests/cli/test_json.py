@@ -106,6 +106,15 @@ async def test_backfill_json_says_what_it_published(cli_env, cli_settings, decid
     assert len(await read_all(cli_settings, topic)) == decided_run.state_changes == 3
 
 
+def test_backfill_to_a_missing_topic_is_refused_in_one_line(cli_env, decided_run):
+    topic = f"cli-missing-{uuid.uuid4().hex[:8]}"
+    done = run_cli(cli_env, "backfill", "--since", "2000-01-01T00:00:00Z", "--run", str(decided_run.run_id),
+                   "--topic", topic)
+    assert done.returncode == 2, done.stderr
+    assert f"topic {topic!r} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_concurrency_limit_json(cli_env):
     tag = f"cli-{uuid.uuid4().hex[:6]}"
     created = json.loads(invoke(cli_env, "concurrency-limit", "set", tag, "3", "--json").stdout)

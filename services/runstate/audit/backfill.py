@@ -103,6 +103,20 @@ async def start_producer(settings: WorkerSettings) -> AIOKafkaProducer:
     return producer
 
 
+class TopicMissing(ValueError):
+    """The target topic does not exist (or the principal may not see it); brokers of a
+    secured cluster create no topic on a producer's first send."""
+
+
+async def require_topic(producer: AIOKafkaProducer, topic: str) -> None:
+    """Refuse a target topic the cluster does not have, before anything is read or sent:
+    a producer would otherwise wait out its metadata timeout and fail in the middle."""
+    metadata = await producer.client.fetch_all_metadata()
+    if topic not in metadata.topics():
+        raise TopicMissing(f"topic {topic!r} does not exist (or this principal may not describe it); "
+                           "create it first, brokers here create no topic on first use")
+
+
 async def backfill(
     engine: Engine,
     producer: AIOKafkaProducer,

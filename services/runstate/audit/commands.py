@@ -168,8 +168,8 @@ def backfill(
     as_json: JsonFlag = False,
 ) -> None:
     """Republish recorded state changes (original seq numbers) in (run, seq) order."""
+    from runstate.audit.backfill import TopicMissing, count_to_backfill, parse_since, require_topic, start_producer
     from runstate.audit.backfill import backfill as publish
-    from runstate.audit.backfill import count_to_backfill, parse_since, start_producer
 
     # Kafka failures are reported here in one line; aiokafka's own error records would
     # otherwise reach stderr through logging's last-resort handler.
@@ -186,6 +186,7 @@ def backfill(
         # Both servers are proved reachable before anything is counted or drawn.
         producer = await start_producer(settings)
         try:
+            await require_topic(producer, target)
             total = count_to_backfill(engine, since_at, run)
             with progress(total, "publishing") as bar:
                 return await publish(engine, producer, target, since_at, run, batch_size=batch_size,
@@ -194,7 +195,10 @@ def backfill(
             await producer.stop()
 
     with _database(settings.database_url) as engine:
-        published = asyncio.run(run_backfill(engine))
+        try:
+            published = asyncio.run(run_backfill(engine))
+        except TopicMissing as exc:
+            raise fail(str(exc), EXIT_USAGE) from exc
     if as_json:
         emit_json({
             "published": published, "topic": target, "since": since_at.isoformat(),
