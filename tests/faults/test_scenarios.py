@@ -17,18 +17,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from psycopg import sql
 
+from obs.test_consumer_http import wait_for
 from pipeline.harness import isolated_settings
 from runstate.config import Settings
 from runstate.database_urls import parse as parse_url
 from runstate.kafka_security import kafka_options
 from runstate.pipeline.faults import POINTS
 from runstate.pipeline.kafka import ensure_topics
+from stack.ports import free_port
 
 from .checker import Report, check, pg_dsn
 from .driver import (
@@ -369,25 +372,46 @@ async def test_workers_retry_after_timeouts(base_settings, scale, tmp_path, publ
 # --------------------------------------------------------------------------- 7./8. long outages
 
 
+async def ready_status(http: httpx.AsyncClient, want: int, timeout: float) -> int:
+    """`want` once /ready answers it within `timeout`, else 0 (the scenario goes on either way)."""
+    try:
+        return (await wait_for(http, "/ready", want, timeout=timeout)).status_code
+    except AssertionError:
+        return 0
+
+
 async def test_postgres_down_under_load(private_stack, scale, tmp_path, publish_report):
     """PostgreSQL is stopped for 60 s (15 s at CI size) while commands keep
     arriving and two consumers work, then started again: the outage is waited
-    out, nothing is lost or decided twice, no command is dead-lettered."""
+    out, nothing is lost or decided twice, no command is dead-lettered. One
+    consumer's /ready turns unready while the server is down and ready again
+    after it is back."""
     settings = isolated_settings(private_stack.settings(), partitions=6, max_batch=100)
     down = scale.pick(15.0, 60.0)
+    port = free_port()
+    probe: dict[str, int] = {}
+
+    def plan(slot: int, incarnation: int) -> dict[str, str]:
+        return {"RUNSTATE_METRICS_PORT": str(port)} if slot == 0 else {}
 
     async def faults_task(fleet, reader, faults, done):
         if not await wait_until(lambda: reader.count >= 0.2 * scale.commands, done):
             return
-        took = await asyncio.to_thread(private_stack.restart_postgres, False, down)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as http:
+            probe["before"] = await ready_status(http, 200, timeout=30)
+            restart = asyncio.create_task(asyncio.to_thread(private_stack.restart_postgres, False, down))
+            probe["down"] = await ready_status(http, 503, timeout=down)
+            took = await restart
+            probe["back"] = await ready_status(http, 200, timeout=120)
         faults.add(f"postgres down {down:.0f}s (restart took {took:.0f}s)")
 
     report = await run_scenario("postgres-down", settings, scale, tmp_path, consumers=2, fault_task=faults_task,
-                                duration=scale.pick(35, 120), timeout=scale.pick(400, 1800))
+                                plan=plan, duration=scale.pick(35, 120), timeout=scale.pick(400, 1800))
     publish_report(report)
     assert_clean(report)
     assert report.faults == 1, report.fault_detail
     assert report.dead_lettered == 0, f"{report.dead_lettered} valid commands dead-lettered during the outage"
+    assert probe == {"before": 200, "down": 503, "back": 200}, f"/ready of a consumer: {probe}"
 
 
 async def test_kafka_down_under_load(private_stack, scale, tmp_path, publish_report):
