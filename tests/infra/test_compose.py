@@ -194,7 +194,8 @@ def test_the_primary_waits_for_its_standby_which_copies_it_with_pg_basebackup() 
     assert f"host replication {role[1]} all scram-sha-256" in setup
     # The standby connects under the name the primary waits for.
     assert f"cluster_name={names[1]}" in SERVICES[standby]["command"]
-    script = mounted_file(standby, SERVICES[standby]["command"][0]).read_text()
+    assert SERVICES[standby]["command"][0] == "bash"
+    script = mounted_file(standby, SERVICES[standby]["command"][1]).read_text()
     # The command, not a comment: a line that runs it (as the postgres user), with its continuations.
     basebackup = re.search(r"^\s*(?:gosu \w+ )?pg_basebackup ([^\n]*\\\n)*[^\n]*", script, re.MULTILINE)
     assert basebackup, "the standby is not made with pg_basebackup"
@@ -267,6 +268,19 @@ def test_runstate_services_are_given_only_variables_runstate_reads(bare: None) -
         unknown = set(env(service)) - known
         assert not unknown, f"{service}: {unknown} are not runstate settings"
         settings_of(service)  # and they validate as the container would load them
+
+
+def test_runstate_services_run_commands_and_options_the_cli_has() -> None:
+    cli = typer.main.get_command(cli_app)
+    for service in RUNSTATE_IMAGE_USERS:
+        program, *words = SERVICES[service]["command"]
+        assert program == "runstate", service
+        command = cli
+        while words and not words[0].startswith("-"):
+            command = command.commands[words.pop(0)]  # type: ignore[attr-defined]
+        options = {opt for param in command.params for opt in param.opts}
+        given = {word for word in words if word.startswith("--")}
+        assert given <= options, f"{service}: {given - options} are not options of {command.name}"
 
 
 def test_the_locally_built_image_is_never_pulled() -> None:
