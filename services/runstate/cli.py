@@ -73,7 +73,7 @@ def serve(
         # uvicorn serves the probes and runs the consumer in its lifespan; the
         # logging configured above stays (no uvicorn log config, no access log).
         options: dict[str, Any] = {"host": settings.metrics_host, "port": settings.metrics_port, "log_config": None,
-                   "access_log": "false"}
+                   "access_log": "false", "timeout_graceful_shutdown": settings.shutdown_timeout_s}
         uvloop.run(service.run(log_level=getattr(logging, log_level.upper()), run_extra_options=options))
     else:
         uvloop.run(service.run())
@@ -98,7 +98,7 @@ def gateway(
     log_config: dict[str, Any] | None = None if as_json else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(
         create_app(settings, result_timeout=timeout), host=host, port=port, log_level=log_level.lower(),
-        log_config=log_config,
+        log_config=log_config, timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 
 

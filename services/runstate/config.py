@@ -191,6 +191,10 @@ class Settings(WorkerSettings):
     gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
     # What Prefect clients send as PREFECT_API_AUTH_STRING; unset, the gateway answers anyone.
     gateway_auth_string: SecretStr | None = Field(None, min_length=1, validation_alias="RUNSTATE_GATEWAY_AUTH_STRING")
+    # After SIGTERM, how long the consumer waits for its batch in flight and each HTTP server (the
+    # consumer's probes, the gateway) for its requests in flight before stopping anyway; a
+    # supervisor's grace period before SIGKILL must be longer (deploy/compose.yaml).
+    shutdown_timeout_ms: int = Field(15_000, ge=0, validation_alias="RUNSTATE_SHUTDOWN_TIMEOUT_MS")
     # The consumer's HTTP port (/metrics, /health, /ready); 0 turns it off (the test suite sets 0).
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, validation_alias="RUNSTATE_METRICS_PORT")
     metrics_host: str = Field("127.0.0.1", min_length=1, validation_alias="RUNSTATE_METRICS_HOST")
@@ -255,6 +259,11 @@ class Settings(WorkerSettings):
             if app_url:
                 data = {**data, "admin_database_url": app_url}
         return data
+
+    @property
+    def shutdown_timeout_s(self) -> int:
+        """RUNSTATE_SHUTDOWN_TIMEOUT_MS in whole seconds, rounded up (uvicorn takes seconds)."""
+        return -(-self.shutdown_timeout_ms // 1000)
 
     @property
     def traces_exporter(self) -> str | None:

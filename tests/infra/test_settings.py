@@ -138,3 +138,14 @@ def test_a_worker_knows_the_command_size_limit_it_must_keep_to():
     worker = WorkerSettings(kafka_bootstrap_servers="127.0.0.1:9092", RUNSTATE_MAX_COMMAND_BYTES="2048")
     assert worker.max_command_bytes == 2048
     assert WorkerSettings(kafka_bootstrap_servers="127.0.0.1:9092").max_command_bytes == 1_048_576
+
+
+def test_the_shutdown_timeout_bounds_the_consumers_drain(bare: Path) -> None:
+    from runstate.pipeline.app import build_app
+
+    settings = Settings.load(kafka_bootstrap_servers="k:1", database_url=URL, metrics_port=0,
+                             shutdown_timeout_ms=2500)
+    assert settings.shutdown_timeout_s == 3  # uvicorn takes whole seconds: rounded up, never shorter
+    app = build_app(settings)
+    assert app.broker is not None
+    assert app.broker.config.broker_config.graceful_timeout == 2.5

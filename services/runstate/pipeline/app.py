@@ -130,6 +130,7 @@ def build_app(settings: Settings | None = None, *,
         settings.kafka_bootstrap_servers,
         security=faststream_security(settings),
         client_id="runstate-service",
+        graceful_timeout=settings.shutdown_timeout_ms / 1000,
         log_level=logging.DEBUG,
         middlewares=[KafkaPrometheusMiddleware(registry=metrics.registry, app_name="runstate")] if metrics_on else [],
     )
