@@ -21,7 +21,9 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   are in one range, so the ranges' shadows never overlap and are simply appended.
 
 TEMP tables need no CREATE privilege on the schema, so the service's own role can rebuild.
-Limits themselves (`limit`, `active`) are configuration, not events, and are kept.
+A tag limit with a `concurrency_limit` stream in the log gets its `limit` and `active` from
+the stream's last event (none after a delete); a limit without one (written before
+revision 0010, or by hand) is kept as it is.
 """
 
 from __future__ import annotations
@@ -59,15 +61,18 @@ CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_ex
 CREATE TEMP TABLE rb_leases_taken (id uuid, task_run_id uuid, tags text[], slots integer);
 CREATE TEMP TABLE rb_leases_released (id uuid, task_run_id uuid);
 CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream_id, seq));
+CREATE TEMP TABLE rb_limits (stream_id uuid PRIMARY KEY, last_seq bigint NOT NULL, tag text NOT NULL, lim jsonb);
 """
-SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable")
+SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable",
+                 "rb_limits")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
 FOLD = """
 WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type,
            CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
-           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f
+           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f,
+           CASE WHEN stream_type = 'concurrency_limit' THEN payload::jsonb END AS l
     FROM events e WHERE {events}
 ),
 task_heads AS (
@@ -85,6 +90,13 @@ flow_heads AS (
     FROM b WHERE stream_type = 'flow_run' AND jsonb_typeof(f) = 'object' ORDER BY stream_id, seq DESC
     ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, state_type = EXCLUDED.state_type,
         view = EXCLUDED.view
+    WHERE t.last_seq < EXCLUDED.last_seq
+),
+limit_heads AS (
+    INSERT INTO rb_limits AS t (stream_id, last_seq, tag, lim)
+    SELECT DISTINCT ON (stream_id) stream_id, seq, l->'command'->>'tag', l->'limit'
+    FROM b WHERE stream_type = 'concurrency_limit' AND l->'command'->>'tag' IS NOT NULL ORDER BY stream_id, seq DESC
+    ON CONFLICT (stream_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, tag = EXCLUDED.tag, lim = EXCLUDED.lim
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
 effects AS MATERIALIZED (
@@ -114,7 +126,9 @@ released AS (
 -- `runstate replay --verify` names them. Noted, so the final pass does not fold them twice.
 unreadable AS (
     INSERT INTO rb_unreadable (stream_id, seq)
-    SELECT stream_id, seq FROM b WHERE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object'
+    SELECT stream_id, seq FROM b
+    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN l->'command'->>'tag' IS NULL
+               ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
@@ -136,6 +150,10 @@ INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
 INSERT INTO tag_leases (id, task_run_id, tags, slots)
     SELECT t.id, t.task_run_id, t.tags, t.slots FROM rb_leases_taken t
     WHERE NOT EXISTS (SELECT 1 FROM rb_leases_released r WHERE r.id = t.id AND r.task_run_id = t.task_run_id);
+DELETE FROM tag_concurrency_limits WHERE tag IN (SELECT tag FROM rb_limits WHERE jsonb_typeof(lim) IS DISTINCT FROM 'object');
+INSERT INTO tag_concurrency_limits (tag, "limit", active)
+    SELECT tag, (lim->>'limit')::integer, (lim->>'active')::boolean FROM rb_limits WHERE jsonb_typeof(lim) = 'object'
+    ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit", active = EXCLUDED.active, updated_at = clock_timestamp();
 UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_timestamp()
     FROM (SELECT c.tag, COALESCE(sum(x.slots), 0)::integer AS slots
           FROM tag_concurrency_limits c
@@ -166,7 +184,7 @@ def rebuild(
     workers: int = 1,
     min_range_events: int = MIN_RANGE_EVENTS,
 ) -> RebuildReport:
-    """Rebuild task_runs, flow_runs, task_cache, tag_leases and active_slots from the log.
+    """Rebuild task_runs, flow_runs, task_cache, tag_leases, the tag limits and their active_slots from the log.
 
     Accepts a sync Engine, an AsyncEngine or a URL (an AsyncEngine's URL is used with a
     sync connection: this is a batch job with one session). With workers > 1 the log is
@@ -288,8 +306,9 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
             "CREATE TEMP TABLE rb_missing ON COMMIT DROP AS"
             " SELECT e.stream_id, e.seq FROM events e"
             " LEFT JOIN rb_task_runs t ON t.id = e.stream_id LEFT JOIN rb_flow_runs f ON f.id = e.stream_id"
+            " LEFT JOIN rb_limits m ON m.stream_id = e.stream_id"
             f" WHERE e.recorded_at >= CAST(:since AS timestamptz) - interval '{CATCH_UP_MARGIN}'"
-            " AND e.seq > COALESCE(t.last_seq, f.last_seq, 0)"
+            " AND e.seq > COALESCE(t.last_seq, f.last_seq, m.last_seq, 0)"
             " AND NOT EXISTS (SELECT 1 FROM rb_unreadable u WHERE u.stream_id = e.stream_id AND u.seq = e.seq)"
         ),
         {"since": started_at},

@@ -23,6 +23,7 @@ from runstate.messages import (
     CreateTaskRunCommand,
     ErrorInfo,
     OrchestrationResultEvent,
+    RunCommand,
     SetFlowRunStateCommand,
     SetStateCommand,
 )
@@ -110,7 +111,7 @@ def _command(model: type[C], **fields: Any) -> C:
         raise RequestValidationError(errors, body=None) from None
 
 
-async def _decide(gw: Gateway, command: Command, what: str) -> OrchestrationResultEvent:
+async def _decide(gw: Gateway, command: RunCommand, what: str) -> OrchestrationResultEvent:
     try:
         return await gw.bus.request(command, gw.result_timeout)
     except RunstateTimeout as exc:
