@@ -19,7 +19,7 @@ from runstate.messages import (
     limit_id,
     stream_id_of,
 )
-from runstate.pipeline.records import IncomingRecord, parse_record
+from runstate.pipeline.records import BadRecord, IncomingRecord, ParsedCommand, parse_record
 
 from .test_service_memory import TOPIC, service
 
@@ -57,12 +57,12 @@ async def test_set_creates_then_updates_keeping_active_and_slots(monkeypatch):
 
 
 async def test_delete_removes_and_an_unknown_tag_is_refused(monkeypatch):
-    svc, store, publisher = service(monkeypatch)
+    svc, store, _ = service(monkeypatch)
     t = tag()
     out = await svc.handle_records(records(SetConcurrencyLimitCommand(tag=t, concurrency_limit=1),
                                            DeleteConcurrencyLimitCommand(tag=t),
                                            DeleteConcurrencyLimitCommand(tag=t)))
-    set_, deleted, unknown = answers(out)
+    _, deleted, unknown = answers(out)
     assert deleted.error is None and deleted.seq == 2 and deleted.limit is not None and deleted.limit.limit == 1
     assert unknown.error is not None and unknown.error.code == "unknown_limit" and unknown.seq is None
     assert out.dead_letters == []
@@ -110,9 +110,9 @@ def test_a_limit_command_must_be_keyed_by_its_limit_id():
     command = SetConcurrencyLimitCommand(tag="db", concurrency_limit=1)
     value = command.model_dump_json().encode()
     wrong = parse_record(IncomingRecord(TOPIC, 0, 0, b"db", value), 1 << 20)
-    assert getattr(wrong, "error").code == "key_mismatch"
+    assert isinstance(wrong, BadRecord) and wrong.error.code == "key_mismatch"
     right = parse_record(IncomingRecord(TOPIC, 0, 0, str(limit_id("db")).encode(), value), 1 << 20)
-    assert getattr(right, "stream_id") == limit_id("db")
+    assert isinstance(right, ParsedCommand) and right.stream_id == limit_id("db")
 
 
 async def test_an_invalid_limit_command_is_answered_as_a_limit_result(monkeypatch):
