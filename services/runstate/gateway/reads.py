@@ -9,7 +9,6 @@ consumer publishes results after its transaction commits, so the read sees them)
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, overload
 from uuid import UUID
@@ -18,15 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runstate.domain import TERMINAL_TYPES, EmpiricalPolicy, State, StateType, TaskRunView, stored_data
+from runstate.messages import limit_id
 
 from .models import ConcurrencyLimit, FlowRun, TaskRun
-
-# Concurrency limits have no id column; Prefect's V1 API needs one. It is derived
-# from the tag, so it is stable and the same on every gateway instance.
-LIMIT_NAMESPACE = UUID("0b9c4f7e-3f5e-4d0c-9a0e-6a3f2c1b8d47")
-
-def limit_id(tag: str) -> UUID:
-    return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
 
 
 @overload
@@ -39,12 +32,6 @@ def _as_read(state: State | None) -> State | None:
     if state is None:
         return None
     return state.model_copy(update={"data": stored_data(state)})
-
-
-@dataclass(frozen=True)
-class LimitWrite:
-    limit: ConcurrencyLimit
-    created: bool
 
 
 class GatewayReads:
@@ -166,30 +153,12 @@ class GatewayReads:
             )
             return [_as_read(State.model_validate(row.state)) for row in rows]
 
-    # -- tag concurrency limits (written here: they are configuration, not run history)
+    # -- tag concurrency limits (changed by commands, read here) ----------------
     _LIMIT = (
         'SELECT l.tag, l."limit", l.updated_at,'
         " ARRAY(SELECT DISTINCT g.task_run_id FROM tag_leases g WHERE l.tag = ANY(g.tags)) AS holders"
         " FROM tag_concurrency_limits l"
     )
-
-    async def upsert_limit(self, tag: str, limit: int) -> LimitWrite:
-        # Prefect's V1 create is an upsert: an existing limit gets the new value (200),
-        # a new one is created active (201). The consumer locks these rows FOR UPDATE
-        # while deciding, so the write simply waits for an in-flight batch.
-        async with self.engine.begin() as conn:
-            inserted = (
-                await conn.execute(
-                    text(
-                        'INSERT INTO tag_concurrency_limits (tag, "limit", active) VALUES (:tag, :limit, true)'
-                        ' ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit",'
-                        " updated_at = clock_timestamp() RETURNING (xmax = 0) AS inserted"
-                    ),
-                    {"tag": tag, "limit": limit},
-                )
-            ).scalar_one()
-            row = (await conn.execute(text(self._LIMIT + " WHERE l.tag = :tag"), {"tag": tag})).one()
-        return LimitWrite(_limit(row), bool(inserted))
 
     async def limit_by_tag(self, tag: str) -> ConcurrencyLimit | None:
         async with self.engine.connect() as conn:
@@ -201,15 +170,6 @@ class GatewayReads:
         async with self.engine.connect() as conn:
             tags = (await conn.execute(text("SELECT tag FROM tag_concurrency_limits"))).scalars().all()
         return next((t for t in tags if limit_id(t) == id_), None)
-
-    async def delete_limit(self, tag: str) -> bool:
-        # Leases stay: one lease may cover several tags, and releasing it later only
-        # adjusts the limits that still exist.
-        async with self.engine.begin() as conn:
-            deleted = await conn.execute(
-                text("DELETE FROM tag_concurrency_limits WHERE tag = :tag RETURNING tag"), {"tag": tag}
-            )
-            return deleted.first() is not None
 
 
 def _task_run(row: Any) -> TaskRun:
