@@ -15,7 +15,7 @@ import uvicorn
 from pipeline.harness import InProcessService, isolated_settings
 from runstate.config import Settings
 from runstate.gateway import create_app
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 from stack import free_port
 
 # The string Prefect's client sends as PREFECT_API_AUTH_STRING: the shared gateway runs with auth on.

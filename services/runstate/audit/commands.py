@@ -126,8 +126,8 @@ def rebuild(
 
     Builds into temporary tables and swaps them in with one transaction at the end:
     interrupting it leaves the projections as they were; run it again to start over."""
-    from runstate.audit.db import count_events
     from runstate.audit.rebuild import rebuild as rebuild_projections
+    from runstate.store.queries import count_events
 
     settings = load_settings()
     with _database(settings.database_url) as engine:

@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from runstate.audit.db import START, sync_url
+from runstate.audit.db import sync_url
 from runstate.audit.parallel import (
     MIN_RANGE_EVENTS,
     WHOLE_LOG,
@@ -45,6 +45,7 @@ from runstate.audit.parallel import (
     report_progress,
     run_ranges,
 )
+from runstate.store.queries import START
 
 # An event appended by a transaction that began before the rebuild started but committed
 # after the scan passed its stream is found by the final pass if recorded this long before
@@ -72,7 +73,8 @@ WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type,
            CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
            CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f,
-           CASE WHEN stream_type = 'concurrency_limit' THEN payload::jsonb END AS l
+           CASE WHEN stream_type = 'concurrency_limit' THEN payload->'command'->>'tag' END AS limit_tag,
+           CASE WHEN stream_type = 'concurrency_limit' THEN (payload->'limit')::jsonb END AS lim
     FROM events e WHERE {events}
 ),
 task_heads AS (
@@ -94,8 +96,8 @@ flow_heads AS (
 ),
 limit_heads AS (
     INSERT INTO rb_limits AS t (stream_id, last_seq, tag, lim)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, l->'command'->>'tag', l->'limit'
-    FROM b WHERE stream_type = 'concurrency_limit' AND l->'command'->>'tag' IS NOT NULL ORDER BY stream_id, seq DESC
+    SELECT DISTINCT ON (stream_id) stream_id, seq, limit_tag, lim
+    FROM b WHERE stream_type = 'concurrency_limit' AND limit_tag IS NOT NULL ORDER BY stream_id, seq DESC
     ON CONFLICT (stream_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, tag = EXCLUDED.tag, lim = EXCLUDED.lim
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
@@ -127,7 +129,7 @@ released AS (
 unreadable AS (
     INSERT INTO rb_unreadable (stream_id, seq)
     SELECT stream_id, seq FROM b
-    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN l->'command'->>'tag' IS NULL
+    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
                ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
     ON CONFLICT DO NOTHING
 )
