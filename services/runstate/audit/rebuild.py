@@ -7,12 +7,13 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   (MATERIALIZED CTE) and its results go to the shadow tables — the stream's newest
   `decision.run` / `flow_run` becomes its head (upsert keeps the highest seq, so a stream
   split across batches converges), every CacheInserted effect becomes a cache row holding
-  the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released.
+  the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released,
+  and its slots as a change of its tags' counts (a release by the `decrements` the rules counted).
   Each batch commits, so no transaction (and no vacuum horizon) spans the rebuild.
 * The live projections are untouched until the final transaction, which locks them, folds
   whatever the service appended meanwhile (events recorded since the rebuild began, minus
   what the shadow already has: the "final pass"), then TRUNCATEs and refills them and
-  recomputes `active_slots` of every tag limit as the slots of the leases still held.
+  recomputes `active_slots` of every tag limit as the sum of its recorded slot changes.
 * Interrupting at any point before that commit leaves the live tables as they were, and
   TEMP tables vanish with the session: a rerun simply starts over. Nothing needs cleaning.
 * With more than one worker, the log is cut into ranges of whole streams (audit/parallel.py)
@@ -63,9 +64,10 @@ CREATE TEMP TABLE rb_leases_taken (id uuid, task_run_id uuid, tags text[], slots
 CREATE TEMP TABLE rb_leases_released (id uuid, task_run_id uuid);
 CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream_id, seq));
 CREATE TEMP TABLE rb_limits (stream_id uuid PRIMARY KEY, last_seq bigint NOT NULL, tag text NOT NULL, lim jsonb);
+CREATE TEMP TABLE rb_slot_changes (tag text NOT NULL, slots integer NOT NULL);
 """
 SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable",
-                 "rb_limits")
+                 "rb_limits", "rb_slot_changes")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
 FOLD = """
@@ -118,6 +120,18 @@ taken AS (
            COALESCE((e->>'slots')::integer, 1)
     FROM effects WHERE e->>'kind' = 'slots_taken'
 ),
+slots_taken AS (
+    INSERT INTO rb_slot_changes (tag, slots)
+    SELECT t.value, COALESCE((e->>'slots')::integer, 1)
+    FROM effects CROSS JOIN LATERAL jsonb_array_elements_text(e->'tags') AS t(value)
+    WHERE e->>'kind' = 'slots_taken'
+),
+slots_released AS (
+    INSERT INTO rb_slot_changes (tag, slots)
+    SELECT d.key, -(d.value::integer)
+    FROM effects CROSS JOIN LATERAL jsonb_each_text(e->'decrements') AS d(key, value)
+    WHERE e->>'kind' = 'slots_released' AND jsonb_typeof(e->'decrements') = 'object'
+),
 released AS (
     INSERT INTO rb_leases_released (id, task_run_id)
     SELECT l.value::uuid, stream_id
@@ -157,9 +171,8 @@ INSERT INTO tag_concurrency_limits (tag, "limit", active)
     SELECT tag, (lim->>'limit')::integer, (lim->>'active')::boolean FROM rb_limits WHERE jsonb_typeof(lim) = 'object'
     ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit", active = EXCLUDED.active, updated_at = clock_timestamp();
 UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_timestamp()
-    FROM (SELECT c.tag, COALESCE(sum(x.slots), 0)::integer AS slots
-          FROM tag_concurrency_limits c
-          LEFT JOIN (SELECT unnest(tags) AS tag, slots FROM tag_leases) x ON x.tag = c.tag
+    FROM (SELECT c.tag, GREATEST(0, COALESCE(sum(x.slots), 0))::integer AS slots
+          FROM tag_concurrency_limits c LEFT JOIN rb_slot_changes x ON x.tag = c.tag
           GROUP BY c.tag) h
     WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
 """

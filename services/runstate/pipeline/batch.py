@@ -386,13 +386,14 @@ class BatchDecider:
                     released = held.pop(lease_id, None)
                     if released is None:
                         continue
-                    for tag in released.tags:
-                        self._shift_slots(tag, -released.slots)
                     if released in self.out.leases_added:
                         self.out.leases_added.remove(released)
                     else:
                         self.out.leases_removed.append(lease_id)
                 self.snapshot.leases[run_id] = list(held.values())
+                # The rules counted what each tag gets back; recounting it here could disagree.
+                for tag, slots in effect.decrements.items():
+                    self._shift_slots(tag, -slots)
             # TaskScheduled is carried by the recorded decision and its state change.
 
     def _shift_slots(self, tag: str, delta: int) -> None:
