@@ -104,6 +104,12 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
             to_state = _label(decision.get("appended_state"))
             reason = ((decision.get("result") or {}).get("details") or {}).get("reason")
             after = _label((decision.get("run") or {}).get("state"))
+        elif row.stream_type == "concurrency_limit":
+            # A tag's limit has no states: what each change left is its reason.
+            proposed = to_state = after = None
+            limit = payload.get("limit")
+            reason = (f"limit {limit.get('limit')}, {'active' if limit.get('active') else 'inactive'}"
+                      if isinstance(limit, Mapping) else "deleted")
         else:
             proposed = _label(command.get("state"))
             to_state = _label(payload.get("state"))
