@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -59,6 +60,11 @@ def _decided(command: LimitCommand) -> LimitResultEvent:
         raise fail(f"{exc} (the command is queued and will still be decided)") from exc
 
 
+def _invalid(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+
+
 def _as_json(result: LimitResultEvent) -> dict[str, Any]:
     assert result.limit is not None  # a decided set or delete names its limit
     updated = result.decided_at.isoformat() if result.decided_at else None
@@ -76,10 +82,11 @@ def limit_set(
 ) -> None:
     """Create or change the limit of TAG; its active slots are kept."""
     try:
-        command = SetConcurrencyLimitCommand(tag=tag, concurrency_limit=limit, active=active)
-    except ValueError as exc:
-        raise fail(str(exc).splitlines()[-1].strip() if str(exc) else "invalid limit", EXIT_USAGE) from exc
-    result = _decided(command.model_copy(update={"command_id": uuid.uuid4()}))
+        command = SetConcurrencyLimitCommand(command_id=uuid.uuid4(), tag=tag, concurrency_limit=limit,
+                                             active=active)
+    except ValidationError as exc:
+        raise fail(_invalid(exc), EXIT_USAGE) from exc
+    result = _decided(command)
     if result.error is not None:
         raise fail(result.error.message)
     row = _as_json(result)
@@ -108,8 +115,8 @@ def limit_delete(tag: str, as_json: JsonFlag = False) -> None:
     """Remove the limit of TAG (exit 1 when there is none)."""
     try:
         command = DeleteConcurrencyLimitCommand(tag=tag, command_id=uuid.uuid4())
-    except ValueError as exc:
-        raise fail(str(exc).splitlines()[-1].strip(), EXIT_USAGE) from exc
+    except ValidationError as exc:
+        raise fail(_invalid(exc), EXIT_USAGE) from exc
     result = _decided(command)
     if result.error is not None:
         raise fail(f"no concurrency limit for tag {tag!r}" if result.error.code == "unknown_limit"
