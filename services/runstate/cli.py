@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from runstate import __version__
+from runstate import limits as limit_commands
 from runstate.audit import commands as audit_commands
 from runstate.cli_support import (
     EXIT_FAILED,
@@ -294,6 +295,7 @@ def _register(root: typer.Typer) -> None:
     root.add_typer(db_app, name="db")
     root.add_typer(config_app, name="config")
     audit_commands.register(root)
+    limit_commands.register(root)
 
 
 _register(app)

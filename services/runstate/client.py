@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 from uuid import UUID
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -46,12 +46,18 @@ from runstate.config import WorkerSettings
 from runstate.domain import EmpiricalPolicy, StateCreate, StateDetails, StateType
 from runstate.kafka_security import kafka_options, start_client
 from runstate.messages import (
+    LIMIT_KINDS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_HEADER,
     Command,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
+    DeleteConcurrencyLimitCommand,
+    LimitCommand,
+    LimitResultEvent,
     OrchestrationResultEvent,
+    RunCommand,
+    SetConcurrencyLimitCommand,
     SetFlowRunStateCommand,
     SetStateCommand,
     StateChangeEvent,
@@ -94,11 +100,12 @@ class CommandTooLarge(RunstateError, ValueError):
 class _Waiter:
     """One pending request: the future its caller awaits and what it is found by."""
 
-    future: asyncio.Future[OrchestrationResultEvent]
+    future: asyncio.Future[Any]  # of an OrchestrationResultEvent, or a LimitResultEvent for a limit command
     key: bytes
     partition: int
     command_id: UUID
     transition: tuple[UUID, UUID] | None
+    limit: bool = False
     span: Any = None  # the request's span, when traced
     headers: list[tuple[str, bytes]] | None = None  # the command record's trace context
 
@@ -262,6 +269,7 @@ class RunstateClient:
         if event.transition_id is not None and event.stream_id is not None:
             waiters += [w for w in self._by_transition.get((event.stream_id, event.transition_id), ())
                         if w is not by_command]
+        answer: OrchestrationResultEvent | LimitResultEvent = event
         for waiter in waiters:
             if key != waiter.key:
                 # A result is keyed by its run: one keyed otherwise did not come
@@ -271,9 +279,17 @@ class RunstateClient:
                             self.settings.result_topic, partition, offset, event.command_id, key, waiter.key)
                 continue
             if not waiter.future.done():
+                if waiter.limit and not isinstance(answer, LimitResultEvent):
+                    try:  # the limit commands' answers are read whole only for their waiters
+                        answer = LimitResultEvent.model_validate_json(value)
+                    except Exception as exc:  # noqa: BLE001 - any bytes may arrive; none may stop the reader
+                        self.skipped_records += 1
+                        log.warning("skipped a record on %s[%d]@%d that is not a limit result: %s",
+                                    self.settings.result_topic, partition, offset, _first_line(exc))
+                        return
                 if waiter.span is not None:
                     _tracing().record_result(waiter.span, event, headers)
-                waiter.future.set_result(event)
+                waiter.future.set_result(answer if waiter.limit else event)
 
     def _pause_idle_partitions(self) -> None:
         assert self._consumer is not None
@@ -331,7 +347,7 @@ class RunstateClient:
         assert command.command_id is not None
         key = str(stream_id_of(command)).encode()
         waiter = _Waiter(asyncio.get_running_loop().create_future(), key, self._partition_of(key),
-                         command.command_id, transition)
+                         command.command_id, transition, limit=command.kind in LIMIT_KINDS)
         if self._tracer is not None:
             waiter.span, waiter.headers = _tracing().start_request(self._tracer, command, self.settings.command_topic)
         self._by_command[waiter.command_id] = waiter
@@ -401,20 +417,29 @@ class RunstateClient:
             return (command.task_run_id, command.state.state_details.transition_id)
         return None
 
-    async def request(self, command: Command, timeout: float = 30.0) -> OrchestrationResultEvent:
+    @overload
+    async def request(self, command: LimitCommand, timeout: float = 30.0) -> LimitResultEvent: ...
+    @overload
+    async def request(self, command: RunCommand, timeout: float = 30.0) -> OrchestrationResultEvent: ...
+    async def request(self, command: Command, timeout: float = 30.0) -> OrchestrationResultEvent | LimitResultEvent:
         """Publish a prepared command (with its command_id set) keyed by its run
-        and wait at most `timeout` seconds for its result.
+        (a limit command: by its tag's `limit_id`) and wait at most `timeout`
+        seconds for its result (a LimitResultEvent for a limit command).
 
         Raises RunstateTimeout when no result came in time (the command stays on
         the topic and is decided later all the same), RunstateUnavailable when the
         client cannot receive results, CommandTooLarge before sending a command the
         topic would not take.
         """
+        return await self._request(command, timeout)
+
+    async def _request(self, command: Command, timeout: float) -> OrchestrationResultEvent | LimitResultEvent:
         waiter = await self._send(command, self._transition_of(command))
         try:
             # wait_for cancels the future on timeout and when the caller is
             # cancelled; either way its done-callback forgets the waiter.
-            return await asyncio.wait_for(waiter.future, timeout)
+            answer: OrchestrationResultEvent | LimitResultEvent = await asyncio.wait_for(waiter.future, timeout)
+            return answer
         except TimeoutError as exc:
             if not waiter.future.cancelled():
                 raise
@@ -500,6 +525,18 @@ class RunstateClient:
         )
         return await self.request(command, timeout)
 
+    async def set_concurrency_limit(
+        self, tag: str, concurrency_limit: int, *, active: bool | None = None, timeout: float = 30.0
+    ) -> LimitResultEvent:
+        """Create or change the limit of `tag` (its active slots are kept; `active` too unless given)."""
+        command = SetConcurrencyLimitCommand(command_id=uuid.uuid4(), tag=tag,
+                                             concurrency_limit=concurrency_limit, active=active)
+        return await self.request(command, timeout)
+
+    async def delete_concurrency_limit(self, tag: str, *, timeout: float = 30.0) -> LimitResultEvent:
+        """Remove the limit of `tag`; the answer's error is `unknown_limit` when it has none."""
+        return await self.request(DeleteConcurrencyLimitCommand(command_id=uuid.uuid4(), tag=tag), timeout)
+
 
 class SyncRunstateClient:
     """`RunstateClient` for code that is not async: the client runs on its own event
@@ -565,8 +602,19 @@ class SyncRunstateClient:
     def reader_alive(self) -> bool:
         return self.client.reader_alive
 
-    def request(self, command: Command, timeout: float = 30.0) -> OrchestrationResultEvent:
-        return self._run(self.client.request(command, timeout))
+    @overload
+    def request(self, command: LimitCommand, timeout: float = 30.0) -> LimitResultEvent: ...
+    @overload
+    def request(self, command: RunCommand, timeout: float = 30.0) -> OrchestrationResultEvent: ...
+    def request(self, command: Command, timeout: float = 30.0) -> OrchestrationResultEvent | LimitResultEvent:
+        return self._run(self.client._request(command, timeout))
+
+    def set_concurrency_limit(self, tag: str, concurrency_limit: int, *, active: bool | None = None,
+                              timeout: float = 30.0) -> LimitResultEvent:
+        return self._run(self.client.set_concurrency_limit(tag, concurrency_limit, active=active, timeout=timeout))
+
+    def delete_concurrency_limit(self, tag: str, *, timeout: float = 30.0) -> LimitResultEvent:
+        return self._run(self.client.delete_concurrency_limit(tag, timeout=timeout))
 
     def submit(
         self, task_run_id: UUID, state: StateCreate | dict[str, Any], *, force: bool = False,

@@ -12,7 +12,7 @@ from collections import Counter
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.messages import OrchestrationResultEvent
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 
 WORKERS = 8
 RUNS_PER_WORKER = 25

@@ -26,14 +26,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TaskRunView
+from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TagLimit, TaskRunView
 from runstate.domain.results import ResultDetails
-from runstate.messages import OrchestrationResultEvent, StateChangeEvent
+from runstate.messages import LimitResultEvent, OrchestrationResultEvent, StateChangeEvent
 
 
 class StreamType(StrEnum):
     TASK_RUN = "task_run"
     FLOW_RUN = "flow_run"
+    CONCURRENCY_LIMIT = "concurrency_limit"  # one stream per tag, its id limit_id(tag)
 
 
 class EventType(StrEnum):
@@ -41,10 +42,13 @@ class EventType(StrEnum):
     TRANSITION_DECIDED = "transition_decided"
     FLOW_RUN_CREATED = "flow_run_created"
     FLOW_RUN_STATE_SET = "flow_run_state_set"
+    CONCURRENCY_LIMIT_SET = "concurrency_limit_set"
+    CONCURRENCY_LIMIT_DELETED = "concurrency_limit_deleted"
 
 
 TASK_RUN_EVENTS = (EventType.TASK_RUN_CREATED, EventType.TRANSITION_DECIDED)
 FLOW_RUN_EVENTS = (EventType.FLOW_RUN_CREATED, EventType.FLOW_RUN_STATE_SET)
+LIMIT_EVENTS = (EventType.CONCURRENCY_LIMIT_SET, EventType.CONCURRENCY_LIMIT_DELETED)
 
 
 class StoredDecision(BaseModel):
@@ -87,6 +91,17 @@ class FlowRunEventPayload(BaseModel):
     state: State | None
     flow_run: FlowRunView
     result_event: OrchestrationResultEvent
+    state_change: None = None
+
+
+class LimitEventPayload(BaseModel):
+    """A concurrency-limit change: the command as received and the limit it left
+    (`limit` is null after a delete). Its `active_slots` is the count when the change
+    was made; rebuild recomputes the live count from the leases."""
+
+    command: dict[str, Any]
+    limit: TagLimit | None
+    result_event: LimitResultEvent
     state_change: None = None
 
 

@@ -7,6 +7,7 @@ and are decided in order. The ``kind`` field selects the command type.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -21,6 +22,7 @@ from runstate.domain import (
     State,
     StateCreate,
     StateType,
+    TagLimit,
     TaskRunView,
 )
 
@@ -155,25 +157,69 @@ class SetFlowRunStateCommand(_Message):
     state: StateCreate
 
 
-Command = Annotated[
-    CreateTaskRunCommand | SetStateCommand | CreateFlowRunCommand | SetFlowRunStateCommand,
-    Field(discriminator="kind"),
-]
+# A tag limit has no id of its own; Prefect's V1 API needs one, and its commands need a
+# key that puts every change of one tag on one partition. Both are derived from the tag.
+LIMIT_NAMESPACE = UUID("0b9c4f7e-3f5e-4d0c-9a0e-6a3f2c1b8d47")
+MAX_CONCURRENCY_LIMIT = 2**31 - 1  # the column is a PostgreSQL integer
+
+
+def limit_id(tag: str) -> UUID:
+    """The stable id of the limit of `tag`: its stream in the log and its commands' key."""
+    return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
+
+
+class SetConcurrencyLimitCommand(_Message):
+    """Create or change the limit of a tag, as Prefect's POST /concurrency_limits/ does:
+    its active slots are kept, and so is `active` unless given (a new limit is active)."""
+
+    kind: Literal["set_concurrency_limit"] = "set_concurrency_limit"
+    command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    tag: str = Field(min_length=1)
+    concurrency_limit: int = Field(ge=0, le=MAX_CONCURRENCY_LIMIT)
+    active: bool | None = None
+
+    @field_validator("tag")
+    @classmethod
+    def _plain_tag(cls, tag: str) -> str:
+        return check_tags([tag])[0]
+
+
+class DeleteConcurrencyLimitCommand(_Message):
+    """Remove the limit of a tag (`unknown_limit` when it has none); leases stay."""
+
+    kind: Literal["delete_concurrency_limit"] = "delete_concurrency_limit"
+    command_id: UUID | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    tag: str = Field(min_length=1)
+
+    @field_validator("tag")
+    @classmethod
+    def _plain_tag(cls, tag: str) -> str:
+        return check_tags([tag])[0]
+
+
+RunCommand = CreateTaskRunCommand | SetStateCommand | CreateFlowRunCommand | SetFlowRunStateCommand
+LimitCommand = SetConcurrencyLimitCommand | DeleteConcurrencyLimitCommand
+LIMIT_KINDS = ("set_concurrency_limit", "delete_concurrency_limit")
+Command = Annotated[RunCommand | LimitCommand, Field(discriminator="kind")]
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 
 def stream_id_of(command: Command) -> UUID:
-    """The id the command is keyed by: the run whose history it extends."""
+    """The id the command is keyed by: the run whose history it extends, or the tag's limit."""
     if isinstance(command, SetStateCommand):
         return command.task_run_id
     if isinstance(command, SetFlowRunStateCommand):
         return command.flow_run_id
+    if isinstance(command, SetConcurrencyLimitCommand | DeleteConcurrencyLimitCommand):
+        return limit_id(command.tag)
     return command.id
 
 
 ErrorCode = Literal[
     "invalid_command", "key_mismatch", "too_large", "unknown_run", "already_exists", "unstorable",
-    "orchestration_failed",
+    "orchestration_failed", "unknown_limit",
 ]
 
 
@@ -197,6 +243,24 @@ class OrchestrationResultEvent(BaseModel):
     result: OrchestrationResult | None = None
     state_appended: bool = Field(
         False, description="a state was written (Prefect answers 201 then, 200 otherwise)"
+    )
+    error: ErrorInfo | None = None
+    decided_at: datetime | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+class LimitResultEvent(BaseModel):
+    """The answer to a concurrency-limit command, keyed by the limit's id
+    (`limit_id(tag)`); redeliveries re-publish the stored event unchanged."""
+
+    command_id: UUID
+    command_kind: str
+    stream_id: UUID | None
+    tag: str | None = None
+    seq: int | None = Field(None, description="sequence number of the recorded event in the limit's stream")
+    created: bool = Field(False, description="a set made a new limit (Prefect answers 201 then, 200 otherwise)")
+    limit: TagLimit | None = Field(
+        None, description="after a set, the limit as stored; after a delete, the limit that was removed"
     )
     error: ErrorInfo | None = None
     decided_at: datetime | None = None
@@ -230,5 +294,6 @@ def json_schemas() -> dict[str, Any]:
     return {
         "command": COMMAND_ADAPTER.json_schema(),
         "orchestration-result": OrchestrationResultEvent.model_json_schema(),
+        "limit-result": LimitResultEvent.model_json_schema(),
         "state-change": StateChangeEvent.model_json_schema(),
     }

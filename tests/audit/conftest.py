@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,12 +10,10 @@ from uuid import UUID
 import pytest
 
 from pipeline.harness import InProcessService, isolated_settings, read_topic, settings_env
-from runstate.audit.db import open_engine
-from runstate.audit.limits import set_limit
 from runstate.client import RunstateClient, state
 from runstate.config import Settings
 from runstate.database_urls import parse, reveal
-from runstate.messages import OrchestrationResultEvent
+from runstate.messages import LIMIT_KINDS, OrchestrationResultEvent
 
 from .support import scratch_database
 
@@ -43,24 +42,24 @@ class DrivenLog:
     results: list[OrchestrationResultEvent]
     state_changes: list[Any]  # Kafka records of the state-change topic (key, value, ...)
     tag: str
+    deleted_tag: str  # a limit set and deleted again: its stream ends with a delete
 
 
 @pytest.fixture(scope="session")
 async def driven_log(audit_settings: Settings) -> DrivenLog:
     """Drive a representative set of runs through the pipeline into the audit database:
     retries (REJECT + AwaitingRetry), a cache write and a cache hit, tag slots taken,
-    released and still held, and a flow run."""
+    released and still held, a flow run, and concurrency-limit streams (one deleted)."""
     settings = isolated_settings(audit_settings)
     tag = f"audit-{uuid.uuid4().hex[:6]}"
     cache_key = f"audit-key-{uuid.uuid4().hex[:6]}"
-    engine = open_engine(settings.database_url)
-    try:
-        set_limit(engine, tag, 2)
-    finally:
-        engine.dispose()
+    deleted_tag = f"{tag}-gone"
     runs = {name: uuid.uuid4() for name in ("lifecycle", "flaky", "slot_released", "slot_held", "cached")}
     flow = uuid.uuid4()
     async with InProcessService(settings), RunstateClient(settings) as client:
+        assert (await client.set_concurrency_limit(tag, 2)).error is None
+        assert (await client.set_concurrency_limit(deleted_tag, 1)).error is None
+        assert (await client.delete_concurrency_limit(deleted_tag)).error is None
         await client.create_flow_run(flow, state=state("RUNNING"))
         run = runs["lifecycle"]
         await client.create_task_run(run, flow_run_id=flow, state=state("SCHEDULED"))
@@ -78,12 +77,13 @@ async def driven_log(audit_settings: Settings) -> DrivenLog:
         await client.create_task_run(run, flow_run_id=flow)
         hit = await client.propose(run, state("RUNNING", cache_key=cache_key))
         assert hit.result.state.name == "Cached", hit  # the scenario must exercise the cache lookup
-    commands = 1 + 4 + 5 + 2 * 2 + 1 + 2
+    commands = 3 + 1 + 4 + 5 + 2 * 2 + 1 + 2
     results = [
         OrchestrationResultEvent.model_validate_json(r.value)
         for r in await read_topic(settings, settings.result_topic, commands)
+        if json.loads(r.value)["command_kind"] not in LIMIT_KINDS
     ]
-    assert len(results) >= commands
+    assert len(results) >= commands - 3
     appended = sum(1 for r in results if r.state_appended and r.stream_id != flow)
     changes = await read_topic(settings, settings.state_change_topic, appended)
-    return DrivenLog(settings, flow, runs, results, changes, tag)
+    return DrivenLog(settings, flow, runs, results, changes, tag, deleted_tag)

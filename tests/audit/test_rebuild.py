@@ -31,6 +31,9 @@ def damage_projections(url: str, driven_log) -> None:
         conn.execute("DELETE FROM task_cache")
         conn.execute("DELETE FROM tag_leases")
         conn.execute("UPDATE tag_concurrency_limits SET active_slots = 0")
+        # The limits themselves are in the log too: a changed one and a deleted one come back as they were.
+        conn.execute('UPDATE tag_concurrency_limits SET "limit" = 99, active = false WHERE tag = %s', (driven_log.tag,))
+        conn.execute('INSERT INTO tag_concurrency_limits (tag, "limit") VALUES (%s, 7)', (driven_log.deleted_tag,))
 
 
 def test_rebuild_reproduces_the_live_projections(driven_log):

@@ -115,19 +115,6 @@ def test_backfill_to_a_missing_topic_is_refused_in_one_line(cli_env, decided_run
     assert "Traceback" not in done.stderr
 
 
-def test_concurrency_limit_json(cli_env):
-    tag = f"cli-{uuid.uuid4().hex[:6]}"
-    created = json.loads(invoke(cli_env, "concurrency-limit", "set", tag, "3", "--json").stdout)
-    assert (created["tag"], created["limit"], created["active"], created["active_slots"]) == (tag, 3, True, 0)
-    assert json.loads(invoke(cli_env, "concurrency-limit", "get", tag, "--json").stdout) == created
-    listed = json.loads(invoke(cli_env, "concurrency-limit", "list", "--json").stdout)
-    assert [row for row in listed if row["tag"] == tag] == [created]
-    deleted = invoke(cli_env, "concurrency-limit", "delete", tag, "--json")
-    assert json.loads(deleted.stdout) == {"tag": tag, "deleted": True}
-    again = invoke(cli_env, "concurrency-limit", "delete", tag, "--json")
-    assert (again.exit_code, again.stdout) == (1, "")
-
-
 def test_asyncapi_json(tmp_path):
     document = json.loads(invoke({}, "asyncapi", "--json").stdout)
     assert document["asyncapi"].startswith("3.")

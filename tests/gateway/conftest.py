@@ -15,7 +15,7 @@ import uvicorn
 from pipeline.harness import InProcessService, isolated_settings
 from runstate.config import Settings
 from runstate.gateway import create_app
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 from stack import free_port
 
 # The string Prefect's client sends as PREFECT_API_AUTH_STRING: the shared gateway runs with auth on.
@@ -37,14 +37,14 @@ class RunningGateway:
 
 
 @pytest.fixture(scope="session")
-async def gateway(base_settings: Settings) -> AsyncIterator[RunningGateway]:
+async def gateway(base_settings: Settings, gateway_database_url: str) -> AsyncIterator[RunningGateway]:
     settings = isolated_settings(base_settings).replace(gateway_auth_string=AUTH_STRING)
-    # Still the consumer's role: the gateway writes tag_concurrency_limits until its limit
-    # routes send commands (the `limits` branch); then give create_app the read-only
-    # `gateway_database_url` fixture (runstate_gateway), as the stack's gateway already has.
+    # The gateway runs as the read-only role (runstate_gateway), as the stack's gateway does:
+    # every write it makes goes through a command; the service keeps the consumer's role.
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(create_app(settings.replace(database_url=gateway_database_url)), host="127.0.0.1",
+                       port=port, log_level="warning", lifespan="on")
     )
     async with InProcessService(settings):
         serving = asyncio.create_task(server.serve())

@@ -13,7 +13,7 @@ import pytest
 from pipeline.harness import InProcessService, isolated_settings
 from runstate.gateway import create_app
 from runstate.pipeline.kafka import ensure_topics
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 

@@ -10,7 +10,7 @@ import pytest
 
 from runstate.client import state
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 
 from .harness import ServiceProcess, isolated_settings, produce, read_all, read_topic
 

@@ -16,7 +16,7 @@ from runstate.client import RunstateClient, state
 from runstate.database_urls import libpq_dsn as pg_dsn
 from runstate.domain import SetStateStatus
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 
 from .harness import InProcessService, isolated_settings, produce, read_topic
 

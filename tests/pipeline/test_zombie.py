@@ -13,7 +13,7 @@ import pytest
 from runstate.client import state
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.pipeline.app import connect, disconnect, new_service
-from runstate.store.reads import LogReader, make_engine
+from runstate.store.queries import LogReader, make_engine
 
 from .harness import isolated_settings
 

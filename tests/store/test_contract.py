@@ -15,7 +15,14 @@ import pytest
 from runstate.client import state
 from runstate.database_urls import libpq_dsn
 from runstate.domain import OrchestrationSettings, TagLimit
-from runstate.messages import CreateTaskRunCommand, SetStateCommand
+from runstate.messages import (
+    CreateTaskRunCommand,
+    DeleteConcurrencyLimitCommand,
+    SetConcurrencyLimitCommand,
+    SetStateCommand,
+    limit_id,
+    stream_id_of,
+)
 from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.ports import BatchOutcome, EventStore, StoreConflict, StoreSnapshot
 from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_record
@@ -58,7 +65,7 @@ class Log:
     def record(self, command, offset: int | None = None) -> IncomingRecord:
         if offset is None:
             offset, self.offset = self.offset, self.offset + 1
-        key = str(getattr(command, "task_run_id", None) or command.id).encode()
+        key = str(stream_id_of(command)).encode()
         return IncomingRecord(TOPIC, self.partition, offset, key, command.model_dump_json().encode())
 
     async def decide(self, *records: IncomingRecord, now: datetime | None = None) -> BatchOutcome:
@@ -192,3 +199,34 @@ async def test_tag_rows_are_locked_until_the_session_ends(store, base_settings):
     _, slots = await asyncio.gather(first(), second())
     assert [step for step in order if step != "conflict"] == ["first committed", "second read"]
     assert slots == 1
+
+
+async def test_limit_changes_are_read_back_with_their_stream_head_and_command(store):
+    log = Log(store)
+    tag = f"limit-{uuid.uuid4().hex[:8]}"
+    first = SetConcurrencyLimitCommand(command_id=uuid.uuid4(), tag=tag, concurrency_limit=2, active=False)
+    outcome = await log.decide(log.record(first))
+    await log.decide(log.record(SetConcurrencyLimitCommand(tag=tag, concurrency_limit=3)))
+    snap = await log.snapshot(log.record(first))
+    head = snap.limit_streams[limit_id(tag)]
+    assert head.last_seq == 2 and head.last_hash is not None
+    # The limit row: the second value, `active` kept from the first.
+    assert (snap.tag_limits[tag].limit, snap.tag_limits[tag].active, snap.tag_limits[tag].active_slots) == (3, False, 0)
+    assert first.command_id is not None
+    stored = snap.by_command[(limit_id(tag), first.command_id)]
+    assert stored.result_event == outcome.results[0].value and stored.state_change is None
+
+
+async def test_a_limit_set_with_slots_taken_in_its_batch_writes_one_row_and_a_delete_removes_it(store):
+    log = Log(store)
+    tag = f"limit-{uuid.uuid4().hex[:8]}"
+    run_id = uuid.uuid4()
+    await log.decide(log.record(SetConcurrencyLimitCommand(tag=tag, concurrency_limit=1)),
+                     log.record(CreateTaskRunCommand(id=run_id, tags=[tag])),
+                     log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))),
+                     log.record(SetConcurrencyLimitCommand(tag=tag, concurrency_limit=4)))
+    probe = log.record(CreateTaskRunCommand(id=uuid.uuid4(), tags=[tag]))
+    limit = (await log.snapshot(probe)).tag_limits[tag]
+    assert (limit.limit, limit.active_slots) == (4, 1)
+    await log.decide(log.record(DeleteConcurrencyLimitCommand(tag=tag)))
+    assert tag not in (await log.snapshot(probe)).tag_limits

@@ -23,11 +23,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from sqlalchemy import Engine
 
-from runstate.audit.db import ServerUnreachable, count_events, scan_events
+from runstate.audit.db import ServerUnreachable
 from runstate.config import WorkerSettings
 from runstate.kafka_security import kafka_options
 from runstate.messages import SCHEMA_VERSION, SCHEMA_VERSION_HEADER, StateChangeEvent
 from runstate.pipeline.message_json import state_ref_json, stored_messages
+from runstate.store.queries import count_events, scan_events
 
 KAFKA_START_TIMEOUT_S = 15.0
 

@@ -1,5 +1,5 @@
-"""The audit commands of the `runstate` CLI: history, replay, rebuild, backfill and
-concurrency-limit. `register(app)` adds them to the main Typer app (runstate.cli).
+"""The audit commands of the `runstate` CLI: history, replay, rebuild and backfill.
+`register(app)` adds them to the main Typer app (runstate.cli).
 
 Every command reads its settings through runstate.cli_support and turns an unreachable
 server into one line on stderr and exit code 1 (a missing setting or a bad argument is
@@ -22,8 +22,6 @@ from sqlalchemy.exc import OperationalError
 from runstate.audit.db import ServerUnreachable, first_line, open_engine
 from runstate.cli_support import EXIT_FAILED, EXIT_USAGE, JsonFlag, emit_json, fail, load_settings, progress
 from runstate.database_urls import DatabaseURL
-
-limit_app = typer.Typer(no_args_is_help=True, help="Tag concurrency limits.")
 
 
 def _workers(value: int | None) -> int:
@@ -128,8 +126,8 @@ def rebuild(
 
     Builds into temporary tables and swaps them in with one transaction at the end:
     interrupting it leaves the projections as they were; run it again to start over."""
-    from runstate.audit.db import count_events
     from runstate.audit.rebuild import rebuild as rebuild_projections
+    from runstate.store.queries import count_events
 
     settings = load_settings()
     with _database(settings.database_url) as engine:
@@ -208,71 +206,8 @@ def backfill(
         typer.echo(f"published {published} state changes to {target}")
 
 
-@limit_app.command("set")
-def limit_set(
-    tag: str,
-    limit: int = typer.Argument(..., min=0),
-    inactive: bool = typer.Option(False, "--inactive", help="Keep the limit but do not enforce it."),
-    as_json: JsonFlag = False,
-) -> None:
-    """Create or change the limit of TAG: active unless --inactive; its active slots are kept."""
-    from runstate.audit.limits import set_limit
-
-    with _database(load_settings().database_url) as engine:
-        row = set_limit(engine, tag, limit, active=not inactive)
-    if as_json:
-        emit_json(row.as_json())
-    else:
-        typer.echo(row.line())
-
-
-@limit_app.command("get")
-def limit_get(tag: str, as_json: JsonFlag = False) -> None:
-    """Show the limit of TAG (exit 1 when there is none)."""
-    from runstate.audit.limits import get_limit
-
-    with _database(load_settings().database_url) as engine:
-        row = get_limit(engine, tag)
-    if row is None:
-        raise fail(f"no concurrency limit for tag {tag!r}")
-    if as_json:
-        emit_json(row.as_json())
-    else:
-        typer.echo(row.line())
-
-
-@limit_app.command("delete")
-def limit_delete(tag: str, as_json: JsonFlag = False) -> None:
-    """Remove the limit of TAG (exit 1 when there is none)."""
-    from runstate.audit.limits import delete_limit
-
-    with _database(load_settings().database_url) as engine:
-        deleted = delete_limit(engine, tag)
-    if not deleted:
-        raise fail(f"no concurrency limit for tag {tag!r}")
-    if as_json:
-        emit_json({"tag": tag, "deleted": True})
-    else:
-        typer.echo(f"deleted the concurrency limit for tag {tag!r}")
-
-
-@limit_app.command("list")
-def limit_list(as_json: JsonFlag = False) -> None:
-    """Every tag limit, by tag."""
-    from runstate.audit.limits import list_limits
-
-    with _database(load_settings().database_url) as engine:
-        rows = list_limits(engine)
-    if as_json:
-        emit_json([r.as_json() for r in rows])
-    else:
-        for row in rows:
-            typer.echo(row.line())
-
-
 def register(app: typer.Typer) -> None:
     app.command("history")(history)
     app.command("replay")(replay)
     app.command("rebuild")(rebuild)
     app.command("backfill")(backfill)
-    app.add_typer(limit_app, name="concurrency-limit")

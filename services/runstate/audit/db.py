@@ -1,4 +1,4 @@
-"""Connections and log scans shared by the audit commands.
+"""Connections shared by the audit commands (their queries are in store/queries.py).
 
 The audit commands are one-shot batch jobs, so they use a synchronous engine
 (psycopg 3 serves both flavours from the same URL); only backfill, which talks
@@ -7,20 +7,13 @@ to Kafka through aiokafka, runs an event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
-from uuid import UUID
-
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runstate.database_urls import DatabaseURL, parse, reveal
 
 CONNECT_TIMEOUT_S = 5
-# Smaller than every real key: (stream_id, seq) > START includes the whole log because seq > 0.
-START: tuple[UUID, int] = (UUID(int=0), 0)
 
 
 class ServerUnreachable(RuntimeError):
@@ -52,40 +45,3 @@ def open_engine(url: DatabaseURL) -> Engine:
         engine.dispose()
         raise ServerUnreachable(f"PostgreSQL at {where(url)} is unreachable: {first_line(exc)}") from exc
     return engine
-
-
-def scan_events(
-    engine: Engine,
-    columns: str,
-    *,
-    condition: str = "TRUE",
-    params: Mapping[str, Any] | None = None,
-    batch_size: int = 1000,
-) -> Iterator[Sequence[Row[Any]]]:
-    """Batches of `events` rows in (stream_id, seq) order, by keyset on the primary key.
-
-    Each batch is its own short statement, so memory stays bounded by the batch and no
-    transaction is held open across the scan (which would hold back vacuum on a live log).
-    """
-    last = START
-    while True:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    f"SELECT stream_id, seq, {columns} FROM events"
-                    f" WHERE ({condition}) AND (stream_id, seq) > (:last_stream, :last_seq)"
-                    " ORDER BY stream_id, seq LIMIT :batch"
-                ),
-                {**(params or {}), "last_stream": last[0], "last_seq": last[1], "batch": batch_size},
-            ).all()
-        if not rows:
-            return
-        yield rows
-        if len(rows) < batch_size:
-            return
-        last = (rows[-1].stream_id, rows[-1].seq)
-
-
-def count_events(engine: Engine, condition: str = "TRUE", params: Mapping[str, Any] | None = None) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text(f"SELECT count(*) FROM events WHERE {condition}"), dict(params or {})).scalar_one()

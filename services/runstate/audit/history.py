@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from runstate.domain import StateType
 from runstate.events import recorded_decision
+from runstate.store.queries import STREAM_EVENTS, rows
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,12 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
             to_state = _label(decision.get("appended_state"))
             reason = ((decision.get("result") or {}).get("details") or {}).get("reason")
             after = _label((decision.get("run") or {}).get("state"))
+        elif row.stream_type == "concurrency_limit":
+            # A tag's limit has no states: what each change left is its reason.
+            proposed = to_state = after = None
+            limit = payload.get("limit")
+            reason = (f"limit {limit.get('limit')}, {'active' if limit.get('active') else 'inactive'}"
+                      if isinstance(limit, Mapping) else "deleted")
         else:
             proposed = _label(command.get("state"))
             to_state = _label(payload.get("state"))
@@ -131,16 +138,7 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
 
 def load_history(engine: Engine, run_id: UUID) -> list[HistoryEntry]:
     # One run's history is small (tens to hundreds of events), so it is read at once.
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT seq, stream_type, event_type, command_id, transition_id, status, payload,"
-                " source_topic, source_partition, source_offset, recorded_at"
-                " FROM events WHERE stream_id = :id ORDER BY seq"
-            ),
-            {"id": run_id},
-        ).all()
-    return describe(rows)
+    return describe(rows(engine, STREAM_EVENTS, {"id": run_id}))
 
 
 COLUMNS = ("SEQ", "RECORDED", "PROPOSED", "FROM -> TO", "STATUS", "REASON", "TRANSITION", "SOURCE")

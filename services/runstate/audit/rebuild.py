@@ -7,12 +7,13 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   (MATERIALIZED CTE) and its results go to the shadow tables — the stream's newest
   `decision.run` / `flow_run` becomes its head (upsert keeps the highest seq, so a stream
   split across batches converges), every CacheInserted effect becomes a cache row holding
-  the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released.
+  the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released,
+  and its slots as a change of its tags' counts (a release by the `decrements` the rules counted).
   Each batch commits, so no transaction (and no vacuum horizon) spans the rebuild.
 * The live projections are untouched until the final transaction, which locks them, folds
   whatever the service appended meanwhile (events recorded since the rebuild began, minus
   what the shadow already has: the "final pass"), then TRUNCATEs and refills them and
-  recomputes `active_slots` of every tag limit as the slots of the leases still held.
+  recomputes `active_slots` of every tag limit as the sum of its recorded slot changes.
 * Interrupting at any point before that commit leaves the live tables as they were, and
   TEMP tables vanish with the session: a rerun simply starts over. Nothing needs cleaning.
 * With more than one worker, the log is cut into ranges of whole streams (audit/parallel.py)
@@ -21,7 +22,9 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   are in one range, so the ranges' shadows never overlap and are simply appended.
 
 TEMP tables need no CREATE privilege on the schema, so the service's own role can rebuild.
-Limits themselves (`limit`, `active`) are configuration, not events, and are kept.
+A tag limit with a `concurrency_limit` stream in the log gets its `limit` and `active` from
+the stream's last event (none after a delete); a limit without one (written before
+revision 0010, or by hand) is kept as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from runstate.audit.db import START, sync_url
+from runstate.audit.db import sync_url
 from runstate.audit.parallel import (
     MIN_RANGE_EVENTS,
     WHOLE_LOG,
@@ -43,6 +46,7 @@ from runstate.audit.parallel import (
     report_progress,
     run_ranges,
 )
+from runstate.store.queries import START
 
 # An event appended by a transaction that began before the rebuild started but committed
 # after the scan passed its stream is found by the final pass if recorded this long before
@@ -59,15 +63,20 @@ CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_ex
 CREATE TEMP TABLE rb_leases_taken (id uuid, task_run_id uuid, tags text[], slots integer);
 CREATE TEMP TABLE rb_leases_released (id uuid, task_run_id uuid);
 CREATE TEMP TABLE rb_unreadable (stream_id uuid, seq bigint, PRIMARY KEY (stream_id, seq));
+CREATE TEMP TABLE rb_limits (stream_id uuid PRIMARY KEY, last_seq bigint NOT NULL, tag text NOT NULL, lim jsonb);
+CREATE TEMP TABLE rb_slot_changes (tag text NOT NULL, slots integer NOT NULL);
 """
-SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable")
+SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", "rb_leases_released", "rb_unreadable",
+                 "rb_limits", "rb_slot_changes")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
 FOLD = """
 WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type,
            CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
-           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f
+           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f,
+           CASE WHEN stream_type = 'concurrency_limit' THEN payload->'command'->>'tag' END AS limit_tag,
+           CASE WHEN stream_type = 'concurrency_limit' THEN (payload->'limit')::jsonb END AS lim
     FROM events e WHERE {events}
 ),
 task_heads AS (
@@ -87,6 +96,13 @@ flow_heads AS (
         view = EXCLUDED.view
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
+limit_heads AS (
+    INSERT INTO rb_limits AS t (stream_id, last_seq, tag, lim)
+    SELECT DISTINCT ON (stream_id) stream_id, seq, limit_tag, lim
+    FROM b WHERE stream_type = 'concurrency_limit' AND limit_tag IS NOT NULL ORDER BY stream_id, seq DESC
+    ON CONFLICT (stream_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, tag = EXCLUDED.tag, lim = EXCLUDED.lim
+    WHERE t.last_seq < EXCLUDED.last_seq
+),
 effects AS MATERIALIZED (
     SELECT b.stream_id, b.seq, b.d->'appended_state' AS appended, x.value AS e
     FROM b CROSS JOIN LATERAL jsonb_array_elements(b.d->'effects') AS x(value)
@@ -104,6 +120,18 @@ taken AS (
            COALESCE((e->>'slots')::integer, 1)
     FROM effects WHERE e->>'kind' = 'slots_taken'
 ),
+slots_taken AS (
+    INSERT INTO rb_slot_changes (tag, slots)
+    SELECT t.value, COALESCE((e->>'slots')::integer, 1)
+    FROM effects CROSS JOIN LATERAL jsonb_array_elements_text(e->'tags') AS t(value)
+    WHERE e->>'kind' = 'slots_taken'
+),
+slots_released AS (
+    INSERT INTO rb_slot_changes (tag, slots)
+    SELECT d.key, -(d.value::integer)
+    FROM effects CROSS JOIN LATERAL jsonb_each_text(e->'decrements') AS d(key, value)
+    WHERE e->>'kind' = 'slots_released' AND jsonb_typeof(e->'decrements') = 'object'
+),
 released AS (
     INSERT INTO rb_leases_released (id, task_run_id)
     SELECT l.value::uuid, stream_id
@@ -114,7 +142,9 @@ released AS (
 -- `runstate replay --verify` names them. Noted, so the final pass does not fold them twice.
 unreadable AS (
     INSERT INTO rb_unreadable (stream_id, seq)
-    SELECT stream_id, seq FROM b WHERE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object'
+    SELECT stream_id, seq FROM b
+    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
+               ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
@@ -136,10 +166,13 @@ INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
 INSERT INTO tag_leases (id, task_run_id, tags, slots)
     SELECT t.id, t.task_run_id, t.tags, t.slots FROM rb_leases_taken t
     WHERE NOT EXISTS (SELECT 1 FROM rb_leases_released r WHERE r.id = t.id AND r.task_run_id = t.task_run_id);
+DELETE FROM tag_concurrency_limits WHERE tag IN (SELECT tag FROM rb_limits WHERE jsonb_typeof(lim) IS DISTINCT FROM 'object');
+INSERT INTO tag_concurrency_limits (tag, "limit", active)
+    SELECT tag, (lim->>'limit')::integer, (lim->>'active')::boolean FROM rb_limits WHERE jsonb_typeof(lim) = 'object'
+    ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit", active = EXCLUDED.active, updated_at = clock_timestamp();
 UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_timestamp()
-    FROM (SELECT c.tag, COALESCE(sum(x.slots), 0)::integer AS slots
-          FROM tag_concurrency_limits c
-          LEFT JOIN (SELECT unnest(tags) AS tag, slots FROM tag_leases) x ON x.tag = c.tag
+    FROM (SELECT c.tag, GREATEST(0, COALESCE(sum(x.slots), 0))::integer AS slots
+          FROM tag_concurrency_limits c LEFT JOIN rb_slot_changes x ON x.tag = c.tag
           GROUP BY c.tag) h
     WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
 """
@@ -166,7 +199,7 @@ def rebuild(
     workers: int = 1,
     min_range_events: int = MIN_RANGE_EVENTS,
 ) -> RebuildReport:
-    """Rebuild task_runs, flow_runs, task_cache, tag_leases and active_slots from the log.
+    """Rebuild task_runs, flow_runs, task_cache, tag_leases, the tag limits and their active_slots from the log.
 
     Accepts a sync Engine, an AsyncEngine or a URL (an AsyncEngine's URL is used with a
     sync connection: this is a batch job with one session). With workers > 1 the log is
@@ -288,8 +321,9 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
             "CREATE TEMP TABLE rb_missing ON COMMIT DROP AS"
             " SELECT e.stream_id, e.seq FROM events e"
             " LEFT JOIN rb_task_runs t ON t.id = e.stream_id LEFT JOIN rb_flow_runs f ON f.id = e.stream_id"
+            " LEFT JOIN rb_limits m ON m.stream_id = e.stream_id"
             f" WHERE e.recorded_at >= CAST(:since AS timestamptz) - interval '{CATCH_UP_MARGIN}'"
-            " AND e.seq > COALESCE(t.last_seq, f.last_seq, 0)"
+            " AND e.seq > COALESCE(t.last_seq, f.last_seq, m.last_seq, 0)"
             " AND NOT EXISTS (SELECT 1 FROM rb_unreadable u WHERE u.stream_id = e.stream_id AND u.seq = e.seq)"
         ),
         {"since": started_at},

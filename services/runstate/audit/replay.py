@@ -22,7 +22,7 @@ from uuid import UUID
 from pydantic_core import from_json
 from sqlalchemy import Engine, create_engine
 
-from runstate.audit.db import count_events, scan_events, sync_url
+from runstate.audit.db import sync_url
 from runstate.audit.parallel import (
     MIN_RANGE_EVENTS,
     WHOLE_LOG,
@@ -40,6 +40,7 @@ from runstate.domain import (
 )
 from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
+from runstate.store.queries import count_events, scan_events
 
 COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
 MAX_DIFFS_SHOWN = 6

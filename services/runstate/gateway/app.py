@@ -18,7 +18,7 @@ from runstate import __version__
 from runstate.client import CommandTooLarge, RunstateClient, RunstateTimeout, RunstateUnavailable
 from runstate.config import Settings
 from runstate.obs.http import HttpMetrics, HttpMetricsMiddleware, metrics_endpoint
-from runstate.store.reads import make_engine
+from runstate.store.queries import make_engine
 
 from .auth import BasicAuthGuard
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyGuard

@@ -1,5 +1,6 @@
 """What the gateway reads, straight from PostgreSQL: the projections the consumer
-keeps (task_runs, flow_runs, tag_concurrency_limits, tag_leases) and the event log.
+keeps (task_runs, flow_runs, tag_concurrency_limits, tag_leases) and the event log,
+by the queries of store/queries.py, as Prefect's models.
 
 Kafka is never read for an answer: a result event only says that a command was
 decided; the body the client sees is read back from what was committed (the
@@ -9,24 +10,18 @@ consumer publishes results after its transaction commits, so the read sees them)
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, overload
 from uuid import UUID
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runstate.domain import TERMINAL_TYPES, EmpiricalPolicy, State, StateType, TaskRunView, stored_data
+from runstate.messages import limit_id
+from runstate.store import queries as q
+from runstate.store.queries import first_async, rows_async
 
 from .models import ConcurrencyLimit, FlowRun, TaskRun
-
-# Concurrency limits have no id column; Prefect's V1 API needs one. It is derived
-# from the tag, so it is stable and the same on every gateway instance.
-LIMIT_NAMESPACE = UUID("0b9c4f7e-3f5e-4d0c-9a0e-6a3f2c1b8d47")
-
-def limit_id(tag: str) -> UUID:
-    return uuid.uuid5(LIMIT_NAMESPACE, f"tag:{tag}")
 
 
 @overload
@@ -41,91 +36,37 @@ def _as_read(state: State | None) -> State | None:
     return state.model_copy(update={"data": stored_data(state)})
 
 
-@dataclass(frozen=True)
-class LimitWrite:
-    limit: ConcurrencyLimit
-    created: bool
-
-
 class GatewayReads:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await first_async(self.engine, q.PING)
 
     # -- task runs --------------------------------------------------------------
-    _TASK_RUN = (
-        "SELECT t.view, t.updated_at, e.recorded_at AS created,"
-        " e.payload->'command'->>'cache_expiration' AS cache_expiration"
-        " FROM task_runs t LEFT JOIN events e ON e.stream_id = t.id AND e.seq = 1"
-    )
-
     async def task_run(self, run_id: UUID) -> TaskRun | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(text(self._TASK_RUN + " WHERE t.id = :id"), {"id": run_id})).first()
+        row = await first_async(self.engine, q.TASK_RUN_BY_ID, {"id": run_id})
         return _task_run(row) if row else None
 
     async def task_run_by_key(self, flow_run_id: UUID | None, task_key: str, dynamic_key: str) -> TaskRun | None:
         """Prefect answers a create with the existing run when (flow_run_id, task_key,
         dynamic_key) is taken; the gateway checks the projection before sending."""
-        # Spelled out (not IS NOT DISTINCT FROM) so the (flow_run_id, task_key, dynamic_key) index is usable.
-        same_flow = "t.flow_run_id IS NULL" if flow_run_id is None else "t.flow_run_id = :f"
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        self._TASK_RUN
-                        + f" WHERE {same_flow} AND t.task_key = :k AND t.dynamic_key = :d"
-                        " ORDER BY e.recorded_at LIMIT 1"
-                    ),
-                    {"f": flow_run_id, "k": task_key, "d": dynamic_key},
-                )
-            ).first()
+        row = await first_async(self.engine, q.task_run_by_key(flow_run_id),
+                                {"f": flow_run_id, "k": task_key, "d": dynamic_key})
         return _task_run(row) if row else None
 
     async def task_run_states(self, run_id: UUID) -> list[State]:
         """The run's appended states (accepted proposals and rule replacements), in log order."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT payload->'decision'->'appended_state' AS state FROM events"
-                    " WHERE stream_id = :id AND stream_type = 'task_run' AND state_type IS NOT NULL"
-                    " ORDER BY seq"
-                ),
-                {"id": run_id},
-            )
-            return [_as_read(State.model_validate(row.state)) for row in rows]
+        found = await rows_async(self.engine, q.TASK_RUN_STATES, {"id": run_id})
+        return [_as_read(State.model_validate(row.state)) for row in found]
 
     async def task_run_state(self, state_id: UUID) -> State | None:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT payload->'decision'->'appended_state' AS state FROM events"
-                        " WHERE state_id = :sid AND stream_type = 'task_run'"
-                    ),
-                    {"sid": state_id},
-                )
-            ).first()
+        row = await first_async(self.engine, q.TASK_RUN_STATE, {"sid": state_id})
         return _as_read(State.model_validate(row.state)) if row else None
 
     # -- flow runs --------------------------------------------------------------
     async def flow_run(self, run_id: UUID) -> FlowRun | None:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT f.view, f.updated_at, e.recorded_at AS created, e.payload->'command' AS command,"
-                        " (SELECT s.payload->'state' FROM events s WHERE s.stream_id = f.id"
-                        "  AND s.state_type IS NOT NULL ORDER BY s.seq DESC LIMIT 1) AS state"
-                        " FROM flow_runs f JOIN events e ON e.stream_id = f.id AND e.seq = 1"
-                        " WHERE f.id = :id"
-                    ),
-                    {"id": run_id},
-                )
-            ).first()
+        row = await first_async(self.engine, q.FLOW_RUN, {"id": run_id})
         if row is None:
             return None
         view, command = row.view, row.command
@@ -146,70 +87,22 @@ class GatewayReads:
         )
 
     async def flow_run_state_at(self, run_id: UUID, seq: int) -> State | None:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text("SELECT payload->'state' AS state FROM events WHERE stream_id = :id AND seq = :seq"),
-                    {"id": run_id, "seq": seq},
-                )
-            ).first()
+        row = await first_async(self.engine, q.FLOW_RUN_STATE_AT, {"id": run_id, "seq": seq})
         return State.model_validate(row.state) if row and row.state else None
 
     async def flow_run_states(self, run_id: UUID) -> list[State]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT payload->'state' AS state FROM events WHERE stream_id = :id"
-                    " AND stream_type = 'flow_run' AND state_type IS NOT NULL ORDER BY seq"
-                ),
-                {"id": run_id},
-            )
-            return [_as_read(State.model_validate(row.state)) for row in rows]
+        found = await rows_async(self.engine, q.FLOW_RUN_STATES, {"id": run_id})
+        return [_as_read(State.model_validate(row.state)) for row in found]
 
-    # -- tag concurrency limits (written here: they are configuration, not run history)
-    _LIMIT = (
-        'SELECT l.tag, l."limit", l.updated_at,'
-        " ARRAY(SELECT DISTINCT g.task_run_id FROM tag_leases g WHERE l.tag = ANY(g.tags)) AS holders"
-        " FROM tag_concurrency_limits l"
-    )
-
-    async def upsert_limit(self, tag: str, limit: int) -> LimitWrite:
-        # Prefect's V1 create is an upsert: an existing limit gets the new value (200),
-        # a new one is created active (201). The consumer locks these rows FOR UPDATE
-        # while deciding, so the write simply waits for an in-flight batch.
-        async with self.engine.begin() as conn:
-            inserted = (
-                await conn.execute(
-                    text(
-                        'INSERT INTO tag_concurrency_limits (tag, "limit", active) VALUES (:tag, :limit, true)'
-                        ' ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit",'
-                        " updated_at = clock_timestamp() RETURNING (xmax = 0) AS inserted"
-                    ),
-                    {"tag": tag, "limit": limit},
-                )
-            ).scalar_one()
-            row = (await conn.execute(text(self._LIMIT + " WHERE l.tag = :tag"), {"tag": tag})).one()
-        return LimitWrite(_limit(row), bool(inserted))
-
+    # -- tag concurrency limits (changed by commands, read here) ----------------
     async def limit_by_tag(self, tag: str) -> ConcurrencyLimit | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(text(self._LIMIT + " WHERE l.tag = :tag"), {"tag": tag})).first()
+        row = await first_async(self.engine, q.PREFECT_LIMIT, {"tag": tag})
         return _limit(row) if row else None
 
     async def tag_of_limit(self, id_: UUID) -> str | None:
         # Limits are few; deriving each id is cheaper than a column nobody else needs.
-        async with self.engine.connect() as conn:
-            tags = (await conn.execute(text("SELECT tag FROM tag_concurrency_limits"))).scalars().all()
+        tags = [row.tag for row in await rows_async(self.engine, q.LIMIT_TAGS)]
         return next((t for t in tags if limit_id(t) == id_), None)
-
-    async def delete_limit(self, tag: str) -> bool:
-        # Leases stay: one lease may cover several tags, and releasing it later only
-        # adjusts the limits that still exist.
-        async with self.engine.begin() as conn:
-            deleted = await conn.execute(
-                text("DELETE FROM tag_concurrency_limits WHERE tag = :tag RETURNING tag"), {"tag": tag}
-            )
-            return deleted.first() is not None
 
 
 def _task_run(row: Any) -> TaskRun:

@@ -21,10 +21,16 @@ from runstate.messages import (
     Command,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
+    DeleteConcurrencyLimitCommand,
     ErrorInfo,
+    LimitCommand,
+    LimitResultEvent,
     OrchestrationResultEvent,
+    RunCommand,
+    SetConcurrencyLimitCommand,
     SetFlowRunStateCommand,
     SetStateCommand,
+    limit_id,
 )
 
 from .models import (
@@ -84,6 +90,8 @@ def _error(error: ErrorInfo) -> JSONResponse:
     """A command the pipeline refused, as Prefect answers the same situation."""
     if error.code == "unknown_run":
         return JSONResponse(status_code=404, content={"exception_message": error.message})
+    if error.code == "unknown_limit":
+        return _not_found("Concurrency limit not found")
     if error.code == "already_exists":
         return JSONResponse(status_code=409, content={"detail": INTEGRITY_CONFLICT})
     if error.code == "too_large":
@@ -110,20 +118,31 @@ def _command(model: type[C], **fields: Any) -> C:
         raise RequestValidationError(errors, body=None) from None
 
 
-async def _decide(gw: Gateway, command: Command, what: str) -> OrchestrationResultEvent:
+async def _decide(gw: Gateway, command: RunCommand, what: str) -> OrchestrationResultEvent:
     try:
         return await gw.bus.request(command, gw.result_timeout)
     except RunstateTimeout as exc:
-        tid = None
-        retry = ""
-        if isinstance(command, SetStateCommand):
-            tid = str(command.state.state_details.transition_id)
-            retry = f" Send it again with state.state_details.transition_id = {tid} to get that decision."
-        raise PendingDecision(
-            f"runstate did not decide {what} within {gw.result_timeout:g} s; the command is queued and"
-            f" will still be decided.{retry}",
-            tid,
-        ) from exc
+        raise _pending(gw, command, what) from exc
+
+
+async def _decide_limit(gw: Gateway, command: LimitCommand, what: str) -> LimitResultEvent:
+    try:
+        return await gw.bus.request(command, gw.result_timeout)
+    except RunstateTimeout as exc:
+        raise _pending(gw, command, what) from exc
+
+
+def _pending(gw: Gateway, command: Command, what: str) -> PendingDecision:
+    tid = None
+    retry = ""
+    if isinstance(command, SetStateCommand):
+        tid = str(command.state.state_details.transition_id)
+        retry = f" Send it again with state.state_details.transition_id = {tid} to get that decision."
+    return PendingDecision(
+        f"runstate did not decide {what} within {gw.result_timeout:g} s; the command is queued and"
+        f" will still be decided.{retry}",
+        tid,
+    )
 
 
 # -- root -------------------------------------------------------------------------
@@ -339,13 +358,26 @@ async def read_task_run_state(gw: GatewayDep, state_id: UUID = Path(..., alias="
 
 
 # -- tag concurrency limits (Prefect's V1 API over runstate's tag limits) ------------
-@router.post("/concurrency_limits/", tags=["Concurrency Limits"], status_code=201, responses=ERRORS)
+# Changes are commands decided by the consumer, like every write; reads come from the projection.
+@router.post("/concurrency_limits/", tags=["Concurrency Limits"], status_code=201, responses=DECIDED,
+             response_model=ConcurrencyLimit)
 async def create_concurrency_limit(
     concurrency_limit: ConcurrencyLimitCreate, response: Response, gw: GatewayDep
-) -> ConcurrencyLimit:
-    written = await gw.reads.upsert_limit(concurrency_limit.tag, concurrency_limit.concurrency_limit)
-    response.status_code = 201 if written.created else 200
-    return written.limit
+) -> ConcurrencyLimit | JSONResponse:
+    """Prefect's V1 create is an upsert: an existing limit gets the new value (200) and
+    keeps its active slots; a new one is created active (201)."""
+    tag = concurrency_limit.tag
+    command = _command(SetConcurrencyLimitCommand, command_id=uuid.uuid4(), tag=tag,
+                       concurrency_limit=concurrency_limit.concurrency_limit)
+    result = await _decide_limit(gw, command, f"the concurrency limit of tag {tag!r}")
+    if result.error is not None:
+        return _error(result.error)
+    response.status_code = 201 if result.created else 200
+    found = await gw.reads.limit_by_tag(tag)
+    if found is None:  # deleted again by a later command already: answer with what was set
+        return ConcurrencyLimit(id=limit_id(tag), updated=result.decided_at, tag=tag,
+                                concurrency_limit=concurrency_limit.concurrency_limit)
+    return found
 
 
 @router.get("/concurrency_limits/tag/{tag}", tags=["Concurrency Limits"],
@@ -365,18 +397,22 @@ async def read_concurrency_limit(
     return found if found is not None else _not_found("Concurrency limit not found")
 
 
+async def _delete_limit(gw: Gateway, tag: str) -> JSONResponse | None:
+    command = _command(DeleteConcurrencyLimitCommand, command_id=uuid.uuid4(), tag=tag)
+    result = await _decide_limit(gw, command, f"the deletion of the concurrency limit of tag {tag!r}")
+    return _error(result.error) if result.error is not None else None
+
+
 @router.delete("/concurrency_limits/tag/{tag}", tags=["Concurrency Limits"],
-               responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
+               responses={**DECIDED, 404: {"model": DetailBody}}, response_model=None)
 async def delete_concurrency_limit_by_tag(gw: GatewayDep, tag: str) -> JSONResponse | None:
-    if not await gw.reads.delete_limit(tag):
-        return _not_found("Concurrency limit not found")
-    return None
+    return await _delete_limit(gw, tag)
 
 
 @router.delete("/concurrency_limits/{id:uuid}", tags=["Concurrency Limits"],
-               responses={404: {"model": DetailBody}, **ERRORS}, response_model=None)
+               responses={**DECIDED, 404: {"model": DetailBody}}, response_model=None)
 async def delete_concurrency_limit(gw: GatewayDep, limit_id: UUID = Path(..., alias="id")) -> JSONResponse | None:
     tag = await gw.reads.tag_of_limit(limit_id)
-    if tag is None or not await gw.reads.delete_limit(tag):
+    if tag is None:
         return _not_found("Concurrency limit not found")
-    return None
+    return await _delete_limit(gw, tag)

@@ -31,19 +31,31 @@ from runstate.domain import (
     SlotsTaken,
     StateCreate,
     StateType,
+    TagLimit,
     TaskRunView,
     apply_initial_state,
     decide,
     record_flow_state,
 )
-from runstate.events import EventType, FlowRunEventPayload, StoredDecision, StreamType, TaskRunEventPayload
+from runstate.events import (
+    EventType,
+    FlowRunEventPayload,
+    LimitEventPayload,
+    StoredDecision,
+    StreamType,
+    TaskRunEventPayload,
+)
 from runstate.messages import (
+    LIMIT_KINDS,
     SCHEMA_VERSION,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
+    DeleteConcurrencyLimitCommand,
     ErrorCode,
     ErrorInfo,
+    LimitResultEvent,
     OrchestrationResultEvent,
+    SetConcurrencyLimitCommand,
     SetFlowRunStateCommand,
     SetStateCommand,
     StateChangeEvent,
@@ -82,8 +94,8 @@ SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
 
 
 def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) -> SnapshotRequest:
-    """What the commands name: their records, runs, transitions and cache keys."""
-    flow_runs = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS}
+    """What the commands name: their records, runs, transitions, cache keys and limit streams."""
+    flow_runs = {p.stream_id for p in parsed if p.command.kind not in TASK_KINDS + LIMIT_KINDS}
     flow_runs.update(
         p.command.flow_run_id
         for p in parsed
@@ -104,13 +116,18 @@ def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) ->
             and p.command.state.type == StateType.RUNNING
             and (key := p.command.state.state_details.cache_key)
         },
+        limit_streams={p.stream_id for p in parsed if p.command.kind in LIMIT_KINDS},
+        commands=[(p.stream_id, p.command_id) for p in parsed if p.command.kind in LIMIT_KINDS],
     )
 
 
 def second_request(parsed: Sequence[ParsedCommand], first: SnapshotRequest, snap: StoreSnapshot) -> SnapshotRequest:
-    """What the runs found point to: their flow runs, their tags' limits and leases."""
+    """What the runs found point to: their flow runs, their tags' limits and leases;
+    and the limits the limit commands change (locked with the others, in tag order)."""
     heads = [h.view for h in snap.task_runs.values()]
     new_tags = {tag for p in parsed if isinstance(p.command, CreateTaskRunCommand) for tag in p.command.tags}
+    new_tags.update(p.command.tag for p in parsed
+                    if isinstance(p.command, SetConcurrencyLimitCommand | DeleteConcurrencyLimitCommand))
     return SnapshotRequest(
         now=first.now,
         flow_run_ids={run.flow_run_id for run in heads if run.flow_run_id is not None} - first.flow_run_ids,
@@ -135,6 +152,7 @@ class BatchDecider:
         self.max_message_bytes = max_message_bytes
         self.ids = IdMinter()
         self.out = BatchOutcome()
+        self.limit_tags: set[str] = set()  # tags whose limit a command of this batch changed
 
     # -- entry point ------------------------------------------------------
     def run(self, items: Sequence[ParsedCommand | BadRecord]) -> BatchOutcome:
@@ -156,6 +174,10 @@ class BatchDecider:
             except Exception as exc:  # noqa: BLE001 - one command's failure must not stall the partition
                 log.exception("deciding command %s failed", item.command_id)
                 self._refuse(item, "orchestration_failed", f"{type(exc).__name__}: {exc}", dead_letter=True)
+        for tag in self.limit_tags:
+            # The row is written whole (it is locked), so its slot changes go with it.
+            self.out.limit_rows[tag] = self.snapshot.tag_limits.get(tag)
+            self.out.slot_deltas.pop(tag, None)
         return self.out
 
     def _decide(self, item: ParsedCommand) -> None:
@@ -166,8 +188,10 @@ class BatchDecider:
             self._create_task_run(item, command)
         elif isinstance(command, CreateFlowRunCommand):
             self._create_flow_run(item, command)
-        else:
+        elif isinstance(command, SetFlowRunStateCommand):
             self._set_flow_run_state(item, command)
+        else:
+            self._change_limit(item, command)
 
     # -- task runs --------------------------------------------------------
     def _set_task_run_state(self, item: ParsedCommand, command: SetStateCommand) -> None:
@@ -362,13 +386,14 @@ class BatchDecider:
                     released = held.pop(lease_id, None)
                     if released is None:
                         continue
-                    for tag in released.tags:
-                        self._shift_slots(tag, -released.slots)
                     if released in self.out.leases_added:
                         self.out.leases_added.remove(released)
                     else:
                         self.out.leases_removed.append(lease_id)
                 self.snapshot.leases[run_id] = list(held.values())
+                # The rules counted what each tag gets back; recounting it here could disagree.
+                for tag, slots in effect.decrements.items():
+                    self._shift_slots(tag, -slots)
             # TaskScheduled is carried by the recorded decision and its state change.
 
     def _shift_slots(self, tag: str, delta: int) -> None:
@@ -440,6 +465,81 @@ class BatchDecider:
         self.out.flow_run_heads[flow.id] = head
         self.out.results.append(Publication(key, result_json))
 
+    # -- concurrency limits (configuration, recorded in a stream per tag) ----
+    def _change_limit(self, item: ParsedCommand, command: SetConcurrencyLimitCommand | DeleteConcurrencyLimitCommand
+                      ) -> None:
+        prior = self.snapshot.by_command.get((item.stream_id, item.command_id))
+        if prior is not None:
+            self._republish(prior)  # the same command sent again: never applied twice
+            return
+        tag = command.tag
+        current = self.snapshot.tag_limits.get(tag)
+        if isinstance(command, DeleteConcurrencyLimitCommand):
+            if current is None:
+                self._refuse(item, "unknown_limit", f"no concurrency limit for tag {tag!r}", dead_letter=False)
+                return
+            if self._record_limit(item, command, None, current, False, EventType.CONCURRENCY_LIMIT_DELETED):
+                del self.snapshot.tag_limits[tag]
+            return
+        if current is None:
+            limit = TagLimit(tag=tag, limit=command.concurrency_limit,
+                             active=True if command.active is None else command.active)
+        else:
+            # Prefect's upsert: the value changes, the active slots stay, and so does
+            # `active` unless the command says otherwise.
+            limit = current.model_copy(update={
+                "limit": command.concurrency_limit,
+                "active": current.active if command.active is None else command.active,
+            })
+        if self._record_limit(item, command, limit, limit, current is None, EventType.CONCURRENCY_LIMIT_SET):
+            self.snapshot.tag_limits[tag] = limit
+
+    def _record_limit(
+        self,
+        item: ParsedCommand,
+        command: SetConcurrencyLimitCommand | DeleteConcurrencyLimitCommand,
+        after: TagLimit | None,
+        answered: TagLimit,
+        created: bool,
+        event_type: EventType,
+    ) -> bool:
+        """Record the change and its answer; False when the answer would not fit its topic."""
+        stream_id = item.stream_id
+        head = self.snapshot.limit_streams.get(stream_id) or StreamHead(view=command.tag, last_seq=0)
+        seq = head.last_seq + 1
+        result_json = LimitResultEvent(
+            command_id=item.command_id,
+            command_kind=command.kind,
+            stream_id=stream_id,
+            tag=command.tag,
+            seq=seq,
+            created=created,
+            limit=answered,
+            decided_at=self.clock(),
+        ).model_dump_json()
+        too_big = self._oversized(result_json)
+        if too_big:
+            self._refuse(item, "too_large", too_big, dead_letter=True)
+            return False
+        payload = render(
+            LimitEventPayload,
+            command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
+            limit=model_json(after),
+            result_event=result_json,
+            state_change="null",
+        )
+        self.out.events.append(
+            row := EventRow.of(item, stream_id, seq, StreamType.CONCURRENCY_LIMIT, event_type, None, None, None,
+                               payload, result_json, None, head.last_hash)
+        )
+        head.last_hash, head.last_seq = row.hash, seq
+        self.snapshot.limit_streams[stream_id] = head
+        self.snapshot.by_command[(stream_id, item.command_id)] = StoredOutcome(result_json, None,
+                                                                               str(stream_id).encode())
+        self.limit_tags.add(command.tag)
+        self.out.results.append(Publication(str(stream_id).encode(), result_json))
+        return True
+
     # -- answers without a new event --------------------------------------
     def _republish(self, prior: StoredOutcome) -> None:
         self.out.duplicates += 1
@@ -470,7 +570,9 @@ class BatchDecider:
     ) -> None:
         if dead_letter:
             self.out.dead_letters.append(DeadLetter(record, error))
-        event = OrchestrationResultEvent(
+        # A limit command is answered in the shape its sender waits for.
+        answer = LimitResultEvent if command_kind in LIMIT_KINDS else OrchestrationResultEvent
+        event = answer(
             command_id=command_id or record.derived_id(),
             command_kind=command_kind,
             stream_id=stream_id,

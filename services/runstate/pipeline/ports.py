@@ -22,7 +22,7 @@ from runstate.pipeline.records import IncomingRecord, ParsedCommand
 
 @dataclass(slots=True)
 class StreamHead:
-    view: Any  # TaskRunView or FlowRunView, by the stream's type
+    view: Any  # TaskRunView or FlowRunView, by the stream's type; a limit stream's tag
     last_seq: int
     # The view as JSON when a decision already wrote it (for the payload), so
     # the projection upsert does not serialise it again.
@@ -60,6 +60,10 @@ class StoreSnapshot:
     cache: dict[str, list[CacheEntry]] = field(default_factory=dict)
     tag_limits: dict[str, TagLimit] = field(default_factory=dict)
     leases: dict[UUID, list[Lease]] = field(default_factory=dict)
+    # Concurrency-limit streams (one per tag): their last seq and hash, and the
+    # limit commands already recorded, by (stream_id, command_id).
+    limit_streams: dict[UUID, StreamHead] = field(default_factory=dict)
+    by_command: dict[tuple[UUID, UUID], StoredOutcome] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -94,7 +98,7 @@ class EventRow:
         stream_type: StreamType,
         event_type: EventType,
         transition_id: UUID | None,
-        status: str,
+        status: str | None,
         appended: State | None,
         payload: str,
         result_event: str,
@@ -156,6 +160,9 @@ class BatchOutcome:
     leases_added: list[Lease] = field(default_factory=list)
     leases_removed: list[UUID] = field(default_factory=list)
     slot_deltas: dict[str, int] = field(default_factory=dict)
+    # Tags whose limit a command set (the row as it ends the batch) or deleted (None);
+    # their slot changes are in the row, not in slot_deltas.
+    limit_rows: dict[str, TagLimit | None] = field(default_factory=dict)
     results: list[Publication] = field(default_factory=list)
     state_changes: list[Publication] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -185,10 +192,13 @@ class SnapshotRequest:
     cache_keys: set[str] = field(default_factory=set)
     tags: set[str] = field(default_factory=set)  # their rows are locked until the batch ends, in tag order
     lease_holders: set[UUID] = field(default_factory=set)
+    limit_streams: set[UUID] = field(default_factory=set)  # their last event's seq and hash
+    commands: list[tuple[UUID, UUID]] = field(default_factory=list)  # (stream_id, command_id) of limit commands
 
     def __bool__(self) -> bool:
         return bool(self.sources or self.task_run_ids or self.flow_run_ids or self.transitions
-                    or self.cache_keys or self.tags or self.lease_holders)
+                    or self.cache_keys or self.tags or self.lease_holders or self.limit_streams
+                    or self.commands)
 
 
 class StoreSession(Protocol):

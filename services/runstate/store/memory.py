@@ -110,6 +110,14 @@ class InMemorySession:
         for lease in t.leases.values():
             if lease.holder_run_id in request.lease_holders:
                 into.leases.setdefault(lease.holder_run_id, []).append(lease)
+        commands = set(request.commands)
+        for row in t.events:
+            if row.stream_id in request.limit_streams:
+                head = into.limit_streams.get(row.stream_id)
+                if head is None or head.last_seq < row.seq:
+                    into.limit_streams[row.stream_id] = StreamHead(None, row.seq, last_hash=row.hash)
+            if (row.stream_id, row.command_id) in commands:
+                into.by_command[(row.stream_id, row.command_id)] = _stored(t, row)
 
     async def append(self, outcome: BatchOutcome) -> None:
         self.staged.append(outcome)
@@ -127,12 +135,13 @@ class InMemorySession:
             for e in outcome.events:
                 source = (e.source_topic, e.source_partition, e.source_offset, e.source_digest)
                 final = (e.stream_id, e.transition_id) if e.status in FINAL and e.transition_id else None
-                if (e.stream_id, e.seq) in keys or source in sources or final in finals or (
+                if (e.stream_id, e.seq) in keys or source in sources or (final and final in finals) or (
                         e.state_id and e.state_id in states):
                     raise StoreConflict(f"duplicate key: event {e.stream_id} seq {e.seq}")
                 keys.add((e.stream_id, e.seq))
                 sources.add(source)
-                finals.add(final)
+                if final:
+                    finals.add(final)
                 states.add(e.state_id)
         for outcome in self.staged:
             t.events += outcome.events
@@ -146,6 +155,11 @@ class InMemorySession:
                 t.leases[lease.id] = lease
             for lease_id in outcome.leases_removed:
                 t.leases.pop(lease_id, None)
+            for tag, limit in outcome.limit_rows.items():
+                if limit is None:
+                    t.tag_limits.pop(tag, None)
+                else:
+                    t.tag_limits[tag] = limit
             for tag, delta in outcome.slot_deltas.items():
                 if tag in t.tag_limits and delta:
                     limit = t.tag_limits[tag]

@@ -243,6 +243,19 @@ class PostgresSession:
                 "SELECT id, task_run_id, tags, slots FROM tag_leases WHERE task_run_id = ANY(:ids)",
                 {"ids": list(request.lease_holders)},
             )
+        if request.limit_streams:
+            queries["limit_streams"] = (
+                "SELECT DISTINCT ON (e.stream_id) e.stream_id, e.seq, e.hash FROM events e"
+                " WHERE e.stream_id = ANY(:ids) ORDER BY e.stream_id, e.seq DESC",
+                {"ids": list(request.limit_streams)},
+            )
+        if request.commands:
+            queries["by_command"] = (
+                "SELECT " + _STORED_COLUMNS
+                + " FROM events e JOIN unnest(CAST(:sids AS uuid[]), CAST(:cids AS uuid[]))"
+                " AS c(s, cid) ON e.stream_id = c.s AND e.command_id = c.cid",
+                {"sids": [s for s, _ in request.commands], "cids": [c for _, c in request.commands]},
+            )
         if not queries:
             return
         found = await read_together(self.conn, queries)
@@ -274,6 +287,10 @@ class PostgresSession:
         for row in found.get("leases", []):
             lease = Lease(id=row["id"], tags=row["tags"], slots=row["slots"], holder_run_id=row["task_run_id"])
             snap.leases.setdefault(lease.holder_run_id, []).append(lease)
+        for row in found.get("limit_streams", []):
+            snap.limit_streams[UUID(row["stream_id"])] = StreamHead(None, row["seq"], last_hash=_bytea(row["hash"]))
+        for row in found.get("by_command", []):
+            snap.by_command[(UUID(row["stream_id"]), UUID(row["command_id"]))] = _stored(row)
 
     # -- writing a decided batch ---------------------------------------------
     async def append(self, out: BatchOutcome) -> None:
@@ -347,6 +364,7 @@ class PostgresSession:
                 },
             ))
         statements += _side_table_writes(out.cache_rows, out.leases_added, out.leases_removed, out.slot_deltas)
+        statements += _limit_writes(out.limit_rows)
         if statements:
             await run_sql(self.conn, *write_together(statements))
 
@@ -395,6 +413,30 @@ def _side_table_writes(
             " WHERE l.tag = d.tag",
             {"tags": list(changed), "deltas": list(changed.values())},
         ))
+    return statements
+
+
+def _limit_writes(rows: dict[str, TagLimit | None]) -> list[Statement]:
+    """The limits the batch's limit commands set (whole rows: they are locked) or deleted."""
+    statements: list[Statement] = []
+    kept = [limit for limit in rows.values() if limit is not None]
+    if kept:
+        statements.append((
+            'INSERT INTO tag_concurrency_limits AS l (tag, "limit", active, active_slots)'
+            " SELECT t, n, a, s FROM unnest(CAST(:t AS text[]), CAST(:n AS integer[]), CAST(:a AS boolean[]),"
+            " CAST(:s AS integer[])) AS x(t, n, a, s)"
+            ' ON CONFLICT (tag) DO UPDATE SET "limit" = EXCLUDED."limit", active = EXCLUDED.active,'
+            " active_slots = EXCLUDED.active_slots, updated_at = clock_timestamp()",
+            {
+                "t": [limit.tag for limit in kept],
+                "n": [limit.limit for limit in kept],
+                "a": [limit.active for limit in kept],
+                "s": [limit.active_slots for limit in kept],
+            },
+        ))
+    deleted = [tag for tag, limit in rows.items() if limit is None]
+    if deleted:
+        statements.append(("DELETE FROM tag_concurrency_limits WHERE tag = ANY(:tags)", {"tags": deleted}))
     return statements
 
 
