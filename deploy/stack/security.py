@@ -123,7 +123,7 @@ def keystore_name(node: int) -> str:
 def _node_certificate(folder: Path, name: str, log: Path) -> None:
     """One broker's key and certificate (CN=localhost, so every node is the same principal)."""
     ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
-    key, csr, crt = folder / "broker.key", folder / "broker.csr", folder / "broker.crt"
+    key, csr, crt = folder / "broker.key", folder / "broker.csr", folder / name.replace(".pem", ".crt")
     ext = folder / "broker.ext"
     ext.write_text(f"subjectAltName=DNS:{BROKER_CN},IP:127.0.0.1\n"
                    "basicConstraints=critical,CA:FALSE\n"
@@ -136,7 +136,7 @@ def _node_certificate(folder: Path, name: str, log: Path) -> None:
     _openssl(["x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
               "-set_serial", str(secrets.randbits(63)), "-days", "825", "-extfile", str(ext), "-out", str(crt)], log)
     write_private(folder / name, key.read_text() + crt.read_text() + ca_crt.read_text())
-    for f in (csr, ext, key, crt):
+    for f in (csr, ext, key):
         f.unlink()
 
 
