@@ -156,6 +156,24 @@ class LocalStack:
             self.files.save([new if c.name == name else c for c in comps], self.env())
         return time.monotonic() - t0
 
+    def restart_all(self, names: list[str], *, hard: bool = False, down_for: float = 0.0) -> float:
+        """Stop several servers (a whole Kafka cluster), wait `down_for` s, start them again side by
+        side (a cluster's nodes become ready only together). Returns the seconds to ready."""
+        t0 = time.monotonic()
+        with self.files.locked():
+            comps = self.components()
+            for c in comps:
+                if c.name in names:
+                    c.popen = next((r.popen for r in self._launcher.spawned if r.pid == c.pid), None)
+                    if hard:
+                        kill_group(c)
+                    else:
+                        stop(c, c.stop_signal)
+            time.sleep(down_for)
+            started = {r.name: r for r in self._start_all([self._servers[n] for n in names], self._launcher)}
+            self.files.save([started.get(c.name, c) for c in comps], self.env())
+        return time.monotonic() - t0
+
     def server(self, name: str) -> Server:
         """A server this object started, by name (kafka-1, postgres-a, ...)."""
         return self._servers[name]
