@@ -285,9 +285,26 @@ class LocalStack:
 
     def _stop(self, comps: list[Record]) -> None:
         # services (recorded after the infrastructure) first, in reverse start order
+        cluster_nodes = [c for c in comps if c.external is None and c.name.startswith("kafka-")]
         for c in reversed(comps):
             if c.external is not None:
                 say(f"{c.name}: external ({c.probe_host}:{c.probe_port}), left alone")
                 continue
+            if c in cluster_nodes:
+                continue
             how = stop(c, c.stop_signal)
             say(f"{c.name}: pid {c.pid} {how}")
+        # A cluster's nodes side by side: the last one alone has no quorum for its controlled
+        # shutdown and would wait for the SIGKILL.
+        results: dict[str, str] = {}
+
+        def stop_node(c: Record) -> None:
+            results[c.name] = stop(c, c.stop_signal)
+
+        threads = [threading.Thread(target=stop_node, args=(c,)) for c in cluster_nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c in cluster_nodes:
+            say(f"{c.name}: pid {c.pid} {results.get(c.name, 'not stopped')}")
