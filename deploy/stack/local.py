@@ -162,13 +162,16 @@ class LocalStack:
         t0 = time.monotonic()
         with self.files.locked():
             comps = self.components()
-            for c in comps:
-                if c.name in names:
-                    c.popen = next((r.popen for r in self._launcher.spawned if r.pid == c.pid), None)
-                    if hard:
-                        kill_group(c)
-                    else:
-                        stop(c, c.stop_signal)
+            chosen = [c for c in comps if c.name in names]
+            for c in chosen:
+                c.popen = next((r.popen for r in self._launcher.spawned if r.pid == c.pid), None)
+            # Side by side: a cluster's last node alone could not finish its controlled shutdown.
+            threads = [threading.Thread(target=kill_group if hard else stop,
+                                        args=(c,) if hard else (c, c.stop_signal)) for c in chosen]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
             time.sleep(down_for)
             started = {r.name: r for r in self._start_all([self._servers[n] for n in names], self._launcher)}
             self.files.save([started.get(c.name, c) for c in comps], self.env())
