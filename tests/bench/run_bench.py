@@ -65,7 +65,7 @@ class Stack:
         self.local = LocalStack(root, shape=shape, use_environment=False) if root else LocalStack(shape=shape)
         self.started = False
         self.env: dict[str, str] = {}
-        self.kafka_pid: int | None = None
+        self.kafka_pids: list[int] = []
 
     def up(self) -> None:
         if self.use_env:
@@ -85,7 +85,8 @@ class Stack:
         if self.local.env().get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") != "PLAINTEXT":
             raise SystemExit("a secured local stack is running; the benchmark runs on the plaintext one: "
                              "`make down` first")
-        self.kafka_pid = self.local.pid("kafka")
+        # One node, or a cluster's three (kafka-1..3): never another stack's JVMs.
+        self.kafka_pids = [c.pid for c in self.local.components() if c.pid and c.name.split("-")[0] == "kafka"]
 
     def down(self) -> None:
         if self.started:
@@ -316,11 +317,11 @@ class Bench:
                 "RUNSTATE_BATCH_TIMEOUT_MS": str(a.batch_timeout_ms)}
 
     def cpu_meter(self, pids: list[int]) -> CpuMeter:
-        kafka = self.stack.kafka_pid
+        kafka = self.stack.kafka_pids
         return CpuMeter({
             "consumers": lambda: pids,
             "postgres": lambda: pids_by_comm("postgres"),
-            "kafka": (lambda: [kafka]) if kafka else (lambda: pids_by_comm("java")),
+            "kafka": (lambda: kafka) if kafka else (lambda: pids_by_comm("java")),
             "driver": lambda: [os.getpid()],
         })
 
