@@ -75,6 +75,11 @@ def _kafka_host_port(bootstrap: str) -> tuple[str, int]:
 
 def _db_host_port(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlsplit(url)
+    # A multi-host URL (primary and standby) names its servers in ?host=h:p; the first is probed.
+    listed = urllib.parse.parse_qs(parsed.query).get("host")
+    if not parsed.hostname and listed:
+        host, _, port = listed[0].rpartition(":")
+        return host or "127.0.0.1", int(port or 5432)
     return parsed.hostname or "127.0.0.1", parsed.port or 5432
 
 

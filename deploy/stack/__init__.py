@@ -10,7 +10,11 @@ Run it with the project's virtualenv Python (`make up` does): the Kafka readines
 aiokafka; `down` and `status` need only the standard library. In Python, with deploy/ on the
 path: `from stack import LocalStack`.
 
-Modules: local (LocalStack: up, down, status, restart), kafka and postgres (one server each),
+RUNSTATE_STACK=replicated starts three Kafka nodes (cluster) and a PostgreSQL primary with a
+synchronous standby (standby) instead of one of each.
+
+Modules: local (LocalStack: up, down, status, restart, kill, start_again), kafka and postgres
+(one server each), cluster (three Kafka nodes), standby (primary and standby, promote),
 security (the secured Kafka: CA and certificates, SCRAM users, ACLs; RUNSTATE_STACK_SECURITY),
 services (the runstate processes), external (servers named by the environment), processes
 (start and stop), records (state.json and friends), envfile (.runstate/env), ports, layout

@@ -71,6 +71,9 @@ class KafkaNode:
     cluster_id: str = dataclasses.field(default_factory=kafka_cluster_id)  # used when the storage is formatted
     name: str = "kafka"
     security: KafkaSecurity | None = None  # None: a PLAINTEXT node (RUNSTATE_STACK_SECURITY=plaintext)
+    heap: str = KAFKA_HEAP
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)  # applied over properties() (cluster.py)
+    cluster_bootstrap: str | None = None  # every node's client address, for the clients (cluster.py)
 
     @property
     def bootstrap(self) -> str:
@@ -79,7 +82,7 @@ class KafkaNode:
     def env(self) -> dict[str, str]:
         """What a worker gets (.runstate/env): the worker principal's login on a secured node."""
         replicas = str(min(len(self.voters or {self.node_id: 0}), 3))
-        env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.cluster_bootstrap or self.bootstrap,
                "RUNSTATE_TOPIC_REPLICATION_FACTOR": replicas,
                "RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS": str(max(1, int(replicas) - 1))}
         if self.security is None:
@@ -113,6 +116,7 @@ class KafkaNode:
             # Topics are made by runstate (ensure_topics) with their settings, never by a typo.
             "auto.create.topics.enable": "false",
             **(self.security.broker_properties(HOST, self.port, self.controller_port) if self.security else {}),
+            **self.extra,
         }
 
     def log_file(self) -> Path:
@@ -149,7 +153,7 @@ class KafkaNode:
                 raise StackError(f"Kafka storage format failed (exit code {rc})", log)
             formatted = f"formatted in {time.monotonic() - t_fmt:.1f} s"
         t_start = time.monotonic()
-        rec = launcher.spawn(self.name, [java, KAFKA_HEAP, "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        rec = launcher.spawn(self.name, [java, self.heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
                                          *logging_flags, "-cp", classpath, "kafka.Kafka", str(props)],
                              self.home / "stdout.log", cwd=self.home, port=self.port)
         rec.log = str(logs / "server.log")

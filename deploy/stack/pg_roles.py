@@ -6,6 +6,7 @@
     runstate_consumer   the consumer service: appends events, writes projections
     runstate_gateway    the HTTP gateway: reads
     runstate_auditor    history, replay --verify: reads
+    runstate_replicator the standby's login (RUNSTATE_STACK=replicated): REPLICATION only
 
 The privileges on the tables are the migrations' (revision 0008); the stack only creates the
 login roles. Passwords are random, made once per cluster and kept in <home>/passwords.json
@@ -27,6 +28,8 @@ GATEWAY_ROLE = "runstate_gateway"
 AUDITOR_ROLE = "runstate_auditor"
 SERVICE_ROLES = (CONSUMER_ROLE, GATEWAY_ROLE, AUDITOR_ROLE)
 ALL_ROLES = (SUPERUSER, OWNER_ROLE, *SERVICE_ROLES)
+# The standby's login to the primary (replicated stack only): REPLICATION, nothing else.
+REPLICATION_ROLE = "runstate_replicator"
 
 # role -> the variable of its URL in .runstate/service.env
 SERVICE_URL_VARS = {
@@ -64,12 +67,35 @@ def new_passwords(home: Path) -> dict[str, str]:
     return passwords
 
 
-def url(role: str, password: str, host: str, port: int, ca: Path | None, database: str = DB_NAME) -> str:
+def url(role: str, password: str, host: str, port: int | list[int], ca: Path | None, database: str = DB_NAME) -> str:
     """SQLAlchemy URL of `database` as `role`, over TLS verified against the local CA (`ca`;
-    None: the plaintext stack, no TLS)."""
-    query = "?" + urllib.parse.urlencode({"sslmode": "verify-full", "sslrootcert": str(ca)}, safe="/") if ca else ""
+    None: the plaintext stack, no TLS). Several ports: a multi-host URL (primary and standby,
+    `?host=h:p&host=h:q&target_session_attrs=read-write`) that finds whichever is the primary."""
+    query: list[tuple[str, str]] = []
+    where = f"{host}:{port}"
+    if isinstance(port, list):
+        where = ""
+        query += [("host", f"{host}:{p}") for p in port] + [("target_session_attrs", "read-write")]
+    if ca:
+        query += [("sslmode", "verify-full"), ("sslrootcert", str(ca))]
+    text = "?" + urllib.parse.urlencode(query, safe="/:") if query else ""
     return (f"postgresql+psycopg://{urllib.parse.quote(role, safe='')}:{urllib.parse.quote(password, safe='')}"
-            f"@{host}:{port}/{database}{query}")
+            f"@{where}/{database}{text}")
+
+
+def replication_password(home: Path) -> str:
+    """The replication role's password, added to passwords.json (0600) when the file predates it:
+    it is not in ALL_ROLES, so a single-node cluster's file stays valid."""
+    path = passwords_file(home)
+    data = json.loads(path.read_text())
+    if not isinstance(data.get(REPLICATION_ROLE), str):
+        data[REPLICATION_ROLE] = secrets.token_urlsafe(24)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        tmp.replace(path)
+    return data[REPLICATION_ROLE]
 
 
 def conninfo(role: str, host: str, port: int, ca: Path | None, database: str) -> str:

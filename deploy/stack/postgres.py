@@ -40,7 +40,7 @@ def tls_wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get("RUNSTATE_STACK_SECURITY", "").strip().lower() != "plaintext"
 
 
-def database_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
+def database_env(host: str, port: int | list[int], home: Path, ca: Path | None) -> dict[str, str]:
     """DATABASE_URL for .runstate/env: the read-only gateway role, password and TLS included."""
     passwords = pg_roles.load_passwords(home) or {}
     role = pg_roles.PUBLIC_ROLE
@@ -49,7 +49,7 @@ def database_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str,
     return {"DATABASE_URL": pg_roles.url(role, passwords[role], host, port, ca)}
 
 
-def database_service_env(host: str, port: int, home: Path, ca: Path | None) -> dict[str, str]:
+def database_service_env(host: str, port: int | list[int], home: Path, ca: Path | None) -> dict[str, str]:
     """Each runstate role's URL (the owner's as RUNSTATE_ADMIN_DATABASE_URL), for
     .runstate/service.env and the service processes."""
     passwords = pg_roles.load_passwords(home) or {}
@@ -76,13 +76,26 @@ class PostgresServer:
     port: int
     name: str = "postgres"
     tls: bool = dataclasses.field(default_factory=tls_wanted)
+    # The replicated stack's two servers share one folder of passwords and TLS files (standby.py).
+    keys: Path | None = None
+    # The ports the clients' URLs name: this server's alone, or a multi-host URL's (standby.py).
+    client_ports: list[int] | None = None
+    extra_options: list[str] = dataclasses.field(default_factory=list)
+    extra_hba: str = ""
     _tls: ServerTLS | None = dataclasses.field(default=None, init=False, repr=False)
 
+    @property
+    def keys_home(self) -> Path:
+        return self.keys or self.home
+
+    def _client_port(self) -> int | list[int]:
+        return self.client_ports or self.port
+
     def env(self) -> dict[str, str]:
-        return database_env(HOST, self.port, self.home, self._ca())
+        return database_env(HOST, self._client_port(), self.keys_home, self._ca())
 
     def service_env(self) -> dict[str, str]:
-        return database_service_env(HOST, self.port, self.home, self._ca())
+        return database_service_env(HOST, self._client_port(), self.keys_home, self._ca())
 
     def start(self, launcher: Launcher, apt_log: Path) -> Record:
         """Create the cluster when new, start the server, wait for it and provision it."""
@@ -100,7 +113,7 @@ class PostgresServer:
                 raise StackError(f"user postgres cannot write {self.home} (a parent folder is not searchable for it)")
         initdb = self._create_cluster(bindir, run_as)
         self._write_hba(run_as)
-        self._tls = server_tls(self.home, run_as) if self.tls else None
+        self._tls = server_tls(self.keys_home, run_as) if self.tls else None
         t_start = time.monotonic()
         rec = self._spawn(launcher, bindir, run_as)
         self._wait_ready(rec, bindir, t_start)
@@ -122,20 +135,20 @@ class PostgresServer:
 
     def _create_cluster(self, bindir: Path, run_as: tuple[int, int] | None) -> str:
         data = self.home / "data"
-        if (data / "PG_VERSION").exists() and pg_roles.load_passwords(self.home) is not None:
+        if (data / "PG_VERSION").exists() and pg_roles.load_passwords(self.keys_home) is not None:
             return "cluster reused"
         if (data / "PG_VERSION").exists():
             say(f"{self.name}: the cluster in {data} predates password authentication: making a new one")
         t_init = time.monotonic()
         shutil.rmtree(data, ignore_errors=True)
-        passwords = pg_roles.new_passwords(self.home)
+        passwords = pg_roles.new_passwords(self.keys_home)
         self._initdb(bindir, run_as, passwords[pg_roles.SUPERUSER])
         return f"initdb {time.monotonic() - t_init:.1f} s"
 
     def _write_hba(self, run_as: tuple[int, int] | None) -> None:
         """pg_hba.conf of the mode asked for, on every start (the switch may have changed)."""
         hba = self.home / "data" / "pg_hba.conf"
-        hba.write_text(HBA if self.tls else HBA_PLAINTEXT)
+        hba.write_text((HBA if self.tls else HBA_PLAINTEXT) + self.extra_hba)
         if run_as:
             os.chown(hba, *run_as)
 
@@ -159,7 +172,8 @@ class PostgresServer:
             self.name,
             [str(bindir / "postgres"), "-D", str(self.home / "data"), "-p", str(self.port), "-k", str(self.home / "sock"),
              "-c", f"listen_addresses={HOST}", "-c", "shared_buffers=256MB", "-c", "max_connections=200",
-             "-c", "synchronous_commit=on", "-c", "logging_collector=off", *self._security_options()],
+             "-c", "synchronous_commit=on", "-c", "logging_collector=off", *self._security_options(),
+             *self.extra_options],
             self.home / "postgres.log", cwd=self.home, run_as=run_as,
             stop_signal=signal.SIGINT,  # fast shutdown
             port=self.port)
@@ -175,7 +189,7 @@ class PostgresServer:
 
     def _ca(self) -> Path | None:
         """The CA clients verify the server against; None without TLS."""
-        return self.home / "tls" / "ca.pem" if self.tls else None
+        return self.keys_home / "tls" / "ca.pem" if self.tls else None
 
     def _wait_ready(self, rec: Record, bindir: Path, t_start: float) -> None:
         log = self.home / "postgres.log"
@@ -199,10 +213,12 @@ class PostgresServer:
         if not psql.exists():
             psql = Path(shutil.which("psql") or "psql")
         log = self.home / "provision.log"
-        passwords = pg_roles.load_passwords(self.home)
+        passwords = pg_roles.load_passwords(self.keys_home)
         if passwords is None:
-            raise StackError(f"{pg_roles.passwords_file(self.home)} is missing: remove {self.home} to start afresh")
-        env = {**os.environ, "PGPASSWORD": passwords[pg_roles.SUPERUSER], "PGCONNECT_TIMEOUT": "10"}
+            raise StackError(f"{pg_roles.passwords_file(self.keys_home)} is missing: remove {self.home} to start afresh")
+        # With a synchronous standby named but not attached yet, every commit would wait for it.
+        env = {**os.environ, "PGPASSWORD": passwords[pg_roles.SUPERUSER], "PGCONNECT_TIMEOUT": "10",
+               "PGOPTIONS": "-c synchronous_commit=local"}
 
         def sql(query: str, shown: str | None = None) -> str:
             """Run `query`; the log gets `shown` instead when the query carries a password."""
@@ -227,3 +243,9 @@ class PostgresServer:
         sql(f"REVOKE ALL ON DATABASE {DB_NAME} FROM PUBLIC")
         sql(f"GRANT CONNECT ON DATABASE {DB_NAME} TO {', '.join(pg_roles.SERVICE_ROLES)}")
         sql(f"GRANT TEMPORARY ON DATABASE {DB_NAME} TO {pg_roles.CONSUMER_ROLE}")
+        if self.extra_hba:
+            role, password = pg_roles.REPLICATION_ROLE, pg_roles.replication_password(self.keys_home)
+            quoted = "'" + password.replace("'", "''") + "'"
+            exists = sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'") == "1"
+            sql(f"{'ALTER' if exists else 'CREATE'} ROLE {role} LOGIN REPLICATION NOSUPERUSER NOCREATEDB "
+                f"NOCREATEROLE PASSWORD {quoted}", f"{'ALTER' if exists else 'CREATE'} ROLE {role} ... PASSWORD '***'")

@@ -77,12 +77,18 @@ class StateFiles:
         """The services' own credentials (.runstate/service.env)."""
         return dict(load_json(self.layout.state_file).get("service_env", {}))
 
-    def save(self, components: list[Record], env: dict[str, str], service_env: dict[str, str] | None = None) -> None:
+    def shape(self) -> str:
+        """single or replicated: the shape of the recorded stack (single before shapes were recorded)."""
+        return str(load_json(self.layout.state_file).get("shape", "single"))
+
+    def save(self, components: list[Record], env: dict[str, str], service_env: dict[str, str] | None = None,
+             shape: str | None = None) -> None:
         """state.json, pids, env and (when there is any) service.env; the ones with passwords 0600."""
         layout = self.layout
         service_env = self.service_env() if service_env is None else service_env
-        write_private(layout.state_file, json.dumps({"components": [c.to_json() for c in components], "env": env,
-                                                     "service_env": service_env}, indent=2))
+        shape = shape or self.shape()
+        write_private(layout.state_file, json.dumps({"shape": shape, "components": [c.to_json() for c in components],
+                                                     "env": env, "service_env": service_env}, indent=2))
         layout.pids_file.write_text("".join(f"{c.name} {c.pid}\n" for c in components if c.pid))
         write_env_file(layout.env_file, env)
         if service_env:

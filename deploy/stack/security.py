@@ -97,32 +97,45 @@ def _openssl(args: list[str], log: Path) -> None:
         raise StackError(f"openssl {args[0]} failed (exit code {rc}) making the local Kafka certificates", log)
 
 
-def make_certificates(folder: Path) -> None:
+def make_certificates(folder: Path, nodes: int = 1) -> None:
     """A throwaway CA and a broker certificate for localhost/127.0.0.1 (server and client auth:
-    the brokers show it on the controller listener too), keys in PKCS#8 as Kafka's PEM store needs."""
+    the brokers show it on the controller listener too), keys in PKCS#8 as Kafka's PEM store needs;
+    with several nodes, one certificate each (broker.pem, broker-2.pem, ...), all signed by the CA."""
     if shutil.which("openssl") is None:
         raise StackError("openssl not found (the secured local Kafka makes its certificates with it; "
                          f"or run with {MODE_VARIABLE}=plaintext)")
     log = folder / "openssl.log"
     log.write_text("")
     ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
-    key, csr, crt = folder / "broker.key", folder / "broker.csr", folder / "broker.crt"
+    _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(ca_key)], log)
+    os.chmod(ca_key, 0o600)
+    _openssl(["req", "-x509", "-new", "-key", str(ca_key), "-days", "3650", "-subj", "/CN=runstate local CA",
+              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+              "-out", str(ca_crt)], log)
+    for node in range(1, nodes + 1):
+        _node_certificate(folder, keystore_name(node), log)
+
+
+def keystore_name(node: int) -> str:
+    return "broker.pem" if node == 1 else f"broker-{node}.pem"
+
+
+def _node_certificate(folder: Path, name: str, log: Path) -> None:
+    """One broker's key and certificate (CN=localhost, so every node is the same principal)."""
+    ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
+    key, csr, crt = folder / "broker.key", folder / "broker.csr", folder / name.replace(".pem", ".crt")
     ext = folder / "broker.ext"
     ext.write_text(f"subjectAltName=DNS:{BROKER_CN},IP:127.0.0.1\n"
                    "basicConstraints=critical,CA:FALSE\n"
                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
                    "extendedKeyUsage=serverAuth,clientAuth\n"
                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-    for k in (ca_key, key):
-        _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(k)], log)
-        os.chmod(k, 0o600)
-    _openssl(["req", "-x509", "-new", "-key", str(ca_key), "-days", "3650", "-subj", "/CN=runstate local CA",
-              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-              "-out", str(ca_crt)], log)
+    _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)], log)
+    os.chmod(key, 0o600)
     _openssl(["req", "-new", "-key", str(key), "-subj", f"/CN={BROKER_CN}", "-out", str(csr)], log)
     _openssl(["x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
               "-set_serial", str(secrets.randbits(63)), "-days", "825", "-extfile", str(ext), "-out", str(crt)], log)
-    write_private(folder / "broker.pem", key.read_text() + crt.read_text() + ca_crt.read_text())
+    write_private(folder / name, key.read_text() + crt.read_text() + ca_crt.read_text())
     for f in (csr, ext, key):
         f.unlink()
 
@@ -141,6 +154,10 @@ class KafkaSecurity:
     @property
     def keystore(self) -> Path:
         return self.folder / "broker.pem"
+
+    def keystore_of(self, node: int) -> Path:
+        """Node `node`'s key and certificate (a cluster's nodes have one each)."""
+        return self.folder / keystore_name(node)
 
     @property
     def acls_marker(self) -> Path:
@@ -278,18 +295,20 @@ def fetch_tools_jar(apt_log: Path) -> Path:
     return TOOLS_JAR
 
 
-def prepare(root: Path, homes: list[Path], mode: str) -> KafkaSecurity | None:
+def prepare(root: Path, homes: list[Path], mode: str, folder_name: str = "kafka-security") -> KafkaSecurity | None:
     """The security of the Kafka nodes under `homes` for this `up`: None for plaintext. Data
     formatted for the other mode (or whose passwords are lost) is discarded: SCRAM users are
-    made only when the storage is formatted."""
-    folder = root / "kafka-security"
+    made only when the storage is formatted. The replicated stack keeps its own `folder_name`,
+    so the single node's passwords stay valid for its data."""
+    folder = root / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     # Clients read ca.crt; the keys and passwords are the files only their owner may read.
     os.chmod(folder, 0o755)
     marker, secrets_file = folder / "mode", folder / "secrets.json"
     formatted = [h for h in homes if (h / "data" / "meta.properties").exists()]
     before = marker.read_text().strip() if marker.exists() else PLAINTEXT
-    if formatted and (before != mode or (mode == SECURED and not secrets_file.exists())):
+    keystores = all((folder / keystore_name(n)).exists() for n in range(1, len(homes) + 1))
+    if formatted and (before != mode or (mode == SECURED and not (secrets_file.exists() and keystores))):
         say(f"kafka: the local data was formatted for {before}; formatting it again for {mode} "
             f"(the local topics are discarded)")
         for h in homes:
@@ -303,7 +322,7 @@ def prepare(root: Path, homes: list[Path], mode: str) -> KafkaSecurity | None:
         return KafkaSecurity(folder, passwords)
     for f in ("acls.done", "admin.properties"):
         (folder / f).unlink(missing_ok=True)
-    make_certificates(folder)
+    make_certificates(folder, len(homes))
     passwords = {user: secrets.token_urlsafe(24) for user in USERS}
     write_private(secrets_file, json.dumps(passwords))
     say(f"kafka: made a throwaway CA, broker certificate and SCRAM users in {relative(folder)}")

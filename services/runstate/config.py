@@ -314,7 +314,6 @@ def migration_urls(settings: Settings) -> tuple[SecretStr, SecretStr]:
 
 
 def _same_database(a: str, b: str) -> bool:
-    from runstate.database_urls import parse
+    from runstate.database_urls import hosts, parse
 
-    ua, ub = parse(a), parse(b)
-    return (ua.host, ua.port, ua.database) == (ub.host, ub.port, ub.database)
+    return (hosts(a), parse(a).database) == (hosts(b), parse(b).database)

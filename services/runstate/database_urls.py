@@ -2,9 +2,9 @@
 often as a SecretStr; psycopg and libpq take a conninfo string instead. Every conversion
 between the two forms is here.
 
-Not handled yet: multi-host URLs (a primary and its standby). SQLAlchemy keeps their hosts in
-the query (`?host=a:5432&host=b:5433`), libpq wants `host=a,b port=5432,5433`: that
-conversion belongs in libpq_dsn."""
+Multi-host URLs (a primary and its standby) keep their hosts in the query, as SQLAlchemy's
+psycopg dialect reads them (`postgresql+psycopg://u:p@/db?host=a:5432&host=b:5433&target_session_attrs=read-write`);
+libpq wants `host=a,b port=5432,5433`: libpq_dsn converts, `hosts` lists them."""
 
 from __future__ import annotations
 
@@ -48,5 +48,26 @@ def libpq_dsn(url: DatabaseURL) -> str:
     parts: dict[str, Any] = {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
                                 "dbname": u.database}
     for key, value in u.query.items():
-        parts[key] = ",".join(value) if isinstance(value, tuple) else value
+        if key != "host":
+            parts[key] = ",".join(value) if isinstance(value, tuple) else value
+    if "host" in u.query:
+        pairs = hosts(u)
+        parts["host"] = ",".join(h for h, _ in pairs)
+        parts["port"] = ",".join(str(p) if p else "" for _, p in pairs)
     return make_conninfo(**{k: v for k, v in parts.items() if v is not None})
+
+
+def hosts(url: DatabaseURL) -> list[tuple[str, int | None]]:
+    """Every (host, port) the URL names: the one of a plain URL, or each `?host=h:p` of a multi-host one."""
+    u = parse(url)
+    listed = u.query.get("host")
+    if listed is None:
+        return [(u.host or "localhost", u.port)]
+    pairs: list[tuple[str, int | None]] = []
+    for item in (listed,) if isinstance(listed, str) else listed:
+        host, sep, port = item.rpartition(":")
+        if sep and port.isdigit() and not item.endswith("]"):
+            pairs.append((host.strip("[]"), int(port)))
+        else:
+            pairs.append((item.strip("[]"), u.port))
+    return pairs

@@ -57,6 +57,10 @@ def write_report(results: dict, out: Path) -> str:
             f"vs_floor={vs_floor:.2f} p99_at_1000={p99_1000:.1f} p99_floor_at_1000={p99_floor_1000:.1f} "
             f"consumer_us={consumer_us:.0f} postgres_us={postgres_us:.0f} bytes_per_event={bpe:.0f} "
             f"rebuild={rb:.0f} replay={rp:.0f}")
+    replicated = (runs.get("replicated") or {}).get("replicated")
+    if replicated:
+        line += (f" replicated={replicated['closed']['throughput']:.0f} "
+                 f"replicated_p99_at_1000={replicated['at_1000']['p99_ms']:.1f}")
 
     marks = main.get("rss_marks", {})
     rss_100k = marks.get("100000")
@@ -198,6 +202,7 @@ def write_report(results: dict, out: Path) -> str:
     lines += ["", "The result hop is the time from a result record's CreateTime (stamped by the consumer's producer) "
               "to its arrival at the driver: one Kafka hop of the round trip."]
     lines += _overhead_section(runs.get("overhead"))
+    lines += _replicated_section(runs.get("replicated"))
     lines += [
         "",
         f"## Scale-out ({cfg.get('partitions')} partitions, RUNSTATE_LANES={results['config'].get('scale_lanes')}"
@@ -259,6 +264,27 @@ def write_report(results: dict, out: Path) -> str:
     (out / "BENCHMARKS.md").write_text("\n".join(lines))
     plot(results, out / "BENCHMARKS.png")
     return line
+
+
+def _replicated_section(rep: dict | None) -> list[str]:
+    """Single node next to the replicated stack: the same consumer, the same loads, one run."""
+    if not rep or "replicated" not in rep:
+        return []
+    lines = ["", "## Replication's cost", "",
+             f"One consumer process on the single node (RF 1, one PostgreSQL) and on the replicated stack "
+             f"(`RUNSTATE_STACK=replicated`: {rep.get('shape', '')}), one after the other in the same run.", "",
+             "| stack | at 1,000/s: achieved | p50 ms | p99 ms | closed loop transitions/s | p99 ms | CPU (cores) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name in ("single", "replicated"):
+        r = rep.get(name)
+        if not r:
+            continue
+        f, c = r["at_1000"], r["closed"]
+        lines.append(f"| {name} | {_f(f['throughput'])} | {_f(f['p50_ms'], 1)} | {_f(f['p99_ms'], 1)} | "
+                     f"{_f(c['throughput'])} | {_f(c['p99_ms'], 1)} | {_cpu(c.get('cpu'))} |")
+    lines += ["", "Each batch's COMMIT waits for the standby, and each result for two of three replicas; on one "
+              "2-core machine the six server processes also share the cores with the consumer."]
+    return lines
 
 
 def _overhead_summary(overhead: dict | None, target) -> list[str]:

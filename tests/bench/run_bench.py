@@ -59,12 +59,13 @@ class Stack:
     without the runstate services, since the benchmark starts its own consumers with chosen
     settings; down at the end if this run started it."""
 
-    def __init__(self, use_env: bool) -> None:
+    def __init__(self, use_env: bool, root: Path | None = None, shape: str | None = None) -> None:
         self.use_env = use_env
-        self.local = LocalStack()
+        # A second stack (the other shape, for replication's cost) ignores servers named by the environment.
+        self.local = LocalStack(root, shape=shape, use_environment=False) if root else LocalStack(shape=shape)
         self.started = False
         self.env: dict[str, str] = {}
-        self.kafka_pid: int | None = None
+        self.kafka_pids: list[int] = []
 
     def up(self) -> None:
         if self.use_env:
@@ -84,7 +85,8 @@ class Stack:
         if self.local.env().get("RUNSTATE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") != "PLAINTEXT":
             raise SystemExit("a secured local stack is running; the benchmark runs on the plaintext one: "
                              "`make down` first")
-        self.kafka_pid = self.local.pid("kafka")
+        # One node, or a cluster's three (kafka-1..3): never another stack's JVMs.
+        self.kafka_pids = [c.pid for c in self.local.components() if c.pid and c.name.split("-")[0] == "kafka"]
 
     def down(self) -> None:
         if self.started:
@@ -315,11 +317,11 @@ class Bench:
                 "RUNSTATE_BATCH_TIMEOUT_MS": str(a.batch_timeout_ms)}
 
     def cpu_meter(self, pids: list[int]) -> CpuMeter:
-        kafka = self.stack.kafka_pid
+        kafka = self.stack.kafka_pids
         return CpuMeter({
             "consumers": lambda: pids,
             "postgres": lambda: pids_by_comm("postgres"),
-            "kafka": (lambda: [kafka]) if kafka else (lambda: pids_by_comm("java")),
+            "kafka": (lambda: kafka) if kafka else (lambda: pids_by_comm("java")),
             "driver": lambda: [os.getpid()],
         })
 
@@ -484,6 +486,11 @@ class Bench:
                 runs["scale"].append(res)
                 log(f"  {res['throughput']:.0f}/s, p99 {res['p99_ms']:.1f} ms")
 
+        # 4b. the cost of replication: the same consumer and load on the single node (this stack)
+        # and on the replicated stack (three Kafka nodes, RF 3, min ISR 2, a synchronous standby)
+        if "replicated" in a.parts:
+            runs["replicated"] = await self.replicated()
+
         # 5. rebuild (Prefect's server starts meanwhile: its migrations overlap the generation)
         prefect = PrefectServer(env["RUNSTATE_ADMIN_DATABASE_URL"]) if not a.skip_prefect else None
         try:
@@ -501,6 +508,64 @@ class Bench:
         finally:
             if prefect:
                 prefect.stop()
+
+    # ---------------------------------------------------------------- replication's cost
+    async def _fixed_pair(self, label: str) -> dict:
+        """1,000/s offered for load_seconds, then a closed loop for side_seconds, one process."""
+        a = self.args
+        async with self.consumers(label, 1, a.load_lanes) as (driver, topics, pids):
+            at1000 = await self.paced(driver, topics, pids, 1000, a.load_seconds, a.load_workers)
+            closed = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
+        log(f"  {label}: at 1000/s p50 {at1000['p50_ms']:.1f} ms, p99 {at1000['p99_ms']:.1f} ms; "
+            f"closed loop {closed['throughput']:.0f}/s, p99 {closed['p99_ms']:.1f} ms")
+        return {"at_1000": at1000, "closed": closed}
+
+    async def replicated(self) -> dict:
+        """The same runs on this run's stack and on a stack of the other shape (single or
+        replicated: RUNSTATE_STACK) started for them in a folder of its own, servers only,
+        plaintext like this one, one after the other."""
+        mine = self.stack.local.shape
+        other_shape = "single" if mine == "replicated" else "replicated"
+        log(f"replication's cost: 1 consumer process at 1000/s and closed loop, {mine} then {other_shape} stack")
+        out: dict = {"shape": "3 combined KRaft nodes, RF 3, min.insync.replicas 2, acks=all; PostgreSQL primary "
+                              "+ synchronous standby (synchronous_commit=on)"}
+        out[mine] = await self._on(self.stack, mine)
+        if self.args.use_env:
+            return out
+        other = Stack(False, root=REPO / ".runstate" / f"bench-{other_shape}", shape=other_shape)
+        log(f"  bringing up the {other_shape} stack")
+        other.up()
+        try:
+            out[other_shape] = await self._on(other, other_shape)
+        finally:
+            with contextlib.suppress(Exception):
+                admin_sql(other.env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench WITH (FORCE)")
+            other.down()
+        return out
+
+    async def _on(self, stack: Stack, label: str) -> dict:
+        """_fixed_pair on `stack`'s servers, with its topics' replication settings."""
+        durability = {k: stack.env[k] for k in ("RUNSTATE_TOPIC_REPLICATION_FACTOR",
+                                                 "RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS") if k in stack.env}
+        before = {k: os.environ.get(k) for k in durability}
+        saved = (self.stack, self.bootstrap)
+        try:
+            os.environ.update(durability)  # create_topics' settings and the consumer's environment
+            self.stack, self.bootstrap = stack, stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+            self.reset_database()
+            res = await self._fixed_pair(label)
+            with psycopg.connect(libpq(self.admin_url), autocommit=True) as conn:
+                res["standbys"] = [list(r) for r in conn.execute(
+                    "SELECT application_name, sync_state FROM pg_stat_replication").fetchall()]
+            return res
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self.stack, self.bootstrap = saved
+            self.reset_database()  # this run's own database again, on its own stack
 
     # ---------------------------------------------------------------- metrics and tracing overhead
     @contextlib.asynccontextmanager
@@ -842,7 +907,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO)
     p.add_argument("--report-only", action="store_true",
                    help="rewrite BENCHMARKS.md/.png from the last run's .runstate/bench/results.json")
-    p.add_argument("--parts", type=str, default="main,floor,overhead,scale,rebuild,prefect")
+    p.add_argument("--parts", type=str, default="main,floor,overhead,scale,replicated,rebuild,prefect")
     p.add_argument("--overhead-rate", type=float, default=1000, help="offered commands/s of the overhead runs")
     p.add_argument("--overhead-runs", type=int, default=3000, help="lifecycles per variant and round")
     p.add_argument("--overhead-rounds", type=int, default=3)

@@ -17,6 +17,7 @@ from runstate.config import Settings
 from runstate.envfile import read_env_file
 from runstate.store.migrate import upgrade
 from stack import LocalStack
+from stack.local import REPLICATED
 
 
 class PrivateStack:
@@ -56,14 +57,34 @@ class PrivateStack:
                         database_url=self.env["DATABASE_URL"],
                         admin_database_url=self.env["RUNSTATE_ADMIN_DATABASE_URL"], **kafka, **topics)
 
+    @property
+    def replicated(self) -> bool:
+        return self.stack.shape == REPLICATED
+
+    def kafka_nodes(self) -> list[str]:
+        return [n for n in self.stack.server_names() if n.split("-")[0] == "kafka"]
+
+    def postgres_primary(self) -> str:
+        """The PostgreSQL server that is the primary now (the only one of the single stack)."""
+        if not self.replicated:
+            return "postgres"
+        return next(n for n in self.stack.server_names()
+                    if n.startswith("postgres-") and getattr(self.stack.server(n), "primary", False))
+
     def restart_kafka(self, hard: bool = False, down_for: float = 0.0) -> float:
-        took = self.stack.restart("kafka", hard=hard, down_for=down_for)
+        """The Kafka node, or every node of the replicated cluster at once (the same outage)."""
+        if self.replicated:
+            took = self.stack.restart_all(self.kafka_nodes(), hard=hard, down_for=down_for)
+        else:
+            took = self.stack.restart("kafka", hard=hard, down_for=down_for)
         self.restarts.append(("kafka", "SIGKILL" if hard else "SIGTERM", took))
         return took
 
     def restart_postgres(self, hard: bool = False, down_for: float = 0.0) -> float:
-        took = self.stack.restart("postgres", hard=hard, down_for=down_for)
-        self.restarts.append(("postgres", "SIGKILL" if hard else "SIGINT", took))
+        """The PostgreSQL server, or the replicated stack's primary (its standby reconnects)."""
+        name = self.postgres_primary()
+        took = self.stack.restart(name, hard=hard, down_for=down_for)
+        self.restarts.append((name, "SIGKILL" if hard else "SIGINT", took))
         return took
 
     def stop(self) -> None:

@@ -3,7 +3,7 @@
 size (RUNSTATE_FAULT_SCALE=full unless set otherwise), then print the counts.
 The last line of the output always has the fixed form
 
-    faults: scenarios=<n> (<name>,<name>,...) commands=<n> lost=<n> duplicated=<n> forked=<n> fuzzed=<n> dead_lettered=<n> internal_errors=<n>
+    faults: scenarios=<n> names=<name>,<name>,... commands=<n> lost=<n> duplicated=<n> forked=<n> fuzzed=<n> dead_lettered=<n> internal_errors=<n>
 
 `internal_errors` counts answers with the error code orchestration_failed (a
 bug in runstate, whatever the input) in every scenario and in the fuzzer.
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     env["RUNSTATE_FAULTS_REPORT"] = str(report_path)
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", str(HERE), "-m", "faults", "-p", "no:cacheprovider", "-q", "-s",
-           "-rfE", *argv]
+           "-rfEs", *argv]
     print("+ " + " ".join(cmd), flush=True)
     status = subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode
     reports = [json.loads(line) for line in report_path.read_text().splitlines() if line.strip()]
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     if status == 0 and (lost or duplicated or forked or internal or any(f["fuzz_problems"] for f in fuzz)):
         status = 1
     names = ",".join(r["scenario"] for r in scenarios)
-    print(f"faults: scenarios={len(scenarios)} ({names}) commands={sum(r['commands'] for r in scenarios)} "
+    print(f"faults: scenarios={len(scenarios)} names={names} commands={sum(r['commands'] for r in scenarios)} "
           f"lost={lost} duplicated={duplicated} forked={forked} fuzzed={sum(f['fuzzed'] for f in fuzz)} "
           f"dead_lettered={sum(r['dead_lettered'] for r in scenarios)} internal_errors={internal}", flush=True)
     return status

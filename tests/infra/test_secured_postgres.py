@@ -239,10 +239,18 @@ def test_each_service_runs_as_its_own_role_without_the_owners_url(service: str, 
     assert "RUNSTATE_ADMIN_DATABASE_URL" not in env
 
 
+def _passwords_file() -> str:
+    """Where the running stack keeps the cluster's passwords (RUNSTATE_STACK=replicated: shared by both servers)."""
+    import json
+
+    shape = json.loads((REPO / ".runstate" / "state.json").read_text()).get("shape", "single")
+    return "postgres-keys/passwords.json" if shape == "replicated" else "postgres/passwords.json"
+
+
 def _passwords() -> list[str]:
     import json
 
-    data = json.loads((REPO / ".runstate" / "postgres" / "passwords.json").read_text())
+    data = json.loads((REPO / ".runstate" / _passwords_file()).read_text())
     return list(data.values())
 
 
@@ -267,7 +275,7 @@ def test_runstate_config_shows_no_password() -> None:
 
 
 def test_the_files_with_passwords_are_readable_by_their_owner_only() -> None:
-    for name in ("env", "service.env", "state.json", "last.json", "postgres/passwords.json"):
+    for name in ("env", "service.env", "state.json", "last.json", _passwords_file()):
         mode = (REPO / ".runstate" / name).stat().st_mode & 0o777
         assert mode == 0o600, (name, oct(mode))
 

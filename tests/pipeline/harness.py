@@ -49,6 +49,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "RUNSTATE_PARTITIONS": str(settings.partitions),
         "RUNSTATE_CONSUMER_GROUP": settings.consumer_group,
         "RUNSTATE_MAX_BATCH": str(settings.max_batch),
+        # The topics' durability: a replicated cluster's, not whatever the caller's environment says.
+        "RUNSTATE_TOPIC_REPLICATION_FACTOR": str(settings.topic_replication_factor),
+        "RUNSTATE_TOPIC_MIN_INSYNC_REPLICAS": str(settings.topic_min_insync_replicas),
         **kafka_security_env(settings),
     }
 

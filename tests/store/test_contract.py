@@ -230,3 +230,31 @@ async def test_a_limit_set_with_slots_taken_in_its_batch_writes_one_row_and_a_de
     assert (limit.limit, limit.active_slots) == (4, 1)
     await log.decide(log.record(DeleteConcurrencyLimitCommand(tag=tag)))
     assert tag not in (await log.snapshot(probe)).tag_limits
+
+
+async def test_a_connection_lost_before_commit_is_an_outage_and_the_store_reconnects(base_settings):
+    """A failover cuts the session's connection: the COMMIT fails with its outcome unknown to the
+    consumer, which must wait and retry (StoreUnavailable), not narrow the batch down to a record
+    and dead-letter it; the pool then opens a new connection by itself."""
+    from runstate.pipeline.ports import StoreUnavailable
+
+    adapter = PostgresEventStore(base_settings.database_url, size=1)
+    await adapter.open()
+    try:
+        log = Log(adapter)
+        run_id = uuid.uuid4()
+        items = [parse_record(log.record(CreateTaskRunCommand(id=run_id)), 1 << 20)]
+        outcome = decide_batch(items, StoreSnapshot(), RULES)
+        with pytest.raises(StoreUnavailable):
+            async with adapter.session() as session:
+                await session.append(outcome)
+                pid = session.conn.info.backend_pid
+                # The same role may end its own sessions: as a primary's death would.
+                with psycopg.connect(libpq_dsn(base_settings.database_url), autocommit=True) as other:
+                    other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # The retry, on a new connection, decides the run once.
+        await log.decide(log.record(CreateTaskRunCommand(id=run_id)))
+        snap = await log.snapshot(log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))))
+        assert snap.task_runs[run_id].last_seq == 1
+    finally:
+        await adapter.close()

@@ -26,8 +26,10 @@ def first_line(exc: BaseException) -> str:
 
 
 def where(url: DatabaseURL) -> str:
-    parsed = parse(url)
-    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+    from runstate.database_urls import hosts
+
+    servers = ",".join(f"{h}:{p or 5432}" for h, p in hosts(url))
+    return f"{servers}/{parse(url).database or ''}"
 
 
 def sync_url(url: DatabaseURL | Engine | AsyncEngine) -> str:

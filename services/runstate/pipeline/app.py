@@ -127,7 +127,8 @@ def build_app(settings: Settings | None = None, *,
     # FastStream's access log ("Received", "Processed") goes to DEBUG: two
     # lines a batch are a visible part of a small batch's CPU.
     broker = KafkaBroker(
-        settings.kafka_bootstrap_servers,
+        # A cluster's comma-separated addresses as a list: FastStream takes one string for one host.
+        [a.strip() for a in settings.kafka_bootstrap_servers.split(",") if a.strip()],
         security=faststream_security(settings),
         client_id="runstate-service",
         graceful_timeout=settings.shutdown_timeout_ms / 1000,

@@ -4,6 +4,7 @@ limits, and the Publisher port on an idempotent aiokafka producer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -11,6 +12,7 @@ from functools import lru_cache
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import InvalidProducerEpoch, OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from runstate.config import Settings
@@ -172,13 +174,25 @@ def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: l
     return all_partitions[_partition_index(key, len(all_partitions))]
 
 
+# Errors after which an idempotent producer's sequence numbers are no use: seen after a whole
+# replicated cluster restarted (OutOfOrderSequenceNumber on every retry, forever). A producer
+# with a new producer id is the way out; the batch is published again, which its readers
+# already take (a result redelivered after a crash is the same record again).
+FATAL_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced)
+
+
 class KafkaPublisher:
     """The Publisher port: a batch's records all in flight together, then the acks."""
 
     def __init__(self, settings: Settings, limits: TopicLimits) -> None:
         self.settings = settings
         self.limits = limits
-        self.producer = AIOKafkaProducer(
+        self.producer = self._new_producer()
+        self.renewals = 0
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        settings, limits = self.settings, self.limits
+        return AIOKafkaProducer(
             **kafka_options(settings),
             enable_idempotence=True,
             acks="all",
@@ -191,6 +205,14 @@ class KafkaPublisher:
             client_id="runstate-service",
         )
 
+    async def _renew(self) -> None:
+        """Replace the producer by a new one (a new producer id); the old one's sends are dropped."""
+        old, self.producer = self.producer, self._new_producer()
+        self.renewals += 1
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), 10)
+        await start_client(self.producer, self.settings)
+
     async def start(self) -> None:
         await start_client(self.producer, self.settings)
 
@@ -198,6 +220,15 @@ class KafkaPublisher:
         await self.producer.stop()
 
     async def publish(self, outcome: BatchOutcome) -> None:
+        try:
+            await self._publish(outcome)
+        except FATAL_PRODUCER_ERRORS as exc:
+            log.error("the producer cannot go on (%s): starting a new one; the batch is published again",
+                      type(exc).__name__)
+            await self._renew()
+            raise
+
+    async def _publish(self, outcome: BatchOutcome) -> None:
         s = self.settings
         send = self.producer.send
         version = [(SCHEMA_VERSION_HEADER, SCHEMA_VERSION_BYTES)]
