@@ -48,7 +48,7 @@ def libpq_dsn(url: DatabaseURL) -> str:
     parts: dict[str, Any] = {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
                                 "dbname": u.database}
     for key, value in u.query.items():
-        if key != "host":
+        if key not in ("host", "port"):
             parts[key] = ",".join(value) if isinstance(value, tuple) else value
     if "host" in u.query:
         pairs = hosts(u)
@@ -58,16 +58,28 @@ def libpq_dsn(url: DatabaseURL) -> str:
 
 
 def hosts(url: DatabaseURL) -> list[tuple[str, int | None]]:
-    """Every (host, port) the URL names: the one of a plain URL, or each `?host=h:p` of a multi-host one."""
+    """Every (host, port) the URL names: the one of a plain URL, or each host of a multi-host one,
+    written either as repeated `?host=h:p` or in libpq's own lists (`?host=a,b&port=p1,p2`)."""
     u = parse(url)
     listed = u.query.get("host")
     if listed is None:
         return [(u.host or "localhost", u.port)]
+    items = [h for item in _values(listed) for h in item.split(",")]
+    ports = [p for item in _values(u.query.get("port")) for p in item.split(",")]
     pairs: list[tuple[str, int | None]] = []
-    for item in (listed,) if isinstance(listed, str) else listed:
+    for i, item in enumerate(items):
         host, sep, port = item.rpartition(":")
         if sep and port.isdigit() and not item.endswith("]"):
             pairs.append((host.strip("[]"), int(port)))
-        else:
-            pairs.append((item.strip("[]"), u.port))
+            continue
+        # libpq: one port for every host, or one per host.
+        given = ports[0] if len(ports) == 1 else ports[i] if i < len(ports) else ""
+        pairs.append((item.strip("[]"), int(given) if given.isdigit() else u.port))
     return pairs
+
+
+def _values(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A query parameter's values: SQLAlchemy gives a repeated one as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)

@@ -38,6 +38,15 @@ def test_a_multi_host_url_becomes_libpq_host_and_port_lists() -> None:
     assert conninfo_to_dict(libpq_dsn(url("r", "p", "127.0.0.1", 5432, None)))["port"] == "5432"
 
 
+def test_libpq_style_host_and_port_lists_are_read_too() -> None:
+    """The form compose files and libpq's docs use: `?host=a,b&port=p1,p2` (or one port for all)."""
+    u = "postgresql+psycopg://r:p@/db?host=pg-a,pg-b&port=5432,5433&target_session_attrs=read-write"
+    assert hosts(u) == [("pg-a", 5432), ("pg-b", 5433)]
+    params = conninfo_to_dict(libpq_dsn(u))
+    assert (params["host"], params["port"], params["target_session_attrs"]) == ("pg-a,pg-b", "5432,5433", "read-write")
+    assert hosts("postgresql+psycopg://r:p@/db?host=pg-a,pg-b&port=5432") == [("pg-a", 5432), ("pg-b", 5432)]
+
+
 def test_three_nodes_with_replication_factor_3_min_isr_2_and_no_unclean_election(tmp_path: Path) -> None:
     security = KafkaSecurity(tmp_path, {"admin": "a", "runstate-service": "s", "runstate-worker": "w"})
     nodes = cluster_nodes(tmp_path, Ports(), security)
