@@ -801,8 +801,9 @@ class PrefectServer:
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
         self.fh = open(WORK / "prefect-server.log", "ab")  # noqa: SIM115 - the child process writes to it after this returns
-        prefect_bin = Path(self.python).parent / "prefect"
-        self.proc = subprocess.Popen([str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port",
+        # `python -m prefect`, not the venv's `prefect` script: a script's shebang names the path
+        # the venv was built under, which is gone when .cache was reached through another checkout.
+        self.proc = subprocess.Popen([str(self.python), "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                       str(self.port), "--no-ui"], env=env, stdout=self.fh, stderr=subprocess.STDOUT,
                                      cwd=WORK, stdin=subprocess.DEVNULL, start_new_session=True)
         self.api = f"http://127.0.0.1:{self.port}/api"
