@@ -10,10 +10,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from runstate.database_urls import DatabaseURL
 from runstate.config import MissingSetting, Settings
 
 # Exit codes of every command (README: "Exit codes").
@@ -131,3 +135,24 @@ def configure_logging(level: str, as_json: bool) -> None:
     for name in _FASTSTREAM_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
+
+
+@contextmanager
+def database(url: DatabaseURL) -> Iterator[Engine]:
+    """An engine for a command; unreachable or lost servers end it with one line."""
+    from sqlalchemy.exc import OperationalError
+
+    from runstate.audit.db import ServerUnreachable, first_line, open_engine
+
+    try:
+        engine = open_engine(url)
+    except ServerUnreachable as exc:
+        raise fail(str(exc)) from exc
+    try:
+        yield engine
+    except ServerUnreachable as exc:
+        raise fail(str(exc)) from exc
+    except OperationalError as exc:
+        raise fail(f"PostgreSQL failed: {first_line(exc)}") from exc
+    finally:
+        engine.dispose()

@@ -20,9 +20,8 @@ import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
-from runstate.cli_support import EXIT_USAGE, JsonFlag, emit_json, fail, load_settings
+from runstate.cli_support import EXIT_USAGE, JsonFlag, database, emit_json, fail, load_settings
 from runstate.config import SettingsError, WorkerSettings
 from runstate.messages import DeleteConcurrencyLimitCommand, LimitCommand, LimitResultEvent, SetConcurrencyLimitCommand
 
@@ -142,20 +141,8 @@ def limit_list(as_json: JsonFlag = False) -> None:
 
 def _read(query: Callable[[Engine], T]) -> T:
     """Run a read on the database of the settings; unreachable servers end the command with one line."""
-    from runstate.audit.db import ServerUnreachable, first_line, open_engine
-
-    try:
-        engine = open_engine(load_settings().database_url)
-    except ServerUnreachable as exc:
-        raise fail(str(exc)) from exc
-    try:
+    with database(load_settings().database_url) as engine:
         return query(engine)
-    except ServerUnreachable as exc:
-        raise fail(str(exc)) from exc
-    except OperationalError as exc:
-        raise fail(f"PostgreSQL failed: {first_line(exc)}") from exc
-    finally:
-        engine.dispose()
 
 
 def register(app: typer.Typer) -> None:

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 from uuid import UUID
 
 import typer
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
-from runstate.audit.db import ServerUnreachable, first_line, open_engine
-from runstate.cli_support import EXIT_FAILED, EXIT_USAGE, JsonFlag, emit_json, fail, load_settings, progress
-from runstate.database_urls import DatabaseURL
+from runstate.cli_support import EXIT_FAILED, EXIT_USAGE, JsonFlag, database, emit_json, fail, load_settings, progress
 
 
 def _workers(value: int | None) -> int:
@@ -37,21 +32,6 @@ WorkersOption = Annotated[
 ]
 
 
-@contextmanager
-def _database(url: DatabaseURL) -> Iterator[Engine]:
-    """An engine for the command; unreachable or lost servers end it with one line."""
-    try:
-        engine = open_engine(url)
-    except ServerUnreachable as exc:
-        raise fail(str(exc)) from exc
-    try:
-        yield engine
-    except ServerUnreachable as exc:
-        raise fail(str(exc)) from exc
-    except OperationalError as exc:
-        raise fail(f"PostgreSQL failed: {first_line(exc)}") from exc
-    finally:
-        engine.dispose()
 
 
 def history(
@@ -62,7 +42,7 @@ def history(
     from runstate.audit.history import format_table, load_history
 
     settings = load_settings()
-    with _database(settings.database_url) as engine:
+    with database(settings.database_url) as engine:
         entries = load_history(engine, run_id)
     if not entries:
         raise fail(f"no events recorded for run {run_id}")
@@ -90,7 +70,7 @@ def replay(
     settings = load_settings()
     # Without --json each difference is printed as it is found, so a long run shows them early.
     on_mismatch = None if as_json else (lambda m: typer.echo(f"DIFFERS {m}"))
-    with _database(settings.database_url) as engine:
+    with database(settings.database_url) as engine:
         total = count_to_verify(engine, run)
         if run is not None and total == 0:
             raise fail(f"no events recorded for run {run}")
@@ -130,7 +110,7 @@ def rebuild(
     from runstate.store.queries import count_events
 
     settings = load_settings()
-    with _database(settings.database_url) as engine:
+    with database(settings.database_url) as engine:
         total = count_events(engine)
         with progress(total, "rebuilding") as bar:
             report = rebuild_projections(engine, batch_size=batch_size, on_batch=bar.update, workers=_workers(workers))
@@ -192,7 +172,7 @@ def backfill(
         finally:
             await producer.stop()
 
-    with _database(settings.database_url) as engine:
+    with database(settings.database_url) as engine:
         try:
             published = asyncio.run(run_backfill(engine))
         except TopicMissing as exc:
