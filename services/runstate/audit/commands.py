@@ -82,6 +82,7 @@ def replay(
             "events": report.events,
             "chained": report.chained,
             "ok": report.ok,
+            "found": report.found,
             "mismatches": [
                 {"run": str(m.stream_id), "seq": m.seq, "differences": list(m.differences)} for m in report.mismatches
             ],
@@ -90,9 +91,11 @@ def replay(
         typer.echo(f"verified {report.events} decisions: every one is reproduced by the current rules;"
                    f" the hash chains of {report.chained} events are unbroken")
     else:
-        broken = sum(1 for m in report.mismatches if m.differences[0].startswith("hash chain broken"))
-        typer.echo(f"{len(report.mismatches) - broken} of {report.events} decisions differ;"
-                   f" {broken} broken links in the hash chains of {report.chained} events")
+        if report.found > len(report.mismatches):
+            typer.echo(f"... and {report.found - len(report.mismatches)} more findings (only the first"
+                       f" {len(report.mismatches)} are shown)")
+        typer.echo(f"{report.found - report.broken} of {report.events} decisions differ;"
+                   f" {report.broken} broken links in the hash chains of {report.chained} events")
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
 

@@ -37,13 +37,15 @@ class StreamRange:
     lo: UUID | None
     hi: UUID | None
 
-    def condition(self, column: str = "stream_id") -> tuple[str, dict[str, Any]]:
+    def condition(self, column: str = "stream_id", paramstyle: str = "named") -> tuple[str, dict[str, Any]]:
+        """SQL and parameters: SQLAlchemy's :name (`named`) or psycopg's %(name)s (`pyformat`)."""
+        mark = "%({})s" if paramstyle == "pyformat" else ":{}"
         parts, params = [], {}
         if self.lo is not None:
-            parts.append(f"{column} >= :range_lo")
+            parts.append(f"{column} >= {mark.format('range_lo')}")
             params["range_lo"] = self.lo
         if self.hi is not None:
-            parts.append(f"{column} < :range_hi")
+            parts.append(f"{column} < {mark.format('range_hi')}")
             params["range_hi"] = self.hi
         return (" AND ".join(parts) or "TRUE"), params
 

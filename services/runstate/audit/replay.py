@@ -8,6 +8,13 @@ the stream's previous event recorded. Using the *recorded* previous run rather
 than the recomputed one confines a difference to the event where the rules
 diverge instead of cascading through the rest of the stream.
 
+What costs is pydantic's work, so each event gets as little of it as exactness allows:
+the recomputed decision is serialised once and compared with the recorded one as JSON
+bytes (the path-by-path diff runs only when they differ), and after a decision reproduced
+byte for byte the recomputed run *is* the recorded one, so it stands in for validating that
+JSON again for the next event. The log is read on the driver's connection in binary, ids as
+text (the hash reads them as text), so no uuid object is made per column.
+
 `StreamVerifier` is pure (no I/O); `verify_log` drives it over the database.
 """
 
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 from sqlalchemy import Engine, create_engine
 
 from runstate.audit.db import sync_url
@@ -40,10 +47,14 @@ from runstate.domain import (
 )
 from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
-from runstate.store.queries import count_events, scan_events
+from runstate.store.queries import count_events
 
 COMPARED_FIELDS = ("result", "appended_state", "run", "effects")
+_COMPARED = set(COMPARED_FIELDS)
 MAX_DIFFS_SHOWN = 6
+# Findings a report keeps (the first ones, in log order); past that they are only counted, so
+# a log in which every decision differs is verified in the same memory as a sound one.
+MAX_MISMATCHES_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,10 @@ class Mismatch:
         return f"run {self.stream_id} seq {self.seq}: " + "; ".join(self.differences)
 
 
-def redecide(event: RecordedEvent, previous_run: Mapping[str, Any] | None) -> Decision:
+def redecide(event: RecordedEvent, previous_run: Mapping[str, Any] | None,
+             previous_view: TaskRunView | None = None) -> Decision:
+    """The decision the current rules make for `event`; `previous_view`, when given, is
+    `previous_run` already as a model."""
     ctx = OrchestrationContext.model_validate(event.context)
     if event.event_type == "task_run_created":
         create = CreateTaskRunCommand.model_validate(event.command)
@@ -75,7 +89,8 @@ def redecide(event: RecordedEvent, previous_run: Mapping[str, Any] | None) -> De
         if previous_run is None:
             raise ValueError("no recorded run before this transition")
         command = SetStateCommand.model_validate(event.command)
-        return decide(TaskRunView.model_validate(previous_run), command.request(), ctx)
+        run = previous_view if previous_view is not None else TaskRunView.model_validate(previous_run)
+        return decide(run, command.request(), ctx)
     raise ValueError(f"unknown task-run event type {event.event_type!r}")
 
 
@@ -118,6 +133,13 @@ def compare(recorded: Mapping[str, Any], recomputed: Decision) -> list[str]:
     return diffs
 
 
+def reproduced(recorded: Mapping[str, Any], recomputed: Decision) -> bool:
+    """Whether the recomputed decision serialises to the very JSON recorded (the compared
+    fields, in the models' order, which is the order the writer wrote them in)."""
+    mine = recomputed.__pydantic_serializer__.to_json(recomputed, include=_COMPARED)
+    return mine == to_json({name: recorded.get(name) for name in COMPARED_FIELDS})
+
+
 class StreamVerifier:
     """Feed task-run events in (stream_id, seq) order; get a Mismatch for each
     decision the current rules would not reproduce. Holds only the previous
@@ -127,23 +149,31 @@ class StreamVerifier:
         self._stream: UUID | None = None
         self._previous_seq = 0
         self._previous_run: Mapping[str, Any] | None = None
+        # The previous recorded run as a model, when its event was reproduced byte for byte.
+        self._previous_view: TaskRunView | None = None
 
     def check(self, event: RecordedEvent) -> Mismatch | None:
         if event.stream_id != self._stream:
-            self._stream, self._previous_seq, self._previous_run = event.stream_id, 0, None
+            self._stream, self._previous_seq, self._previous_run, self._previous_view = event.stream_id, 0, None, None
         expected_seq = self._previous_seq + 1
-        previous_run = self._previous_run
+        previous_run, previous_view = self._previous_run, self._previous_view
         self._previous_seq = event.seq
         self._previous_run = event.decision.get("run") if isinstance(event.decision, Mapping) else None
+        self._previous_view = None
 
         if event.seq != expected_seq:
             return Mismatch(event.stream_id, event.seq, (f"seq: expected {expected_seq} (gap in the log)",))
         if not isinstance(event.decision, Mapping) or event.command is None or event.context is None:
             return Mismatch(event.stream_id, event.seq, ("the event records no command, context or decision",))
         try:
-            recomputed = redecide(event, previous_run)
+            recomputed = redecide(event, previous_run, previous_view)
         except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
             return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
+        if reproduced(event.decision, recomputed):
+            self._previous_view = recomputed.run
+            return None
+        # Different bytes: name the paths that differ (none when only the spelling of equal
+        # values does, e.g. 1.0 for 1; the next event then validates the recorded run).
         diffs = compare(event.decision, recomputed)
         if not diffs:
             return None
@@ -156,60 +186,72 @@ class StreamVerifier:
 @dataclass
 class VerifyReport:
     events: int  # task-run decisions re-decided
-    mismatches: list[Mismatch]
+    mismatches: list[Mismatch]  # the first MAX_MISMATCHES_KEPT findings, in (stream_id, seq) order
     chained: int = 0  # events of every stream whose hash link was checked
+    found: int = 0  # findings, all of them
+    broken: int = 0  # of which broken hash links
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches
+        return self.found == 0
+
+
+# The columns verify_range reads, in this order: every hashed column (the ids as text, which is
+# how the hash reads them) and the payload as the very text stored.
+SCAN_COLUMNS = (
+    "stream_id::text AS sid, seq, stream_type, event_type, command_id::text AS cid, transition_id::text AS tid,"
+    " status, state_type, state_name, state_id::text AS stid, source_topic, source_partition, source_offset,"
+    " source_digest, hash, payload::text AS payload"
+)
+CHAIN_BROKEN = ("hash chain broken: this event is not what was written after the one before it "
+                "(a rewritten or inserted event)",)
 
 
 class ChainVerifier:
-    """Feed events of every stream in (stream_id, seq) order; get a Mismatch at
-    the first event whose stored hash is not the hash of its columns chained to
-    the previous event's (runstate/events.py, event_hash)."""
+    """Feed rows of SCAN_COLUMNS of every stream in (stream_id, seq) order; get a Mismatch at
+    the first event whose stored hash is not the hash of its columns chained to the previous
+    event's (runstate/events.py, event_hash)."""
 
     def __init__(self) -> None:
-        self._stream: UUID | None = None
+        self._stream: str | None = None
         self._previous = GENESIS
 
-    def check(self, row: Any) -> Mismatch | None:
-        if row.stream_id != self._stream:
-            self._stream, self._previous = row.stream_id, GENESIS
-        if row.hash is None:  # stored before events were chained
+    def check(self, row: tuple[Any, ...]) -> Mismatch | None:
+        (sid, seq, stream_type, event_type, cid, tid, status, state_type, state_name, stid,
+         topic, partition, offset, digest, stored, payload) = row
+        if sid != self._stream:
+            self._stream, self._previous = sid, GENESIS
+        if stored is None:  # stored before events were chained
             self._previous = GENESIS
             return None
         expected = event_hash(
             self._previous,
-            stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type, event_type=row.event_type,
-            command_id=row.command_id, transition_id=row.transition_id, status=row.status,
-            state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
-            source_topic=row.source_topic, source_partition=row.source_partition, source_offset=row.source_offset,
-            source_digest=None if row.source_digest is None else bytes(row.source_digest), payload=row.payload,
+            stream_id=sid, seq=seq, stream_type=stream_type, event_type=event_type, command_id=cid,
+            transition_id=tid, status=status, state_type=state_type, state_name=state_name, state_id=stid,
+            source_topic=topic, source_partition=partition, source_offset=offset,
+            source_digest=None if digest is None else bytes(digest), payload=payload,
         )
-        self._previous = bytes(row.hash)
+        self._previous = bytes(stored)
         if expected == self._previous:
             return None
-        return Mismatch(row.stream_id, row.seq, (
-            "hash chain broken: this event is not what was written after the one before it "
-            "(a rewritten or inserted event)",))
-
-
-# The columns verify_log reads: every hashed column, and the payload as the very text stored.
-VERIFY_COLUMNS = (
-    "stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
-    " source_topic, source_partition, source_offset, source_digest, hash, payload::text AS payload"
-)
+        return Mismatch(UUID(sid), seq, CHAIN_BROKEN)
 
 
 def recorded_event(row: Any) -> RecordedEvent:
-    """What a stored task-run event recorded: the one place replay decodes a payload."""
-    payload = from_json(row.payload)
+    """What a stored task-run event recorded, from a row with stream_id, seq, event_type,
+    transition_id, status and payload (as text)."""
+    return _recorded(row.stream_id, row.seq, row.event_type, row.transition_id, row.status, row.payload)
+
+
+def _recorded(stream_id: UUID, seq: int, event_type: str, transition_id: object, status: str | None,
+              payload_text: str) -> RecordedEvent:
+    """The one place replay decodes a payload."""
+    payload = from_json(payload_text)
     if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
-    return RecordedEvent(row.stream_id, row.seq, row.event_type, recorded_command(payload, row.transition_id),
-                         payload.get("context"), recorded_decision(payload, row.status))
+    return RecordedEvent(stream_id, seq, event_type, recorded_command(payload, transition_id),
+                         payload.get("context"), recorded_decision(payload, status))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:
@@ -227,7 +269,36 @@ def count_to_verify(engine: Engine, run_id: UUID | None = None) -> int:
 class RangeReport:
     events: int
     chained: int
-    mismatches: list[Mismatch]
+    mismatches: list[Mismatch]  # the first MAX_MISMATCHES_KEPT
+    found: int = 0
+    broken: int = 0
+
+
+def scan(engine: Engine, condition: str, params: Mapping[str, Any], batch_size: int) -> Iterator[list[tuple[Any, ...]]]:
+    """Batches of SCAN_COLUMNS rows matching `condition` (psycopg's %(name)s parameters), in
+    (stream_id, seq) order, by keyset on the primary key, as plain tuples on the driver's
+    connection (SQLAlchemy's rows cost more than the query). Each batch is its own short
+    transaction, so none is held open across the scan (which would hold back vacuum on a live log)."""
+    sql = (f"SELECT {SCAN_COLUMNS} FROM events WHERE ({condition})"
+           " AND (stream_id, seq) > (%(last_stream)s::uuid, %(last_seq)s)"
+           " ORDER BY stream_id, seq LIMIT %(batch)s")
+    last: tuple[str, int] = (str(UUID(int=0)), 0)  # before every key: seq > 0
+    pooled = engine.raw_connection()
+    try:
+        conn = pooled.driver_connection
+        assert conn is not None  # a checked-out connection has its driver's
+        with conn.cursor(binary=True) as cursor:
+            while True:
+                cursor.execute(sql, {**params, "last_stream": last[0], "last_seq": last[1], "batch": batch_size})
+                batch = cursor.fetchall()
+                conn.rollback()
+                if batch:
+                    yield batch
+                if len(batch) < batch_size:
+                    return
+                last = (batch[-1][0], batch[-1][1])
+    finally:
+        pooled.close()
 
 
 def verify_range(
@@ -239,25 +310,44 @@ def verify_range(
     on_mismatch: Callable[[Mismatch], None] | None = None,
 ) -> RangeReport:
     """Check the hash chains and re-decide the task-run events of whole streams (those
-    matching `condition`), in (stream_id, seq) order."""
+    matching `condition`, with psycopg's %(name)s parameters), in (stream_id, seq) order.
+    Memory stays that of a batch: one stream's previous run, the first findings, counts."""
     verifier = StreamVerifier()
     chain = ChainVerifier()
     report = RangeReport(0, 0, [])
-    for rows in scan_events(engine, VERIFY_COLUMNS, condition=condition, params=params, batch_size=batch_size):
+    stream_text, stream_id = "", UUID(int=0)
+
+    def found(mismatch: Mismatch) -> None:
+        report.found += 1
+        if len(report.mismatches) < MAX_MISMATCHES_KEPT:
+            report.mismatches.append(mismatch)
+            if on_mismatch:
+                on_mismatch(mismatch)
+
+    for rows in scan(engine, condition, params, batch_size):
         for row in rows:
-            found = [chain.check(row)]
-            if row.stream_type == "task_run":
+            broken = chain.check(row)
+            if broken is not None:
+                report.broken += 1
+                found(broken)
+            if row[2] == "task_run":
                 report.events += 1
-                found.append(verifier.check(recorded_event(row)))
-            for mismatch in found:
+                if row[0] != stream_text:  # one uuid object a stream, not one an event
+                    stream_text, stream_id = row[0], UUID(row[0])
+                mismatch = verifier.check(_recorded(stream_id, row[1], row[3], row[5], row[6], row[15]))
                 if mismatch is not None:
-                    report.mismatches.append(mismatch)
-                    if on_mismatch:
-                        on_mismatch(mismatch)
+                    found(mismatch)
         report.chained += len(rows)
         if on_batch:
             on_batch(len(rows))
     return report
+
+
+def _scope(run_id: UUID | None, streams: StreamRange) -> tuple[str, dict[str, Any]]:
+    """The condition of verify_range: one run, or a range of streams."""
+    if run_id is not None:
+        return "stream_id = %(run)s", {"run": run_id}
+    return streams.condition(paramstyle="pyformat")
 
 
 _worker_engine: Engine | None = None
@@ -268,7 +358,7 @@ def _verify_in_worker(streams: StreamRange, url: str, batch_size: int) -> RangeR
     global _worker_engine
     if _worker_engine is None:
         _worker_engine = create_engine(url, pool_size=1, max_overflow=0)
-    condition, params = streams.condition()
+    condition, params = _scope(None, streams)
     return verify_range(_worker_engine, condition, params, batch_size, on_batch=report_progress)
 
 
@@ -283,9 +373,9 @@ def verify_log(
     on_mismatch: Callable[[Mismatch], None] | None = None,
 ) -> VerifyReport:
     """Check every stream's hash chain and replay every task-run decision (or one
-    run's). Mismatches are kept in the report and, if given, passed to on_mismatch
-    as they are found (so a long run shows them early); both in (stream_id, seq)
-    order, whatever the number of worker processes."""
+    run's). The first MAX_MISMATCHES_KEPT findings are kept in the report and, if given,
+    passed to on_mismatch as they are found (so a long run shows them early), both in
+    (stream_id, seq) order, whatever the number of worker processes; all are counted."""
     if workers < 1:
         raise ValueError("workers must be positive")
     report = VerifyReport(events=0, mismatches=[])
@@ -294,16 +384,20 @@ def verify_log(
         with engine.connect() as conn:
             ranges = plan_ranges(conn, workers, min_range_events)
     if len(ranges) == 1:
-        condition, params = _condition(run_id)
+        condition, params = _scope(run_id, WHOLE_LOG)
         whole = verify_range(engine, condition, params, batch_size, on_batch, on_mismatch)
         report.events, report.chained, report.mismatches = whole.events, whole.chained, whole.mismatches
+        report.found, report.broken = whole.found, whole.broken
         return report
     url = sync_url(engine)
     for part in run_ranges(_verify_in_worker, ranges, (url, batch_size), workers, on_batch):
         report.events += part.events
         report.chained += part.chained
-        report.mismatches.extend(part.mismatches)
+        report.found += part.found
+        report.broken += part.broken
+        kept = part.mismatches[: MAX_MISMATCHES_KEPT - len(report.mismatches)]
+        report.mismatches.extend(kept)
         if on_mismatch:
-            for mismatch in part.mismatches:
+            for mismatch in kept:
                 on_mismatch(mismatch)
     return report
