@@ -11,7 +11,16 @@ from psycopg.rows import namedtuple_row
 
 from pipeline.harness import settings_env
 from runstate.audit.db import open_engine
-from runstate.audit.replay import RecordedEvent, StreamVerifier, recorded_event, verify_log
+from runstate.audit.replay import (
+    RecordedEvent,
+    StreamVerifier,
+    compare,
+    recorded_event,
+    redecide,
+    reproduced,
+    verify_log,
+)
+from runstate.domain import TaskRunView
 
 from .support import cli, copy_events, dsn, scratch_database
 
@@ -109,6 +118,42 @@ def test_verifier_reports_gaps_and_unreadable_events_without_stopping(driven_log
     assert mismatch.differences == (f"run.run_count: {changed['run']['run_count']} != {changed['run']['run_count'] - 7}",)
 
 
+def test_every_pipeline_decision_is_reproduced_byte_for_byte_and_its_run_stands_in_for_the_recorded_one(driven_log):
+    """What the verifier's shortcuts rest on: the writer's JSON of a decision is the very JSON
+    replay makes of the recomputed one (else every event takes the slow, path-by-path compare),
+    and the recomputed run equals the recorded run validated (so, once the bytes matched, the
+    next event may be re-decided against the model it already has)."""
+    with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
+    assert len(rows) >= 16
+    previous: dict = {}
+    for row in rows:
+        event = recorded_event(row)
+        recomputed = redecide(event, previous.get(row.stream_id))
+        assert reproduced(event.decision, recomputed), (row.stream_id, row.seq)
+        assert TaskRunView.model_validate(event.decision["run"]) == recomputed.run, (row.stream_id, row.seq)
+        previous[row.stream_id] = event.decision["run"]
+
+
+def test_a_number_spelled_differently_is_not_taken_as_reproduced(driven_log):
+    """compare() walks plain values, where 2 == 2.0; the byte comparison does not, so such a
+    recorded run is validated again for the next event rather than replaced by the recomputed one."""
+    run = driven_log.runs["lifecycle"]
+    with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            " FROM events WHERE stream_id = %s ORDER BY seq", (run,)).fetchall()
+    first, second = (recorded_event(row) for row in rows[:2])
+    recomputed = redecide(second, first.decision["run"])
+    respelled = json.loads(json.dumps(second.decision))
+    respelled["run"]["run_count"] = float(respelled["run"]["run_count"])
+    assert reproduced(second.decision, recomputed)
+    assert not reproduced(respelled, recomputed)
+    assert compare(respelled, recomputed) == []
+
+
 CHAINED_COLUMNS = (
     "stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type, state_name, state_id,"
     " source_topic, source_partition, source_offset, source_digest, hash, recorded_at"
@@ -185,6 +230,12 @@ def test_the_report_is_the_same_whatever_the_number_of_workers(driven_log, admin
                 reports.append(verify_log(engine, batch_size=3, workers=workers, min_range_events=1,
                                           on_mismatch=seen.append))
                 announced.append(seen)
+            capped_reports, capped_announced = [], []
+            for workers in (1, 2):
+                seen = []
+                capped_reports.append(verify_log(engine, batch_size=3, workers=workers, min_range_events=1,
+                                                 on_mismatch=seen.append, keep=2))
+                capped_announced.append(seen)
         finally:
             engine.dispose()
     first = reports[0]
@@ -195,6 +246,12 @@ def test_the_report_is_the_same_whatever_the_number_of_workers(driven_log, admin
     assert [(m.stream_id, m.seq) for m in first.mismatches] == sorted((m.stream_id, m.seq) for m in first.mismatches)
     assert {(runs["slot_held"], 1), (runs["flaky"], 3), (runs["lifecycle"], 2), (runs["cached"], 2)} <= {
         (m.stream_id, m.seq) for m in first.mismatches}
+    # Each of the four rewritten events breaks its link too (three payloads, one source).
+    assert (first.found, first.broken) == (len(first.mismatches), 4)
     for report, seen in zip(reports, announced, strict=True):
         assert (report.events, report.chained, report.mismatches) == (first.events, first.chained, first.mismatches)
         assert seen == first.mismatches
+    # Memory stays flat however many decisions differ: the first findings are kept, all are counted.
+    for capped, seen in zip(capped_reports, capped_announced, strict=True):
+        assert capped.mismatches == seen == first.mismatches[:2]
+        assert (capped.found, capped.broken, capped.ok) == (first.found, first.broken, False)

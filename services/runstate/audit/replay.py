@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from pydantic_core import from_json, to_json
+import orjson
+from pydantic_core import from_json
 from sqlalchemy import Engine, create_engine
 
 from runstate.audit.db import sync_url
@@ -137,7 +138,12 @@ def reproduced(recorded: Mapping[str, Any], recomputed: Decision) -> bool:
     """Whether the recomputed decision serialises to the very JSON recorded (the compared
     fields, in the models' order, which is the order the writer wrote them in)."""
     mine = recomputed.__pydantic_serializer__.to_json(recomputed, include=_COMPARED)
-    return mine == to_json({name: recorded.get(name) for name in COMPARED_FIELDS})
+    try:
+        # orjson writes plain values as pydantic does, in half pydantic_core.to_json's time.
+        theirs = orjson.dumps({name: recorded.get(name) for name in COMPARED_FIELDS})
+    except orjson.JSONEncodeError:  # e.g. an integer past 64 bits: compare() decides
+        return False
+    return mine == theirs
 
 
 class StreamVerifier:
@@ -186,7 +192,7 @@ class StreamVerifier:
 @dataclass
 class VerifyReport:
     events: int  # task-run decisions re-decided
-    mismatches: list[Mismatch]  # the first MAX_MISMATCHES_KEPT findings, in (stream_id, seq) order
+    mismatches: list[Mismatch]  # the first findings (verify_log's `keep`), in (stream_id, seq) order
     chained: int = 0  # events of every stream whose hash link was checked
     found: int = 0  # findings, all of them
     broken: int = 0  # of which broken hash links
@@ -269,7 +275,7 @@ def count_to_verify(engine: Engine, run_id: UUID | None = None) -> int:
 class RangeReport:
     events: int
     chained: int
-    mismatches: list[Mismatch]  # the first MAX_MISMATCHES_KEPT
+    mismatches: list[Mismatch]  # the first `keep`
     found: int = 0
     broken: int = 0
 
@@ -308,10 +314,11 @@ def verify_range(
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
     on_mismatch: Callable[[Mismatch], None] | None = None,
+    keep: int = MAX_MISMATCHES_KEPT,
 ) -> RangeReport:
     """Check the hash chains and re-decide the task-run events of whole streams (those
     matching `condition`, with psycopg's %(name)s parameters), in (stream_id, seq) order.
-    Memory stays that of a batch: one stream's previous run, the first findings, counts."""
+    Memory stays that of a batch: one stream's previous run, the first `keep` findings, counts."""
     verifier = StreamVerifier()
     chain = ChainVerifier()
     report = RangeReport(0, 0, [])
@@ -319,7 +326,7 @@ def verify_range(
 
     def found(mismatch: Mismatch) -> None:
         report.found += 1
-        if len(report.mismatches) < MAX_MISMATCHES_KEPT:
+        if len(report.mismatches) < keep:
             report.mismatches.append(mismatch)
             if on_mismatch:
                 on_mismatch(mismatch)
@@ -353,13 +360,13 @@ def _scope(run_id: UUID | None, streams: StreamRange) -> tuple[str, dict[str, An
 _worker_engine: Engine | None = None
 
 
-def _verify_in_worker(streams: StreamRange, url: str, batch_size: int) -> RangeReport:
+def _verify_in_worker(streams: StreamRange, url: str, batch_size: int, keep: int) -> RangeReport:
     """One range, in a worker process (its engine lives as long as the process)."""
     global _worker_engine
     if _worker_engine is None:
         _worker_engine = create_engine(url, pool_size=1, max_overflow=0)
     condition, params = _scope(None, streams)
-    return verify_range(_worker_engine, condition, params, batch_size, on_batch=report_progress)
+    return verify_range(_worker_engine, condition, params, batch_size, on_batch=report_progress, keep=keep)
 
 
 def verify_log(
@@ -371,9 +378,10 @@ def verify_log(
     min_range_events: int = MIN_RANGE_EVENTS,
     on_batch: Callable[[int], None] | None = None,
     on_mismatch: Callable[[Mismatch], None] | None = None,
+    keep: int = MAX_MISMATCHES_KEPT,
 ) -> VerifyReport:
     """Check every stream's hash chain and replay every task-run decision (or one
-    run's). The first MAX_MISMATCHES_KEPT findings are kept in the report and, if given,
+    run's). The first `keep` findings are kept in the report and, if given,
     passed to on_mismatch as they are found (so a long run shows them early), both in
     (stream_id, seq) order, whatever the number of worker processes; all are counted."""
     if workers < 1:
@@ -385,17 +393,17 @@ def verify_log(
             ranges = plan_ranges(conn, workers, min_range_events)
     if len(ranges) == 1:
         condition, params = _scope(run_id, WHOLE_LOG)
-        whole = verify_range(engine, condition, params, batch_size, on_batch, on_mismatch)
+        whole = verify_range(engine, condition, params, batch_size, on_batch, on_mismatch, keep)
         report.events, report.chained, report.mismatches = whole.events, whole.chained, whole.mismatches
         report.found, report.broken = whole.found, whole.broken
         return report
     url = sync_url(engine)
-    for part in run_ranges(_verify_in_worker, ranges, (url, batch_size), workers, on_batch):
+    for part in run_ranges(_verify_in_worker, ranges, (url, batch_size, keep), workers, on_batch):
         report.events += part.events
         report.chained += part.chained
         report.found += part.found
         report.broken += part.broken
-        kept = part.mismatches[: MAX_MISMATCHES_KEPT - len(report.mismatches)]
+        kept = part.mismatches[: keep - len(report.mismatches)]
         report.mismatches.extend(kept)
         if on_mismatch:
             for mismatch in kept:
