@@ -713,7 +713,7 @@ class Bench:
 
     def measure_replay(self, app_url: str) -> dict:
         """`runstate replay --verify` of the generated log, by --audit-workers processes, with the
-        workers' resident memory sampled as the verified share of the log grows."""
+        workers' resident memory (theirs only, _pool_workers) sampled as the verified share of the log grows."""
         import threading
 
         from runstate.audit.db import open_engine
@@ -728,7 +728,7 @@ class Bench:
 
         def sample() -> None:
             while not stop.wait(0.5):
-                workers = _children(os.getpid())
+                workers = _pool_workers(os.getpid())
                 if workers:
                     series.append((time.monotonic() - t0, done[0], sum(rss_kib(p) or 0 for p in workers)))
 
@@ -858,6 +858,18 @@ def _children(pid: int) -> list[int]:
                 if int(f[1]) == pid:
                     out.append(int(entry.name))
                     out.extend(_children(int(entry.name)))
+    return out
+
+
+def _pool_workers(pid: int) -> list[int]:
+    """The audit's worker processes: children spawned by multiprocessing. Not every child: when
+    this run started the stack, PostgreSQL (each backend counting the shared buffers it touched)
+    and Kafka's JVM are children too, and summing them reported 2.3 GB of "replay workers"."""
+    out = []
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
     return out
 
 
