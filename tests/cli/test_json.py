@@ -53,7 +53,7 @@ def test_replay_json_reports_every_decision(cli_env, cli_settings, decided_run):
     with psycopg.connect(dsn(cli_settings.database_url)) as conn:
         events = conn.execute("SELECT count(*) FROM events WHERE stream_type = 'task_run'").fetchone()[0]
         chained = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    assert report == {"events": events, "chained": chained, "ok": True, "mismatches": []}
+    assert report == {"events": events, "chained": chained, "ok": True, "found": 0, "mismatches": []}
     assert events >= 3
 
 
@@ -70,7 +70,7 @@ def test_replay_json_names_an_altered_decision_and_exits_1(cli_settings, decided
         done = invoke(settings_env(cli_settings.replace(database_url=copy_app)), "replay", "--verify", "--json")
     assert done.exit_code == 1
     report = json.loads(done.stdout)  # only the JSON document: no DIFFERS lines before it
-    assert (report["events"], report["ok"]) == (3, False)
+    assert (report["events"], report["ok"], report["found"]) == (3, False, 1)
     assert report["mismatches"] == [
         {"run": str(run), "seq": 2, "differences": ['result.status: "REJECT" != "ACCEPT"']}
     ]
