@@ -164,23 +164,25 @@ class StreamVerifier:
         expected_seq = self._previous_seq + 1
         previous_run, previous_view = self._previous_run, self._previous_view
         self._previous_seq = event.seq
-        self._previous_run = event.decision.get("run") if isinstance(event.decision, Mapping) else None
+        # dict first: a dict is answered before the Mapping ABC's slower check runs.
+        decision = event.decision if isinstance(event.decision, (dict, Mapping)) else None
+        self._previous_run = decision.get("run") if decision is not None else None
         self._previous_view = None
 
         if event.seq != expected_seq:
             return Mismatch(event.stream_id, event.seq, (f"seq: expected {expected_seq} (gap in the log)",))
-        if not isinstance(event.decision, Mapping) or event.command is None or event.context is None:
+        if decision is None or event.command is None or event.context is None:
             return Mismatch(event.stream_id, event.seq, ("the event records no command, context or decision",))
         try:
             recomputed = redecide(event, previous_run, previous_view)
         except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
             return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
-        if reproduced(event.decision, recomputed):
+        if reproduced(decision, recomputed):
             self._previous_view = recomputed.run
             return None
         # Different bytes: name the paths that differ (none when only the spelling of equal
         # values does, e.g. 1.0 for 1; the next event then validates the recorded run).
-        diffs = compare(event.decision, recomputed)
+        diffs = compare(decision, recomputed)
         if not diffs:
             return None
         shown = diffs[:MAX_DIFFS_SHOWN]
