@@ -9,9 +9,9 @@ than the recomputed one confines a difference to the event where the rules
 diverge instead of cascading through the rest of the stream.
 
 What costs is pydantic's work, so each event gets as little of it as exactness allows:
-the recomputed decision is serialised once and compared with the recorded one as JSON
-bytes (the path-by-path diff runs only when they differ), and after a decision reproduced
-byte for byte the recomputed run *is* the recorded one, so it stands in for validating that
+the recomputed decision is dumped once and compared with the recorded one as plain JSON
+values (the path-by-path diff runs only when they differ), and after a decision that is
+reproduced the recomputed run equals the recorded one, so it stands in for validating that
 JSON again for the next event. The log is read on the driver's connection in binary, ids as
 text (the hash reads them as text), so no uuid object is made per column.
 
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import orjson
 from pydantic_core import from_json
 from sqlalchemy import Engine, create_engine
 
@@ -124,7 +123,11 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def compare(recorded: Mapping[str, Any], recomputed: Decision) -> list[str]:
-    mine = recomputed.model_dump(mode="json")
+    """Every path where the recorded decision and the recomputed one differ."""
+    return differences(recorded, recomputed.model_dump(mode="json", include=_COMPARED))
+
+
+def differences(recorded: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
     diffs: list[str] = []
     for name in COMPARED_FIELDS:
         # Both sides are plain JSON values, so equality is the common, cheap answer; only
@@ -132,18 +135,6 @@ def compare(recorded: Mapping[str, Any], recomputed: Decision) -> list[str]:
         if recorded.get(name) != mine.get(name):
             diffs.extend(json_diff(normalised(recorded.get(name)), normalised(mine.get(name)), name))
     return diffs
-
-
-def reproduced(recorded: Mapping[str, Any], recomputed: Decision) -> bool:
-    """Whether the recomputed decision serialises to the very JSON recorded (the compared
-    fields, in the models' order, which is the order the writer wrote them in)."""
-    mine = recomputed.__pydantic_serializer__.to_json(recomputed, include=_COMPARED)
-    try:
-        # orjson writes plain values as pydantic does, in half pydantic_core.to_json's time.
-        theirs = orjson.dumps({name: recorded.get(name) for name in COMPARED_FIELDS})
-    except orjson.JSONEncodeError:  # e.g. an integer past 64 bits: compare() decides
-        return False
-    return mine == theirs
 
 
 class StreamVerifier:
@@ -155,7 +146,7 @@ class StreamVerifier:
         self._stream: UUID | None = None
         self._previous_seq = 0
         self._previous_run: Mapping[str, Any] | None = None
-        # The previous recorded run as a model, when its event was reproduced byte for byte.
+        # The previous recorded run as a model, when its event was reproduced.
         self._previous_view: TaskRunView | None = None
 
     def check(self, event: RecordedEvent) -> Mismatch | None:
@@ -177,13 +168,11 @@ class StreamVerifier:
             recomputed = redecide(event, previous_run, previous_view)
         except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
             return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
-        if reproduced(decision, recomputed):
-            self._previous_view = recomputed.run
-            return None
-        # Different bytes: name the paths that differ (none when only the spelling of equal
-        # values does, e.g. 1.0 for 1; the next event then validates the recorded run).
-        diffs = compare(decision, recomputed)
+        # One dump serves both the common answer (equal) and, rarely, naming what differs.
+        diffs = differences(decision, recomputed.model_dump(mode="json", include=_COMPARED))
         if not diffs:
+            # The recorded run is the recomputed one as JSON, so it validates to it.
+            self._previous_view = recomputed.run
             return None
         shown = diffs[:MAX_DIFFS_SHOWN]
         if len(diffs) > len(shown):
