@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import random
 import sys
@@ -34,14 +35,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from workload import CREATE, SET, lifecycle  # noqa: E402
+from workload import CREATE, SET, lifecycle
 
-from runstate.domain import OrchestrationSettings  # noqa: E402
-from runstate.pipeline import ids as ids_module  # noqa: E402
-from runstate.pipeline.batch import decide_batch  # noqa: E402
-from runstate.pipeline.records import IncomingRecord, parse_record  # noqa: E402
-from runstate.pipeline.service import read_snapshot  # noqa: E402
-from runstate.store.memory import InMemoryEventStore  # noqa: E402
+from runstate.domain import OrchestrationSettings
+from runstate.pipeline import ids as ids_module
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.records import IncomingRecord, parse_record
+from runstate.pipeline.service import read_snapshot
+from runstate.store.memory import InMemoryEventStore
 
 TOPIC = "bench.commands"
 PHASES = ("records", "parse", "snapshot", "decide", "commit")
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commands", type=int, default=30_000, help="commands per batch size")
     parser.add_argument("--check", action="store_true", help="fixed inputs; print a digest of every output")
     args = parser.parse_args(argv)
+    # As the consumer does (pipeline/app.py): imports frozen, collections rare.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     for size in args.batch or [1000, 10]:
         spent, done, digest = asyncio.run(drive(size, args.commands, args.check))
         per = {k: v / done * 1e6 for k, v in spent.items()}

@@ -50,3 +50,14 @@ def test_assembled_messages_are_what_pydantic_writes(steps):
         TaskRunEventPayload.model_validate(payload)
         # The event stores no message: they are rendered again from it (tests/pipeline/test_lean_event.py).
         assert "result_event" not in payload and "state_change" not in payload
+
+
+def test_a_run_view_is_written_with_its_state_spliced_in_as_pydantic_writes_it():
+    from runstate.domain import State, StateType, TaskRunView
+    from runstate.pipeline.message_json import model_json, run_view_json
+
+    state = State(id=uuid.uuid4(), type=StateType.RUNNING, timestamp="2026-01-01T00:00:00Z",
+                  name=',"run_count":1', data={"run_count": ',"run_count":'})
+    run = TaskRunView(id=uuid.uuid4(), name=',"run_count":2,"x":"', tags=[',"run_count":'], state=state,
+                      run_count=3, empirical_policy={"retries": 2})
+    assert run_view_json(run, model_json(state)) == run.model_dump_json()

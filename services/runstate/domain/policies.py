@@ -104,33 +104,57 @@ def applicable_steps(policy: Policy, from_type: StateType | None, to_type: State
     )
 
 
+@cache
+def _plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[tuple[Step, bool, bool], ...]:
+    """The applicable steps, each with whether it is a universal transform and whether
+    it has anything to do after the proposal is settled (an `after` or a `cleanup`)."""
+    plan = []
+    for step in applicable_steps(policy, from_type, to_type):
+        universal = issubclass(step, UniversalTransform)
+        base: type[Rule] | type[UniversalTransform] = UniversalTransform if universal else Rule
+        acts_after = step.after is not base.after or getattr(step, "cleanup", None) is not getattr(base, "cleanup", None)
+        plan.append((step, universal, acts_after))
+    return tuple(plan)
+
+
+# Universal transforms keep no state of their own, so one instance of each serves every transition.
+_TRANSFORMS: dict[Step, UniversalTransform] = {}
+
+
+def _transform(step: Step) -> UniversalTransform:
+    found = _TRANSFORMS.get(step)
+    if found is None:
+        made = step()  # type: ignore[call-arg]  # a UniversalTransform takes no arguments
+        assert isinstance(made, UniversalTransform)
+        found = _TRANSFORMS[step] = made
+    return found
+
+
 def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: OrchestrationContext) -> Transition:
     """Run `policy` over one proposal (docs/rules.md, 'The transition engine')."""
     t = Transition(run=run, ctx=ctx, proposal=proposal, draft=RunDraft.of(run))
-    original = (run.state_type, proposal.type)
+    from_type, to_type = run.state_type, proposal.type
 
-    steps: list[Rule | UniversalTransform] = [
-        step() if issubclass(step, UniversalTransform) else step(*original)
-        for step in applicable_steps(policy, *original)
-    ]
-
-    entered: list[bool] = []
-    for step in steps:
-        if isinstance(step, UniversalTransform) or (t.initial_type, t.proposed_type) == original:
-            step.before(t)
-            entered.append(True)
+    # The steps entered (their pre-check ran) that have something to do afterwards.
+    entered: list[Rule | UniversalTransform] = []
+    for step_type, universal, acts_after in _plan(policy, from_type, to_type):
+        step: Rule | UniversalTransform
+        if universal:
+            step = _transform(step_type)
+        elif t.proposed_type == to_type:  # the initial type never changes: the pair is still the original
+            step = step_type(from_type, to_type)  # type: ignore[call-arg]  # a Rule
         else:
-            entered.append(False)  # an earlier rule already changed the proposal
+            continue  # an earlier rule already changed the proposal
+        step.before(t)
+        if acts_after:
+            entered.append(step)
 
     if t.proposal is not None:
         t.appended = with_data(t.proposal, data_as_returned(t.proposal.data))
 
-    for step, ran in zip(reversed(steps), reversed(entered), strict=False):
-        if isinstance(step, UniversalTransform):
+    for step in reversed(entered):
+        if isinstance(step, UniversalTransform) or step.expects(t):
             step.after(t)
-        elif ran:
-            if step.expects(t):
-                step.after(t)
-            else:
-                step.cleanup(t)
+        else:
+            step.cleanup(t)
     return t

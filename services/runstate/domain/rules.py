@@ -29,6 +29,7 @@ from .states import (
     holds_persisted_result,
 )
 from .transition import Rule, Transition, UniversalTransform
+from .unchecked import replace
 
 S = StateType
 
@@ -364,4 +365,4 @@ class EnqueueScheduledTasks(Rule):
 
 
 def _with_details(state: State, **changes: Any) -> State:
-    return state.model_copy(update={"state_details": state.state_details.model_copy(update=changes)})
+    return replace(state, state_details=replace(state.state_details, **changes))

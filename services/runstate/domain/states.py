@@ -10,6 +10,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .timestamps import UtcDateTime
+from .unchecked import replace
 
 
 class StateType(str, Enum):
@@ -137,7 +138,7 @@ def data_as_returned(data: Any) -> Any:
 
 def with_data(state: State, data: Any) -> State:
     """`state` showing `data`; the state itself when that is already its data (it is frozen)."""
-    return state if data is state.data else state.model_copy(update={"data": data})
+    return state if data is state.data else replace(state, data=data)
 
 
 def stored_data(state: State | None) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .states import TERMINAL_TYPES, StateType
 from .transition import Transition, UniversalTransform
+from .unchecked import replace
 
 
 class SetStartTime(UniversalTransform):
@@ -67,10 +68,8 @@ class UpdateStateDetails(UniversalTransform):
         proposal = t.proposal
         if proposal is None:
             return
-        details = proposal.state_details.model_copy(
-            update={"flow_run_id": t.run.flow_run_id, "task_run_id": t.run.id}
-        )
-        t.proposal = proposal.model_copy(update={"state_details": details})
+        details = replace(proposal.state_details, flow_run_id=t.run.flow_run_id, task_run_id=t.run.id)
+        t.proposal = replace(proposal, state_details=details)
 
 
 class IncrementRunCount(UniversalTransform):
