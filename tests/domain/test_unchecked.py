@@ -68,3 +68,13 @@ def test_replace_is_model_copy():
     same(copy, expected)
     assert copy.model_fields_set == expected.model_fields_set
     assert state.name == "Pending"  # the original is untouched
+
+
+def test_a_new_run_is_what_validation_makes():
+    from runstate.messages import CreateTaskRunCommand
+
+    command = CreateTaskRunCommand(id=uuid.uuid4(), name="n", flow_run_id=uuid.uuid4(), task_key="k", dynamic_key="1",
+                                   tags=["a", "b"], cache_key="c", empirical_policy={"retries": 2})
+    fields = command.model_dump(include=set(TaskRunView.model_fields) - {"empirical_policy"})
+    same(command.new_run(), TaskRunView(**fields, empirical_policy=command.empirical_policy))
+    assert command.new_run().tags is not command.tags
