@@ -104,10 +104,21 @@ def applicable_steps(policy: Policy, from_type: StateType | None, to_type: State
     )
 
 
-@cache
+_PLANS: dict[tuple[str, StateType | None, StateType], tuple[tuple[Step, bool, bool], ...]] = {}
+
+
 def _plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[tuple[Step, bool, bool], ...]:
     """The applicable steps, each with whether it is a universal transform and whether
     it has anything to do after the proposal is settled (an `after` or a `cleanup`)."""
+    # Keyed by the policy's name: hashing the policy itself hashes all its steps.
+    key = (policy.name, from_type, to_type)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(policy, from_type, to_type)
+    return plan
+
+
+def _make_plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[tuple[Step, bool, bool], ...]:
     plan = []
     for step in applicable_steps(policy, from_type, to_type):
         universal = issubclass(step, UniversalTransform)

@@ -294,8 +294,8 @@ class ReleaseTaskConcurrencySlots(UniversalTransform):
 
     def after(self, t: Transition) -> None:
         written = t.appended
-        if written is None or written.type in self.HOLDING_TYPES:
-            return
+        if written is None or not t.run.tags or written.type in self.HOLDING_TYPES:
+            return  # (a run without tags holds no lease through them)
         # Leases are found through the limit rows of the run's tags, as Prefect does.
         limited_tags = {tag for tag in t.run.tags if tag in t.ctx.tag_limits}
         held: list[Lease] = [

@@ -299,8 +299,9 @@ class BatchDecider:
             status=status_json,
             details=(details_json := ACCEPTED_JSON if result.details is ACCEPTED else model_json(result.details)),
         )
+        command_id_json = uuid_json(item.command_id)
         result_event_json = result_event_json_of(
-            command_id=uuid_json(item.command_id),
+            command_id=command_id_json,
             command_kind=string_json(command.kind),
             stream_id=run_id_json,
             transition_id=transition_id_json,
@@ -349,7 +350,8 @@ class BatchDecider:
         self.out.events.append(
             row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
                                result.status.value, appended, payload, result_event_json, change_json,
-                               head.last_hash)
+                               head.last_hash, (run_id_json[1:-1], command_id_json[1:-1],
+                                                None if transition_id is None else transition_id_json[1:-1]))
         )
         head.last_hash = row.hash
         head.view, head.view_json = decision.run, run_json
