@@ -13,6 +13,8 @@ import json
 import re
 from datetime import datetime
 from functools import cache, lru_cache
+from operator import itemgetter
+from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
@@ -25,20 +27,25 @@ _STRING_SERIALIZER = TypeAdapter(str).serializer
 
 
 @cache
-def _template(model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
-    # Each field's name as written before its value, the separator included.
-    return tuple(((',' if i else '{') + f'"{name}":', name) for i, name in enumerate(model.model_fields))
+def _template(model: type[BaseModel]) -> tuple[str, itemgetter[Any], int]:
+    # The object with each field's name written and a %s for its value (a name holds no %),
+    # and what picks the values out of the members in field order.
+    names = tuple(model.model_fields)
+    text = "{" + ",".join(f'"{name}":%s' for name in names) + "}"
+    return text, itemgetter(*names), len(names)
 
 
 def render(model: type[BaseModel], **members: str) -> str:
     """What `model_dump_json` writes for a `model` whose members serialise to these values."""
-    template = _template(model)
-    if len(members) == len(template):
+    text, pick, count = _template(model)
+    if len(members) == count:
         try:
-            return "".join([prefix + members[name] for prefix, name in template]) + "}"
+            values = pick(members)
         except KeyError:
             pass
-    names = {name for _, name in template}
+        else:
+            return text % (values if count > 1 else (values,))
+    names = set(model.model_fields)
     wrong = sorted(set(members) ^ names)
     raise TypeError(f"{model.__name__} has no field {wrong[0]!r}" if wrong[0] in members
                     else f"{model.__name__}'s field {wrong[0]!r} is missing")
