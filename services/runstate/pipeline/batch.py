@@ -292,7 +292,8 @@ class BatchDecider:
         # Serialised once, each goes into every message that repeats it.
         appended_json = model_json(appended)
         transition_id_json = uuid_json(transition_id)
-        status_json = string_json(result.status.value)
+        status = result.status.value
+        status_json = string_json(status)
         result_json = render(
             OrchestrationResult,
             state=appended_json if result.state is appended else model_json(result.state),
@@ -349,7 +350,7 @@ class BatchDecider:
         )
         self.out.events.append(
             row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
-                               result.status.value, appended, payload, result_event_json, change_json,
+                               status, appended, payload, result_event_json, change_json,
                                head.last_hash, (run_id_json[1:-1], command_id_json[1:-1],
                                                 None if transition_id is None else transition_id_json[1:-1]))
         )

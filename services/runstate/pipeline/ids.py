@@ -15,6 +15,7 @@ _UUID7_RAND_A = 0xFFF << 64  # rand_a, beside the version: bits 62-73 of the dra
 _UUID7_RAND_B = (1 << 62) - 1  # rand_b, after the variant: the draw's low 62 bits
 _new_uuid = object.__new__
 _set = object.__setattr__
+_UNKNOWN = SafeUUID.unknown  # read once: an enum member's lookup is a Python call
 
 
 class IdMinter:
@@ -37,7 +38,7 @@ class IdMinter:
         uid = _new_uuid(UUID)
         _set(uid, "int", (millis & ((1 << 48) - 1)) << 80 | _UUID7_VERSION_AND_VARIANT
              | (rand << 2) & _UUID7_RAND_A | rand & _UUID7_RAND_B)
-        _set(uid, "is_safe", SafeUUID.unknown)
+        _set(uid, "is_safe", _UNKNOWN)
         return uid
 
 
