@@ -12,6 +12,9 @@ from .run import TaskRunView
 from .states import State, StateCreate, StateType, stored_data, with_data
 from .unchecked import build, replace
 
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_SCHEDULED = StateType.SCHEDULED
+
 
 class Decision(BaseModel):
     """Everything the store must do for one request, and what to answer."""
@@ -38,7 +41,7 @@ def proposed_state(create: StateCreate, ctx: OrchestrationContext) -> State:
     """The proposal the rules see (docs/rules.md, 'Building the proposal'): the server mints id
     and timestamp; a SCHEDULED proposal without a scheduled_time is scheduled for now."""
     details = create.state_details
-    if create.type is StateType.SCHEDULED and details.scheduled_time is None:
+    if create.type is _SCHEDULED and details.scheduled_time is None:
         details = replace(details, scheduled_time=ctx.now)
     # Every value is already of its field's type (the context and the proposal are validated).
     return build(State, {

@@ -11,10 +11,13 @@ from .states import TERMINAL_TYPES, StateType
 from .transition import Transition, UniversalTransform
 from .unchecked import replace
 
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_RUNNING, _SCHEDULED = StateType.RUNNING, StateType.SCHEDULED
+
 
 class SetStartTime(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.proposal.type is StateType.RUNNING and t.draft.start_time is None:
+        if t.proposal is not None and t.proposal.type is _RUNNING and t.draft.start_time is None:
             t.draft.start_time = t.proposal.timestamp
 
 
@@ -35,7 +38,7 @@ class SetEndTime(UniversalTransform):
 
 class IncrementRunTime(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.initial is not None and t.initial_type is StateType.RUNNING:
+        if t.proposal is not None and t.initial is not None and t.initial_type is _RUNNING:
             t.draft.total_run_time += (t.proposal.timestamp - t.initial.timestamp).total_seconds()
 
 
@@ -44,7 +47,7 @@ class SetExpectedStartTime(UniversalTransform):
         proposal = t.proposal
         if proposal is None or t.draft.expected_start_time is not None:
             return
-        if proposal.type is StateType.SCHEDULED:
+        if proposal.type is _SCHEDULED:
             t.draft.expected_start_time = proposal.state_details.scheduled_time
         else:
             t.draft.expected_start_time = proposal.timestamp
@@ -55,9 +58,9 @@ class SetNextScheduledStartTime(UniversalTransform):
         proposal = t.proposal
         if proposal is None:
             return
-        if t.initial_type is StateType.SCHEDULED:
+        if t.initial_type is _SCHEDULED:
             t.draft.next_scheduled_start_time = None
-        if proposal.type is StateType.SCHEDULED:
+        if proposal.type is _SCHEDULED:
             t.draft.next_scheduled_start_time = proposal.state_details.scheduled_time
 
 
@@ -74,7 +77,7 @@ class UpdateStateDetails(UniversalTransform):
 
 class IncrementRunCount(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.proposal.type is StateType.RUNNING:
+        if t.proposal is not None and t.proposal.type is _RUNNING:
             t.draft.run_count += 1
 
 

@@ -96,6 +96,10 @@ ONE_MICROSECOND = timedelta(microseconds=1)
 TASK_KINDS = ("set_task_run_state", "create_task_run")
 SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
 ACCEPTED_JSON = model_json(ACCEPTED)  # the details of most decisions, written once
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_RUNNING = StateType.RUNNING
+_TASK_RUN_CREATED, _TRANSITION_DECIDED = EventType.TASK_RUN_CREATED, EventType.TRANSITION_DECIDED
+_TASK_RUN_STREAM = StreamType.TASK_RUN
 
 
 def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) -> SnapshotRequest:
@@ -118,7 +122,7 @@ def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) ->
             key
             for p in parsed
             if isinstance(p.command, SetStateCommand)
-            and p.command.state.type == StateType.RUNNING
+            and p.command.state.type is _RUNNING
             and (key := p.command.state.state_details.cache_key)
         },
         limit_streams={p.stream_id for p in parsed if p.command.kind in LIMIT_KINDS},
@@ -224,7 +228,7 @@ class BatchDecider:
             code: ErrorCode = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
             self._refuse(item, code, str(exc), dead_letter=True)
             return
-        self._record_task_decision(item, command, head, ctx, decision, transition_id, EventType.TRANSITION_DECIDED)
+        self._record_task_decision(item, command, head, ctx, decision, transition_id, _TRANSITION_DECIDED)
 
     def _create_task_run(self, item: ParsedCommand, command: CreateTaskRunCommand) -> None:
         if command.id in self.snapshot.task_runs:
@@ -236,7 +240,7 @@ class BatchDecider:
         ctx = self._context(run, initial, item.command_id)
         decision = apply_initial_state(run, initial, ctx)
         head = StreamHead(view=run, last_seq=0)
-        if self._record_task_decision(item, command, head, ctx, decision, transition_id, EventType.TASK_RUN_CREATED):
+        if self._record_task_decision(item, command, head, ctx, decision, transition_id, _TASK_RUN_CREATED):
             self.snapshot.task_runs[command.id] = head
 
     def _context(self, run: TaskRunView, proposed: StateCreate, command_id: UUID) -> OrchestrationContext:
@@ -259,7 +263,7 @@ class BatchDecider:
             "flow_run": flow,
             # Copies, as validation would make: the snapshot's lists change as the batch goes on.
             "cache_entries": list(self.snapshot.cache.get(cache_key, ()))
-            if cache_key and proposed.type == StateType.RUNNING else [],
+            if cache_key and proposed.type is _RUNNING else [],
             "tag_limits": {t: self.snapshot.tag_limits[t] for t in run.tags if t in self.snapshot.tag_limits}
             if needs_tags else {},
             "leases": list(self.snapshot.leases.get(run.id, ())) if needs_tags else [],
@@ -315,7 +319,7 @@ class BatchDecider:
         )
         change_json = None
         if appended is not None:
-            from_state = previous.state if event_type is not EventType.TASK_RUN_CREATED else None
+            from_state = previous.state if event_type is not _TASK_RUN_CREATED else None
             change_json = render(
                 StateChangeEvent,
                 task_run_id=run_id_json,
@@ -349,7 +353,7 @@ class BatchDecider:
             schema_version=SCHEMA_VERSION_JSON,
         )
         self.out.events.append(
-            row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
+            row := EventRow.of(item, run_id, seq, _TASK_RUN_STREAM, event_type, transition_id,
                                status, appended, payload, result_event_json, change_json,
                                head.last_hash, (run_id_json[1:-1], command_id_json[1:-1],
                                                 None if transition_id is None else transition_id_json[1:-1]))

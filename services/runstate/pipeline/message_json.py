@@ -115,11 +115,17 @@ def result_event_json(
     )
 
 
+@lru_cache(maxsize=64)
+def _state_type_json(state_type: str) -> str:
+    # A column's text or a member (equal to its text): StateType() checks it, once per value.
+    return string_json(StateType(state_type).value)
+
+
 def state_ref_json(state_type: str, name: str | None, state_id: UUID | str | None) -> str:
     """A StateChangeEvent's `from_state`, from the columns of the event that appended it."""
     if name is None or state_id is None:  # not a state reference: let the model say why
         return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
-    return render(StateRef, type=string_json(StateType(state_type).value), name=string_json(name),
+    return render(StateRef, type=_state_type_json(state_type), name=string_json(name),
                   id=uuid_json(state_id if isinstance(state_id, UUID) else UUID(state_id)))
 
 
