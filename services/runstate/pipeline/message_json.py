@@ -24,6 +24,7 @@ from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateR
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
+_UUID_SERIALIZER = TypeAdapter(UUID).serializer
 
 
 @cache
@@ -69,8 +70,8 @@ def run_view_json(run: TaskRunView, state_json: str) -> str:
 
 
 def uuid_json(value: UUID | None) -> str:
-    # A UUID's JSON is its canonical text, as pydantic writes it.
-    return "null" if value is None else f'"{value}"'
+    # A UUID's JSON is its canonical text; pydantic's serializer writes it faster than str() does.
+    return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
 
 
 def datetime_json(value: datetime) -> str:
