@@ -85,4 +85,4 @@ def decide(run: TaskRunView, request: SetStateRequest, ctx: OrchestrationContext
 def apply_initial_state(run: TaskRunView, state: StateCreate, ctx: OrchestrationContext) -> Decision:
     """What POST /task_runs does with the initial state of a new run: a forced set_state,
     so a deferred SCHEDULED state still goes through the background policy and is enqueued."""
-    return decide(run, SetStateRequest(state=state, force=True), ctx)
+    return decide(run, build(SetStateRequest, {"state": state, "force": True}), ctx)
