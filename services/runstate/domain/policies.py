@@ -104,41 +104,28 @@ def applicable_steps(policy: Policy, from_type: StateType | None, to_type: State
     )
 
 
-_PLANS: dict[tuple[str, StateType | None, StateType], tuple[tuple[Step, bool, bool], ...]] = {}
+# A plan step: the rule's class with None, or the universal transform's shared instance (they
+# keep no state of their own); and whether it has anything to do once the proposal is settled.
+PlanStep = tuple[type[Rule] | None, UniversalTransform | None, bool]
+_PLANS: dict[tuple[str, StateType | None, StateType], tuple[PlanStep, ...]] = {}
+_TRANSFORMS: dict[type[UniversalTransform], UniversalTransform] = {}
 
 
-def _plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[tuple[Step, bool, bool], ...]:
-    """The applicable steps, each with whether it is a universal transform and whether
-    it has anything to do after the proposal is settled (an `after` or a `cleanup`)."""
+def _plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[PlanStep, ...]:
+    """The applicable steps, worked out once per (policy, from, to)."""
     # Keyed by the policy's name: hashing the policy itself hashes all its steps.
     key = (policy.name, from_type, to_type)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _make_plan(policy, from_type, to_type)
+        plan = _PLANS[key] = tuple(_plan_step(step) for step in applicable_steps(policy, from_type, to_type))
     return plan
 
 
-def _make_plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[tuple[Step, bool, bool], ...]:
-    plan = []
-    for step in applicable_steps(policy, from_type, to_type):
-        universal = issubclass(step, UniversalTransform)
-        base: type[Rule] | type[UniversalTransform] = UniversalTransform if universal else Rule
-        acts_after = step.after is not base.after or getattr(step, "cleanup", None) is not getattr(base, "cleanup", None)
-        plan.append((step, universal, acts_after))
-    return tuple(plan)
-
-
-# Universal transforms keep no state of their own, so one instance of each serves every transition.
-_TRANSFORMS: dict[Step, UniversalTransform] = {}
-
-
-def _transform(step: Step) -> UniversalTransform:
-    found = _TRANSFORMS.get(step)
-    if found is None:
-        made = step()  # type: ignore[call-arg]  # a UniversalTransform takes no arguments
-        assert isinstance(made, UniversalTransform)
-        found = _TRANSFORMS[step] = made
-    return found
+def _plan_step(step: Step) -> PlanStep:
+    if issubclass(step, UniversalTransform):
+        shared = _TRANSFORMS.get(step) or _TRANSFORMS.setdefault(step, step())
+        return None, shared, step.after is not UniversalTransform.after
+    return step, None, step.after is not Rule.after or step.cleanup is not Rule.cleanup
 
 
 def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: OrchestrationContext) -> Transition:
@@ -148,12 +135,13 @@ def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: Orchestr
 
     # The steps entered (their pre-check ran) that have something to do afterwards.
     entered: list[Rule | UniversalTransform] = []
-    for step_type, universal, acts_after in _plan(policy, from_type, to_type):
+    for rule_type, shared, acts_after in _plan(policy, from_type, to_type):
         step: Rule | UniversalTransform
-        if universal:
-            step = _transform(step_type)
+        if shared is not None:
+            step = shared
         elif t.proposed_type == to_type:  # the initial type never changes: the pair is still the original
-            step = step_type(from_type, to_type)  # type: ignore[call-arg]  # a Rule
+            assert rule_type is not None
+            step = rule_type(from_type, to_type)
         else:
             continue  # an earlier rule already changed the proposal
         step.before(t)
