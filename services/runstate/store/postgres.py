@@ -43,9 +43,9 @@ Statement = tuple[str, dict[str, Any]]
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
-# Task-run heads remembered per process (CommittedRuns): about 2 kB each, several times
-# the runs a busy process's partitions have in flight.
-COMMITTED_RUNS = 20_000
+# Task-run heads remembered per process (CommittedRuns): about 5 kB of objects each, so
+# ~20 MB; a few times the runs a busy process's partitions have in flight.
+COMMITTED_RUNS = 4096
 
 
 def binary_sql(query: str) -> str:
