@@ -25,6 +25,7 @@ from runstate.domain import (
     TagLimit,
     TaskRunView,
 )
+from runstate.domain.unchecked import build
 
 # The major version of every message runstate reads and writes (README, "Message
 # evolution"): a field added in a minor change is ignored by older readers; a change
@@ -106,16 +107,25 @@ class CreateTaskRunCommand(_Message):
     def new_run(self) -> TaskRunView:
         """The run before its initial state: what the pipeline decides against
         and what replay re-decides against."""
-        return TaskRunView(
-            id=self.id,
-            name=self.name,
-            flow_run_id=self.flow_run_id,
-            task_key=self.task_key,
-            dynamic_key=self.dynamic_key,
-            tags=self.tags,
-            cache_key=self.cache_key,
-            empirical_policy=self.empirical_policy,
-        )
+        # The command's fields are validated already; the rest are TaskRunView's defaults.
+        return build(TaskRunView, {
+            "id": self.id,
+            "name": self.name,
+            "flow_run_id": self.flow_run_id,
+            "task_key": self.task_key,
+            "dynamic_key": self.dynamic_key,
+            "tags": list(self.tags),
+            "cache_key": self.cache_key,
+            "empirical_policy": self.empirical_policy,
+            "state": None,
+            "run_count": 0,
+            "flow_run_run_count": 0,
+            "start_time": None,
+            "end_time": None,
+            "total_run_time": 0.0,
+            "expected_start_time": None,
+            "next_scheduled_start_time": None,
+        })
 
     def initial_state(self) -> StateCreate:
         return self.state or StateCreate(type=StateType.PENDING)

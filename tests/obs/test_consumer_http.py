@@ -17,7 +17,14 @@ from pipeline.harness import ServiceProcess, isolated_settings, produce, read_al
 from pipeline.test_pipeline import pg_dsn
 from runstate.client import state
 from runstate.database_urls import parse
-from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand
+from runstate.messages import (
+    CreateTaskRunCommand,
+    DeleteConcurrencyLimitCommand,
+    OrchestrationResultEvent,
+    SetConcurrencyLimitCommand,
+    SetStateCommand,
+    limit_id,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -111,6 +118,30 @@ async def test_metrics_count_every_result_published(serving):
     assert samples(text, "runstate_outage")[()] == 0
     assert samples(text, "runstate_db_pool_connections")[()] >= 1
     assert sum(samples(text, "faststream_received_messages_total").values()) >= 1
+
+
+async def test_limit_commands_are_counted_by_their_kind(serving):
+    """A limit change is labelled with its own kind and `applied`, a refused one `error`."""
+    settings, url, _ = serving
+    tag = f"metrics-{uuid.uuid4().hex[:8]}"
+    records = [
+        (str(limit_id(tag)).encode(), SetConcurrencyLimitCommand(tag=tag, concurrency_limit=2).model_dump_json().encode()),
+        (str(limit_id("never-set")).encode(), DeleteConcurrencyLimitCommand(tag="never-set").model_dump_json().encode()),
+    ]
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        await wait_for(http, "/ready", 200)
+        await produce(settings, records)
+        assert len(await read_topic(settings, settings.result_topic, len(records))) == len(records)
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            decisions = samples((await http.get("/metrics")).text, "runstate_decisions_total")
+            if sum(decisions.values()) >= len(records) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    assert decisions == {
+        (("kind", "set_concurrency_limit"), ("status", "applied")): 1.0,
+        (("kind", "delete_concurrency_limit"), ("status", "error")): 1.0,
+    }
 
 
 async def test_ready_follows_the_database(serving):

@@ -258,3 +258,42 @@ async def test_a_connection_lost_before_commit_is_an_outage_and_the_store_reconn
         assert snap.task_runs[run_id].last_seq == 1
     finally:
         await adapter.close()
+
+
+async def test_a_run_moved_by_another_writer_is_read_from_the_table_not_remembered(base_settings):
+    """The PostgreSQL store remembers the heads it committed (CommittedRuns). A head still at
+    its remembered seq is taken from memory; one another process moved on (a zombie's commit),
+    and one of a batch that was rolled back, are read from the table."""
+    mine = PostgresEventStore(base_settings.database_url, size=1)
+    other = PostgresEventStore(base_settings.database_url, size=1)
+    await mine.open()
+    await other.open()
+    try:
+        log, theirs = Log(mine), Log(other)
+        run_id = uuid.uuid4()
+        created = await log.decide(log.record(CreateTaskRunCommand(id=run_id, task_key="k")))
+        committed_view = created.task_run_heads[run_id].view
+        probe = log.record(SetStateCommand(task_run_id=run_id, state=state("COMPLETED")))
+        head = (await log.snapshot(probe)).task_runs[run_id]
+        assert head.view is committed_view and head.last_seq == 1  # remembered, not read again
+        assert head.last_hash == created.events[0].hash
+
+        # A rolled-back batch: its head is not remembered.
+        items = [parse_record(log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))), 1 << 20)]
+        parsed = [i for i in items if isinstance(i, ParsedCommand)]
+        with pytest.raises(RuntimeError):
+            async with mine.session() as session:
+                snap = await read_snapshot(session, parsed, TOPIC, datetime.now(UTC))
+                await session.append(decide_batch(items, snap, RULES))
+                raise RuntimeError("rolled back")
+        head = (await log.snapshot(probe)).task_runs[run_id]
+        assert head.last_seq == 1 and head.view.state.type.value == "PENDING"
+
+        # Another writer moves the run on: its head is read from the table.
+        await theirs.decide(theirs.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))))
+        head = (await log.snapshot(probe)).task_runs[run_id]
+        assert head.last_seq == 2 and head.view.state.type.value == "RUNNING"
+        assert head.view is not committed_view and head.last_hash is not None
+    finally:
+        await mine.close()
+        await other.close()

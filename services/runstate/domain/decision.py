@@ -10,6 +10,10 @@ from .policies import orchestrate, select_policy
 from .results import OrchestrationResult, SetStateRequest
 from .run import TaskRunView
 from .states import State, StateCreate, StateType, stored_data, with_data
+from .unchecked import build, replace
+
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_SCHEDULED = StateType.SCHEDULED
 
 
 class Decision(BaseModel):
@@ -37,17 +41,18 @@ def proposed_state(create: StateCreate, ctx: OrchestrationContext) -> State:
     """The proposal the rules see (docs/rules.md, 'Building the proposal'): the server mints id
     and timestamp; a SCHEDULED proposal without a scheduled_time is scheduled for now."""
     details = create.state_details
-    if create.type is StateType.SCHEDULED and details.scheduled_time is None:
-        details = details.model_copy(update={"scheduled_time": ctx.now})
-    return State(
-        id=ctx.new_state_id,
-        type=create.type,
-        name=create.name if create.name is not None else create.type.default_name,
-        timestamp=ctx.now,
-        message=create.message,
-        data=create.data,
-        state_details=details,
-    )
+    if create.type is _SCHEDULED and details.scheduled_time is None:
+        details = replace(details, scheduled_time=ctx.now)
+    # Every value is already of its field's type (the context and the proposal are validated).
+    return build(State, {
+        "id": ctx.new_state_id,
+        "type": create.type,
+        "name": create.name if create.name is not None else create.type.default_name,
+        "timestamp": ctx.now,
+        "message": create.message,
+        "data": create.data,
+        "state_details": details,
+    })
 
 
 def decide(run: TaskRunView, request: SetStateRequest, ctx: OrchestrationContext) -> Decision:
@@ -66,18 +71,18 @@ def decide(run: TaskRunView, request: SetStateRequest, ctx: OrchestrationContext
     else:
         as_stored = with_data(t.appended, stored_data(t.appended))
         result_state = t.appended
-        run_after = run.model_copy(update={**t.draft.as_update(), "state": as_stored})
+        run_after = replace(run, **t.draft.as_update(), state=as_stored)
 
-    return Decision(
-        result=OrchestrationResult(state=result_state, status=t.status, details=t.details),
-        appended_state=t.appended,
-        run=run_after,
-        effects=effects,
-        policy=policy.name,
-    )
+    return build(Decision, {
+        "result": build(OrchestrationResult, {"state": result_state, "status": t.status, "details": t.details}),
+        "appended_state": t.appended,
+        "run": run_after,
+        "effects": effects,
+        "policy": policy.name,
+    })
 
 
 def apply_initial_state(run: TaskRunView, state: StateCreate, ctx: OrchestrationContext) -> Decision:
     """What POST /task_runs does with the initial state of a new run: a forced set_state,
     so a deferred SCHEDULED state still goes through the background policy and is enqueued."""
-    return decide(run, SetStateRequest(state=state, force=True), ctx)
+    return decide(run, build(SetStateRequest, {"state": state, "force": True}), ctx)

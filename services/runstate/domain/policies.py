@@ -104,33 +104,56 @@ def applicable_steps(policy: Policy, from_type: StateType | None, to_type: State
     )
 
 
+# A plan step: the rule's class with None, or the universal transform's shared instance (they
+# keep no state of their own); and whether it has anything to do once the proposal is settled.
+PlanStep = tuple[type[Rule] | None, UniversalTransform | None, bool]
+_PLANS: dict[tuple[str, StateType | None, StateType], tuple[PlanStep, ...]] = {}
+_TRANSFORMS: dict[type[UniversalTransform], UniversalTransform] = {}
+
+
+def _plan(policy: Policy, from_type: StateType | None, to_type: StateType) -> tuple[PlanStep, ...]:
+    """The applicable steps, worked out once per (policy, from, to)."""
+    # Keyed by the policy's name: hashing the policy itself hashes all its steps.
+    key = (policy.name, from_type, to_type)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = tuple(_plan_step(step) for step in applicable_steps(policy, from_type, to_type))
+    return plan
+
+
+def _plan_step(step: Step) -> PlanStep:
+    if issubclass(step, UniversalTransform):
+        shared = _TRANSFORMS.get(step) or _TRANSFORMS.setdefault(step, step())
+        return None, shared, step.after is not UniversalTransform.after
+    return step, None, step.after is not Rule.after or step.cleanup is not Rule.cleanup
+
+
 def orchestrate(policy: Policy, run: TaskRunView, proposal: State, ctx: OrchestrationContext) -> Transition:
     """Run `policy` over one proposal (docs/rules.md, 'The transition engine')."""
     t = Transition(run=run, ctx=ctx, proposal=proposal, draft=RunDraft.of(run))
-    original = (run.state_type, proposal.type)
+    from_type, to_type = run.state_type, proposal.type
 
-    steps: list[Rule | UniversalTransform] = [
-        step() if issubclass(step, UniversalTransform) else step(*original)
-        for step in applicable_steps(policy, *original)
-    ]
-
-    entered: list[bool] = []
-    for step in steps:
-        if isinstance(step, UniversalTransform) or (t.initial_type, t.proposed_type) == original:
-            step.before(t)
-            entered.append(True)
+    # The steps entered (their pre-check ran) that have something to do afterwards.
+    entered: list[Rule | UniversalTransform] = []
+    for rule_type, shared, acts_after in _plan(policy, from_type, to_type):
+        step: Rule | UniversalTransform
+        if shared is not None:
+            step = shared
+        elif t.proposed_type == to_type:  # the initial type never changes: the pair is still the original
+            assert rule_type is not None
+            step = rule_type(from_type, to_type)
         else:
-            entered.append(False)  # an earlier rule already changed the proposal
+            continue  # an earlier rule already changed the proposal
+        step.before(t)
+        if acts_after:
+            entered.append(step)
 
     if t.proposal is not None:
         t.appended = with_data(t.proposal, data_as_returned(t.proposal.data))
 
-    for step, ran in zip(reversed(steps), reversed(entered), strict=False):
-        if isinstance(step, UniversalTransform):
+    for step in reversed(entered):
+        if isinstance(step, UniversalTransform) or step.expects(t):
             step.after(t)
-        elif ran:
-            if step.expects(t):
-                step.after(t)
-            else:
-                step.cleanup(t)
+        else:
+            step.cleanup(t)
     return t

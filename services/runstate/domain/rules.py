@@ -29,6 +29,7 @@ from .states import (
     holds_persisted_result,
 )
 from .transition import Rule, Transition, UniversalTransform
+from .unchecked import replace
 
 S = StateType
 
@@ -293,8 +294,8 @@ class ReleaseTaskConcurrencySlots(UniversalTransform):
 
     def after(self, t: Transition) -> None:
         written = t.appended
-        if written is None or written.type in self.HOLDING_TYPES:
-            return
+        if written is None or not t.run.tags or written.type in self.HOLDING_TYPES:
+            return  # (a run without tags holds no lease through them)
         # Leases are found through the limit rows of the run's tags, as Prefect does.
         limited_tags = {tag for tag in t.run.tags if tag in t.ctx.tag_limits}
         held: list[Lease] = [
@@ -364,4 +365,4 @@ class EnqueueScheduledTasks(Rule):
 
 
 def _with_details(state: State, **changes: Any) -> State:
-    return state.model_copy(update={"state_details": state.state_details.model_copy(update=changes)})
+    return replace(state, state_details=replace(state.state_details, **changes))

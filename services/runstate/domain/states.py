@@ -10,6 +10,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .timestamps import UtcDateTime
+from .unchecked import replace
 
 
 class StateType(str, Enum):
@@ -72,12 +73,19 @@ class StateDetails(BaseModel):
     deployment_concurrency_lease_id: UUID | None = None
 
 
+# What StateType(value).default_name gives, by every value StateType() accepts (its members
+# are equal to their values): one dict lookup where the enum's own lookup is a Python call.
+_DEFAULT_NAMES: dict[Any, str] = {t.value: t.default_name for t in StateType}
+
+
 def _name_from_type(values: Any) -> Any:
     # Only a missing or null name is defaulted; Prefect keeps an empty string as sent.
     if isinstance(values, dict) and values.get("name") is None and "type" in values:
         # A bad type is left for the type field's own validation to report.
-        with contextlib.suppress(ValueError):
-            values = {**values, "name": StateType(values["type"]).default_name}
+        with contextlib.suppress(TypeError):  # an unhashable type is a bad one
+            name = _DEFAULT_NAMES.get(values["type"])
+            if name is not None:
+                values = {**values, "name": name}
     return values
 
 
@@ -137,7 +145,7 @@ def data_as_returned(data: Any) -> Any:
 
 def with_data(state: State, data: Any) -> State:
     """`state` showing `data`; the state itself when that is already its data (it is frozen)."""
-    return state if data is state.data else state.model_copy(update={"data": data})
+    return state if data is state.data else replace(state, data=data)
 
 
 def stored_data(state: State | None) -> Any:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from .states import TERMINAL_TYPES, StateType
 from .transition import Transition, UniversalTransform
+from .unchecked import replace
+
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_RUNNING, _SCHEDULED = StateType.RUNNING, StateType.SCHEDULED
 
 
 class SetStartTime(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.proposal.type is StateType.RUNNING and t.draft.start_time is None:
+        if t.proposal is not None and t.proposal.type is _RUNNING and t.draft.start_time is None:
             t.draft.start_time = t.proposal.timestamp
 
 
@@ -34,7 +38,7 @@ class SetEndTime(UniversalTransform):
 
 class IncrementRunTime(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.initial is not None and t.initial_type is StateType.RUNNING:
+        if t.proposal is not None and t.initial is not None and t.initial_type is _RUNNING:
             t.draft.total_run_time += (t.proposal.timestamp - t.initial.timestamp).total_seconds()
 
 
@@ -43,7 +47,7 @@ class SetExpectedStartTime(UniversalTransform):
         proposal = t.proposal
         if proposal is None or t.draft.expected_start_time is not None:
             return
-        if proposal.type is StateType.SCHEDULED:
+        if proposal.type is _SCHEDULED:
             t.draft.expected_start_time = proposal.state_details.scheduled_time
         else:
             t.draft.expected_start_time = proposal.timestamp
@@ -54,9 +58,9 @@ class SetNextScheduledStartTime(UniversalTransform):
         proposal = t.proposal
         if proposal is None:
             return
-        if t.initial_type is StateType.SCHEDULED:
+        if t.initial_type is _SCHEDULED:
             t.draft.next_scheduled_start_time = None
-        if proposal.type is StateType.SCHEDULED:
+        if proposal.type is _SCHEDULED:
             t.draft.next_scheduled_start_time = proposal.state_details.scheduled_time
 
 
@@ -67,15 +71,13 @@ class UpdateStateDetails(UniversalTransform):
         proposal = t.proposal
         if proposal is None:
             return
-        details = proposal.state_details.model_copy(
-            update={"flow_run_id": t.run.flow_run_id, "task_run_id": t.run.id}
-        )
-        t.proposal = proposal.model_copy(update={"state_details": details})
+        details = replace(proposal.state_details, flow_run_id=t.run.flow_run_id, task_run_id=t.run.id)
+        t.proposal = replace(proposal, state_details=details)
 
 
 class IncrementRunCount(UniversalTransform):
     def before(self, t: Transition) -> None:
-        if t.proposal is not None and t.proposal.type is StateType.RUNNING:
+        if t.proposal is not None and t.proposal.type is _RUNNING:
             t.draft.run_count += 1
 
 

@@ -24,6 +24,7 @@ from .results import (
 )
 from .run import TaskRunView
 from .states import State, StateType
+from .unchecked import replace
 
 ANY_FROM: frozenset[StateType | None] = frozenset([*StateType, None])
 ANY_TO: frozenset[StateType] = frozenset(StateType)
@@ -136,7 +137,7 @@ class Rule:
 
     def rename(self, t: Transition, name: str) -> None:
         assert t.proposal is not None
-        t.proposal = t.proposal.model_copy(update={"name": name})
+        t.proposal = replace(t.proposal, name=name)
 
 
 class UniversalTransform:

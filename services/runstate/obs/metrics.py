@@ -17,13 +17,18 @@ from runstate.events import EventType
 from runstate.obs.logs import log_refused
 from runstate.pipeline.ports import BatchOutcome
 
-COMMAND_KINDS = frozenset({"create_task_run", "set_task_run_state", "create_flow_run", "set_flow_run_state"})
+LIMIT_KINDS = frozenset({"set_concurrency_limit", "delete_concurrency_limit"})
+COMMAND_KINDS = frozenset({"create_task_run", "set_task_run_state", "create_flow_run", "set_flow_run_state"}) | LIMIT_KINDS
 STATUSES = frozenset({"ACCEPT", "REJECT", "WAIT", "ABORT"})
+# A limit change is applied or refused, never orchestrated: its answers carry no status.
+APPLIED = "applied"
 KIND_OF_EVENT = {
     EventType.TASK_RUN_CREATED: "create_task_run",
     EventType.TRANSITION_DECIDED: "set_task_run_state",
     EventType.FLOW_RUN_CREATED: "create_flow_run",
     EventType.FLOW_RUN_STATE_SET: "set_flow_run_state",
+    EventType.CONCURRENCY_LIMIT_SET: "set_concurrency_limit",
+    EventType.CONCURRENCY_LIMIT_DELETED: "delete_concurrency_limit",
 }
 PHASES = ("parse", "snapshot", "decide", "write", "publish", "commit")
 # Batch phases run from tens of microseconds (parse) to seconds (a write waiting on a lock).
@@ -36,7 +41,7 @@ disable_created_metrics()
 
 
 def bounded_kind(kind: object) -> str:
-    """A command kind as a label value: one of the four, or `unknown` (a record names its own)."""
+    """A command kind as a label value: one of the six, or `unknown` (a record names its own)."""
     return kind if isinstance(kind, str) and kind in COMMAND_KINDS else "unknown"
 
 
@@ -90,7 +95,8 @@ class ConsumerMetrics:
         ours = set()
         for event in outcome.events:
             ours.add(id(event.result_event))
-            key = (KIND_OF_EVENT.get(event.event_type, "unknown"), event.status or "unknown")
+            kind = KIND_OF_EVENT.get(event.event_type, "unknown")
+            key = (kind, event.status or (APPLIED if kind in LIMIT_KINDS else "unknown"))
             counts[key] = counts.get(key, 0) + 1
         for publication in outcome.results:
             if id(publication.value) not in ours:
@@ -168,6 +174,8 @@ def _kind_and_status(value: str) -> tuple[str, str]:
     kind = bounded_kind(answer.get("command_kind"))
     if answer.get("error"):
         return kind, "error"
+    if kind in LIMIT_KINDS:
+        return kind, APPLIED
     status = answer.get("status")
     return kind, status if status in STATUSES else "unknown"
 

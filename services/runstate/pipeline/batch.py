@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from runstate.domain import (
@@ -26,6 +26,7 @@ from runstate.domain import (
     OrchestrationFailure,
     OrchestrationResult,
     OrchestrationSettings,
+    SetStateRequest,
     SetStateStatus,
     SlotsReleased,
     SlotsTaken,
@@ -37,6 +38,8 @@ from runstate.domain import (
     decide,
     record_flow_state,
 )
+from runstate.domain.transition import ACCEPTED
+from runstate.domain.unchecked import build, replace
 from runstate.events import (
     EventType,
     FlowRunEventPayload,
@@ -65,6 +68,7 @@ from runstate.pipeline.message_json import (
     datetime_json,
     model_json,
     render,
+    run_view_json,
     state_ref_json,
     string_json,
     uuid_json,
@@ -91,6 +95,11 @@ FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetSta
 ONE_MICROSECOND = timedelta(microseconds=1)
 TASK_KINDS = ("set_task_run_state", "create_task_run")
 SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
+ACCEPTED_JSON = model_json(ACCEPTED)  # the details of most decisions, written once
+# Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
+_RUNNING = StateType.RUNNING
+_TASK_RUN_CREATED, _TRANSITION_DECIDED = EventType.TASK_RUN_CREATED, EventType.TRANSITION_DECIDED
+_TASK_RUN_STREAM = StreamType.TASK_RUN
 
 
 def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) -> SnapshotRequest:
@@ -113,7 +122,7 @@ def first_request(parsed: Sequence[ParsedCommand], topic: str, now: datetime) ->
             key
             for p in parsed
             if isinstance(p.command, SetStateCommand)
-            and p.command.state.type == StateType.RUNNING
+            and p.command.state.type is _RUNNING
             and (key := p.command.state.state_details.cache_key)
         },
         limit_streams={p.stream_id for p in parsed if p.command.kind in LIMIT_KINDS},
@@ -205,20 +214,21 @@ class BatchDecider:
         if prior is not None:
             self._republish(prior)
             return
-        if command.state.state_details.transition_id is None:
-            details = command.state.state_details.model_copy(update={"transition_id": transition_id})
-            command = command.model_copy(update={"state": command.state.model_copy(update={"state_details": details})})
+        state = command.state
+        if state.state_details.transition_id is None:
+            state = replace(state, state_details=replace(state.state_details, transition_id=transition_id))
+            command = replace(command, state=state)
         run: TaskRunView = head.view
-        ctx = self._context(run, command.state, item.command_id)
+        ctx = self._context(run, state, item.command_id)
         try:
-            decision = decide(run, command.request(), ctx)
+            decision = decide(run, build(SetStateRequest, {"state": state, "force": command.force}), ctx)
         except OrchestrationFailure as exc:
             # Prefect answers these with an HTTP error and writes nothing; here
             # the command is answered with the error and parked, not retried.
             code: ErrorCode = "unknown_run" if exc.http_status == 404 else "orchestration_failed"
             self._refuse(item, code, str(exc), dead_letter=True)
             return
-        self._record_task_decision(item, command, head, ctx, decision, transition_id, EventType.TRANSITION_DECIDED)
+        self._record_task_decision(item, command, head, ctx, decision, transition_id, _TRANSITION_DECIDED)
 
     def _create_task_run(self, item: ParsedCommand, command: CreateTaskRunCommand) -> None:
         if command.id in self.snapshot.task_runs:
@@ -230,7 +240,7 @@ class BatchDecider:
         ctx = self._context(run, initial, item.command_id)
         decision = apply_initial_state(run, initial, ctx)
         head = StreamHead(view=run, last_seq=0)
-        if self._record_task_decision(item, command, head, ctx, decision, transition_id, EventType.TASK_RUN_CREATED):
+        if self._record_task_decision(item, command, head, ctx, decision, transition_id, _TASK_RUN_CREATED):
             self.snapshot.task_runs[command.id] = head
 
     def _context(self, run: TaskRunView, proposed: StateCreate, command_id: UUID) -> OrchestrationContext:
@@ -245,17 +255,24 @@ class BatchDecider:
             flow_head = self.snapshot.flow_runs.get(run.flow_run_id)
             flow = flow_head.view if flow_head else None
         needs_tags = bool(run.tags)
-        return OrchestrationContext(
-            now=now,
-            new_state_id=self.ids.uuid7(now),
-            new_lease_id=self.ids.uuid7(now),
-            random=draw_for(command_id),
-            flow_run=flow,
-            cache_entries=self.snapshot.cache.get(cache_key, []) if cache_key and proposed.type == StateType.RUNNING else [],
-            tag_limits={t: self.snapshot.tag_limits[t] for t in run.tags if t in self.snapshot.tag_limits} if needs_tags else {},
-            leases=self.snapshot.leases.get(run.id, []) if needs_tags else [],
-            settings=self.settings,
-        )
+        fields = {
+            "now": now,
+            "new_state_id": self.ids.uuid7(now),
+            "new_lease_id": self.ids.uuid7(now),
+            "random": draw_for(command_id),
+            "flow_run": flow,
+            # Copies, as validation would make: the snapshot's lists change as the batch goes on.
+            "cache_entries": list(self.snapshot.cache.get(cache_key, ()))
+            if cache_key and proposed.type is _RUNNING else [],
+            "tag_limits": {t: self.snapshot.tag_limits[t] for t in run.tags if t in self.snapshot.tag_limits}
+            if needs_tags else {},
+            "leases": list(self.snapshot.leases.get(run.id, ())) if needs_tags else [],
+            "settings": self.settings,
+        }
+        if now.tzinfo is not UTC:  # a clock of another zone: let validation convert it, as it always has
+            return OrchestrationContext(**fields)
+        # Every other value is of its field's type already: validating it again only costs.
+        return build(OrchestrationContext, fields)
 
     def _record_task_decision(
         self,
@@ -272,22 +289,24 @@ class BatchDecider:
         previous: TaskRunView = head.view
         seq = head.last_seq + 1
         run_id = previous.id
-        key = str(run_id).encode()
+        run_id_json = uuid_json(run_id)
+        key = run_id_json[1:-1].encode()
         appended = decision.appended_state
         result = decision.result
         # Serialised once, each goes into every message that repeats it.
         appended_json = model_json(appended)
-        run_id_json = uuid_json(run_id)
         transition_id_json = uuid_json(transition_id)
-        status_json = string_json(result.status.value)
+        status = result.status.value
+        status_json = string_json(status)
         result_json = render(
             OrchestrationResult,
             state=appended_json if result.state is appended else model_json(result.state),
             status=status_json,
-            details=(details_json := result.details.model_dump_json()),
+            details=(details_json := ACCEPTED_JSON if result.details is ACCEPTED else model_json(result.details)),
         )
+        command_id_json = uuid_json(item.command_id)
         result_event_json = result_event_json_of(
-            command_id=uuid_json(item.command_id),
+            command_id=command_id_json,
             command_kind=string_json(command.kind),
             stream_id=run_id_json,
             transition_id=transition_id_json,
@@ -300,7 +319,7 @@ class BatchDecider:
         )
         change_json = None
         if appended is not None:
-            from_state = previous.state if event_type is not EventType.TASK_RUN_CREATED else None
+            from_state = previous.state if event_type is not _TASK_RUN_CREATED else None
             change_json = render(
                 StateChangeEvent,
                 task_run_id=run_id_json,
@@ -317,7 +336,8 @@ class BatchDecider:
         if too_big:
             self._refuse(item, "too_large", too_big, dead_letter=True)
             return False
-        run_json = decision.run.model_dump_json()
+        run_json = run_view_json(decision.run, appended_json) if decision.run.state is appended else model_json(
+            decision.run)
         payload = render(
             TaskRunEventPayload,
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
@@ -333,9 +353,10 @@ class BatchDecider:
             schema_version=SCHEMA_VERSION_JSON,
         )
         self.out.events.append(
-            row := EventRow.of(item, run_id, seq, StreamType.TASK_RUN, event_type, transition_id,
-                               result.status.value, appended, payload, result_event_json, change_json,
-                               head.last_hash)
+            row := EventRow.of(item, run_id, seq, _TASK_RUN_STREAM, event_type, transition_id,
+                               status, appended, payload, result_event_json, change_json,
+                               head.last_hash, (run_id_json[1:-1], command_id_json[1:-1],
+                                                None if transition_id is None else transition_id_json[1:-1]))
         )
         head.last_hash = row.hash
         head.view, head.view_json = decision.run, run_json

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import os
 from datetime import UTC, datetime
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
 UUID7_RANDOM_BYTES = 10
 IDS_PER_URANDOM_CALL = 64
 _UUID7_VERSION_AND_VARIANT = 0x7 << 76 | 0b10 << 62
 _UUID7_RAND_A = 0xFFF << 64  # rand_a, beside the version: bits 62-73 of the draw
 _UUID7_RAND_B = (1 << 62) - 1  # rand_b, after the variant: the draw's low 62 bits
+_new_uuid = object.__new__
+_set = object.__setattr__
+_UNKNOWN = SafeUUID.unknown  # read once: an enum member's lookup is a Python call
 
 
 class IdMinter:
@@ -31,12 +34,12 @@ class IdMinter:
         rand = int.from_bytes(self._random[self._used : self._used + UUID7_RANDOM_BYTES], "big")
         self._used += UUID7_RANDOM_BYTES
         millis = int(now.timestamp() * 1000)
-        return UUID(
-            int=(millis & ((1 << 48) - 1)) << 80
-            | _UUID7_VERSION_AND_VARIANT
-            | (rand << 2) & _UUID7_RAND_A
-            | rand & _UUID7_RAND_B
-        )
+        # What UUID(int=...) makes, without its argument checks (the value is 128 bits by construction).
+        uid = _new_uuid(UUID)
+        _set(uid, "int", (millis & ((1 << 48) - 1)) << 80 | _UUID7_VERSION_AND_VARIANT
+             | (rand << 2) & _UUID7_RAND_A | rand & _UUID7_RAND_B)
+        _set(uid, "is_safe", _UNKNOWN)
+        return uid
 
 
 def draw_for(command_id: UUID) -> float:

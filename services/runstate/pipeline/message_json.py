@@ -13,44 +13,65 @@ import json
 import re
 from datetime import datetime
 from functools import cache, lru_cache
+from operator import itemgetter
+from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import OrchestrationResult, StateType
+from runstate.domain import OrchestrationResult, StateType, TaskRunView
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
+_UUID_SERIALIZER = TypeAdapter(UUID).serializer
 
 
 @cache
-def _template(model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
-    # Each field's name as written before its value, the separator included.
-    return tuple(((',' if i else '{') + f'"{name}":', name) for i, name in enumerate(model.model_fields))
+def _template(model: type[BaseModel]) -> tuple[str, itemgetter[Any], int]:
+    # The object with each field's name written and a %s for its value (a name holds no %),
+    # and what picks the values out of the members in field order.
+    names = tuple(model.model_fields)
+    text = "{" + ",".join(f'"{name}":%s' for name in names) + "}"
+    return text, itemgetter(*names), len(names)
 
 
 def render(model: type[BaseModel], **members: str) -> str:
     """What `model_dump_json` writes for a `model` whose members serialise to these values."""
-    template = _template(model)
-    if len(members) == len(template):
+    text, pick, count = _template(model)
+    if len(members) == count:
         try:
-            return "".join([prefix + members[name] for prefix, name in template]) + "}"
+            values = pick(members)
         except KeyError:
             pass
-    names = {name for _, name in template}
+        else:
+            return text % (values if count > 1 else (values,))
+    names = set(model.model_fields)
     wrong = sorted(set(members) ^ names)
     raise TypeError(f"{model.__name__} has no field {wrong[0]!r}" if wrong[0] in members
                     else f"{model.__name__}'s field {wrong[0]!r} is missing")
 
 
 def model_json(model: BaseModel | None) -> str:
-    return "null" if model is None else model.model_dump_json()
+    # The serializer itself: `model_dump_json` writes the same, after a Python call that costs as much.
+    return "null" if model is None else model.__pydantic_serializer__.to_json(model).decode()
+
+
+_WITHOUT_STATE = {"state"}
+# The member after `state` in a TaskRunView: a field name, so never inside a string (quotes are escaped there).
+_AFTER_STATE = ',"run_count":'
+
+
+def run_view_json(run: TaskRunView, state_json: str) -> str:
+    """`run.model_dump_json()`, given its state's JSON already written."""
+    text = TaskRunView.__pydantic_serializer__.to_json(run, exclude=_WITHOUT_STATE).decode()
+    cut = text.rindex(_AFTER_STATE)
+    return f'{text[:cut]},"state":{state_json}{text[cut:]}'
 
 
 def uuid_json(value: UUID | None) -> str:
-    # A UUID's JSON is its canonical text, as pydantic writes it.
-    return "null" if value is None else f'"{value}"'
+    # A UUID's JSON is its canonical text; pydantic's serializer writes it faster than str() does.
+    return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
 
 
 def datetime_json(value: datetime) -> str:
@@ -95,11 +116,17 @@ def result_event_json(
     )
 
 
+@lru_cache(maxsize=64)
+def _state_type_json(state_type: str) -> str:
+    # A column's text or a member (equal to its text): StateType() checks it, once per value.
+    return string_json(StateType(state_type).value)
+
+
 def state_ref_json(state_type: str, name: str | None, state_id: UUID | str | None) -> str:
     """A StateChangeEvent's `from_state`, from the columns of the event that appended it."""
     if name is None or state_id is None:  # not a state reference: let the model say why
         return StateRef.model_validate({"type": state_type, "name": name, "id": state_id}).model_dump_json()
-    return render(StateRef, type=string_json(StateType(state_type).value), name=string_json(name),
+    return render(StateRef, type=_state_type_json(state_type), name=string_json(name),
                   id=uuid_json(state_id if isinstance(state_id, UUID) else UUID(state_id)))
 
 

@@ -104,9 +104,11 @@ class EventRow:
         result_event: str,
         state_change: str | None,
         previous_hash: bytes | None,
+        ids_text: tuple[str, str, str | None] | None = None,
     ) -> EventRow:
         """The row recording one decided command, with the record it came from,
-        chained to the stream's previous event."""
+        chained to the stream's previous event. `ids_text` is the stream id, the
+        command id and the transition id as text, when the caller has them already."""
         row = cls(
             stream_id=stream_id,
             seq=seq,
@@ -126,10 +128,12 @@ class EventRow:
             result_event=result_event,
             state_change=state_change,
         )
+        # The hash reads each id as its text: the same bytes from the text as from the UUID.
+        stream_text, command_text, transition_text = ids_text or (row.stream_id, row.command_id, row.transition_id)
         row.hash = event_hash(
             previous_hash or GENESIS,
-            stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type, event_type=row.event_type,
-            command_id=row.command_id, transition_id=row.transition_id, status=row.status,
+            stream_id=stream_text, seq=row.seq, stream_type=row.stream_type, event_type=row.event_type,
+            command_id=command_text, transition_id=transition_text, status=row.status,
             state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
             source_topic=row.source_topic, source_partition=row.source_partition,
             source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,

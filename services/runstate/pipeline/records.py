@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from runstate import strict_json
 from runstate.messages import COMMAND_ADAPTER, Command, ErrorCode, ErrorInfo, SetStateCommand, stream_id_of
@@ -22,6 +22,7 @@ from runstate.messages import COMMAND_ADAPTER, Command, ErrorCode, ErrorInfo, Se
 log = logging.getLogger("runstate.records")
 
 RECORD_NAMESPACE = UUID("5d1f6a0e-8f1c-4c7e-9a57-2c4f1b7d0e11")
+_UUID_SERIALIZER = TypeAdapter(UUID).serializer
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ def _parse(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
     stream_id = stream_id_of(command)
     # Keyed by anything but the run's id, the record sits in a partition other
     # than its run's: deciding it would race that run's own commands.
-    if record.key != str(stream_id).encode():
+    if record.key != _UUID_SERIALIZER.to_json(stream_id)[1:-1]:  # the id's canonical text, unquoted
         return BadRecord(
             record,
             ErrorInfo(code="key_mismatch", message=_key_mismatch(record.key, stream_id)),

@@ -13,6 +13,7 @@ or waited out.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -41,6 +42,10 @@ from runstate.pipeline.ports import (
 Statement = tuple[str, dict[str, Any]]
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+# Task-run heads remembered per process (CommittedRuns): about 5 kB of objects each, so
+# ~20 MB; a few times the runs a busy process's partitions have in flight.
+COMMITTED_RUNS = 4096
 
 
 def binary_sql(query: str) -> str:
@@ -167,6 +172,7 @@ class PostgresEventStore:
 
     def __init__(self, url: DatabaseURL, size: int = 1) -> None:
         self.pool = batch_pool(url, size)
+        self.committed_runs = CommittedRuns()
 
     async def open(self) -> None:
         # Not waiting: a database still starting is waited for batch by batch.
@@ -178,15 +184,43 @@ class PostgresEventStore:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PostgresSession]:
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                yield PostgresSession(conn)
+            async with self.pool.connection() as conn:
+                async with conn.transaction():
+                    session = PostgresSession(conn, self.committed_runs)
+                    yield session
+                # Only what is committed is remembered: a batch rolled back leaves no trace.
+                self.committed_runs.remember(session.appended_runs)
         except (psycopg.Error, PoolTimeout) as exc:
             raise translate(exc) from exc
 
 
+class CommittedRuns:
+    """The task-run heads this process committed last, by run id: a batch reading a run
+    whose projection is still at the remembered seq takes the view from here instead of
+    reading and validating its JSON again. The seq is checked in the same read, so a head
+    another writer moved (a zombie, a rebuild) is read from the table as before."""
+
+    def __init__(self, size: int = COMMITTED_RUNS) -> None:
+        self.size = size
+        self.heads: OrderedDict[UUID, tuple[int, TaskRunView, bytes | None]] = OrderedDict()
+
+    def get(self, run_id: UUID) -> tuple[int, TaskRunView, bytes | None] | None:
+        return self.heads.get(run_id)
+
+    def remember(self, heads: dict[UUID, StreamHead]) -> None:
+        for run_id, head in heads.items():
+            # A tuple, not the head: the decide path updates heads in place.
+            self.heads[run_id] = (head.last_seq, head.view, head.last_hash)
+            self.heads.move_to_end(run_id)
+        while len(self.heads) > self.size:
+            self.heads.popitem(last=False)
+
+
 class PostgresSession:
-    def __init__(self, conn: psycopg.AsyncConnection) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns | None = None) -> None:
         self.conn = conn
+        self.committed_runs = committed_runs or CommittedRuns(0)
+        self.appended_runs: dict[UUID, StreamHead] = {}
 
     async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
         """Every row the request names, in one round trip."""
@@ -203,11 +237,21 @@ class PostgresSession:
                     "offs": [o for _, o in request.sources],
                 },
             )
+        remembered = {}
         if request.task_run_ids:
+            for run_id in request.task_run_ids:
+                head = self.committed_runs.get(run_id)
+                if head is not None:
+                    remembered[run_id] = head
+            # A run still at the remembered seq comes back without its view and hash.
             queries["task_runs"] = (
-                "SELECT r.id, r.last_seq, r.view, e.hash FROM task_runs r"
-                " LEFT JOIN events e ON e.stream_id = r.id AND e.seq = r.last_seq WHERE r.id = ANY(:ids)",
-                {"ids": list(request.task_run_ids)},
+                "SELECT r.id, r.last_seq, CASE WHEN r.last_seq = k.seq THEN NULL ELSE r.view END AS view,"
+                " CASE WHEN r.last_seq = k.seq THEN NULL ELSE"
+                " (SELECT e.hash FROM events e WHERE e.stream_id = r.id AND e.seq = r.last_seq) END AS hash"
+                " FROM task_runs r LEFT JOIN unnest(CAST(:kids AS uuid[]), CAST(:kseqs AS bigint[])) AS k(id, seq)"
+                " ON k.id = r.id WHERE r.id = ANY(:ids)",
+                {"ids": list(request.task_run_ids), "kids": list(remembered),
+                 "kseqs": [head[0] for head in remembered.values()]},
             )
         if request.flow_run_ids:
             queries["flow_runs"] = (
@@ -263,8 +307,13 @@ class PostgresSession:
         # models parse; the stored messages as the very text first published.
         snap = into
         for row in found.get("task_runs", []):
-            snap.task_runs[UUID(row["id"])] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"],
-                                                         last_hash=_bytea(row["hash"]))
+            run_id = UUID(row["id"])
+            known = remembered.get(run_id)
+            if row["view"] is None and known is not None and known[0] == row["last_seq"]:
+                snap.task_runs[run_id] = StreamHead(known[1], known[0], last_hash=known[2])
+            else:
+                snap.task_runs[run_id] = StreamHead(TaskRunView.model_validate(row["view"]), row["last_seq"],
+                                                    last_hash=_bytea(row["hash"]))
         for row in found.get("flow_runs", []):
             snap.flow_runs[UUID(row["id"])] = StreamHead(FlowRunView.model_validate(row["view"]), row["last_seq"],
                                                          last_hash=_bytea(row["hash"]))
@@ -328,6 +377,7 @@ class PostgresSession:
                 },
             ))
         if out.task_run_heads:
+            self.appended_runs.update(out.task_run_heads)
             heads = list(out.task_run_heads.values())
             statements.append((
                 "INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key,"
