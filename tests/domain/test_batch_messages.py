@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from runstate.domain import OrchestrationContext, OrchestrationSettings
-from runstate.events import StoredDecision, TaskRunEventPayload
+from runstate.events import LeanDecision, TaskRunEventPayload
 from runstate.messages import CreateTaskRunCommand, OrchestrationResultEvent, SetStateCommand, StateChangeEvent
 from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.ports import StoreSnapshot
@@ -43,10 +43,13 @@ def test_assembled_messages_are_what_pydantic_writes(steps):
             assert change.value == StateChangeEvent.model_validate_json(change.value).model_dump_json()
         (event,) = outcome.events
         payload = json.loads(event.payload)
+        # Stored lean: every member pydantic would leave out as a default is left out, and only those.
         decision = json.dumps(payload["decision"], separators=(",", ":"), ensure_ascii=False)
-        assert decision == StoredDecision.model_validate(payload["decision"]).model_dump_json()
+        lean = LeanDecision.model_validate(payload["decision"])
+        assert json.loads(decision) == json.loads(lean.model_dump_json(exclude_defaults=True, exclude={"details"})) | {
+            "details": json.loads(lean.details.model_dump_json())}
         context = json.dumps(payload["context"], separators=(",", ":"), ensure_ascii=False)
-        assert context == OrchestrationContext.model_validate(payload["context"]).model_dump_json()
+        assert context == OrchestrationContext.model_validate(payload["context"]).model_dump_json(exclude_defaults=True)
         TaskRunEventPayload.model_validate(payload)
         # The event stores no message: they are rendered again from it (tests/pipeline/test_lean_event.py).
         assert "result_event" not in payload and "state_change" not in payload

@@ -38,7 +38,7 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
+from runstate.events import GENESIS, event_hash, inherit_run, recorded_command, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.store.queries import count_events, scan_events
 
@@ -134,7 +134,9 @@ class StreamVerifier:
         expected_seq = self._previous_seq + 1
         previous_run = self._previous_run
         self._previous_seq = event.seq
-        self._previous_run = event.decision.get("run") if isinstance(event.decision, Mapping) else None
+        # A lean event's run takes the members fixed at creation from the run before it.
+        decision = inherit_run(event.decision, previous_run)
+        self._previous_run = decision.get("run") if isinstance(decision, Mapping) else None
 
         if event.seq != expected_seq:
             return Mismatch(event.stream_id, event.seq, (f"seq: expected {expected_seq} (gap in the log)",))
@@ -144,7 +146,7 @@ class StreamVerifier:
             recomputed = redecide(event, previous_run)
         except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
             return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
-        diffs = compare(event.decision, recomputed)
+        diffs = compare(decision, recomputed)
         if not diffs:
             return None
         shown = diffs[:MAX_DIFFS_SHOWN]
@@ -209,7 +211,7 @@ def recorded_event(row: Any) -> RecordedEvent:
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
     return RecordedEvent(row.stream_id, row.seq, row.event_type, recorded_command(payload, row.transition_id),
-                         payload.get("context"), recorded_decision(payload, row.status))
+                         payload.get("context"), recorded_decision(payload, row.status, row.stream_id))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:

@@ -41,7 +41,6 @@ from runstate.events import (
     EventType,
     FlowRunEventPayload,
     LimitEventPayload,
-    StoredDecision,
     StreamType,
     TaskRunEventPayload,
 )
@@ -63,6 +62,7 @@ from runstate.messages import (
 from runstate.pipeline.ids import IdMinter, draw_for, system_clock
 from runstate.pipeline.message_json import (
     datetime_json,
+    lean_decision_json,
     model_json,
     render,
     state_ref_json,
@@ -321,14 +321,14 @@ class BatchDecider:
         payload = render(
             TaskRunEventPayload,
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
-            context=ctx.model_dump_json(),
-            decision=render(
-                StoredDecision,
+            context=ctx.model_dump_json(exclude_defaults=True),
+            decision=lean_decision_json(
                 details=details_json,
-                appended_state=appended_json,
-                run=run_json,
-                effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
-                policy=string_json(decision.policy),
+                appended=appended,
+                run=decision.run,
+                previous=previous if event_type is not EventType.TASK_RUN_CREATED else None,
+                effects=decision.effects,
+                policy=decision.policy,
             ),
             schema_version=SCHEMA_VERSION_JSON,
         )

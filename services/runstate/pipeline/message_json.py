@@ -17,7 +17,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import OrchestrationResult, StateType
+from runstate.domain import Effect, OrchestrationResult, State, StateType, TaskRunView
+from runstate.events import CREATION_MEMBERS, state_json
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
@@ -61,6 +62,41 @@ def datetime_json(value: datetime) -> str:
 def string_json(value: str) -> str:
     # Kinds, statuses and policy names: a handful of values, each escaped once.
     return _STRING_SERIALIZER.to_json(value).decode()
+
+
+# -- the stored decision (events.LeanDecision)
+
+_LEAVE_OUT_CREATED = frozenset({"id"})
+_LEAVE_OUT_TRANSITION = frozenset({"id", *CREATION_MEMBERS})
+
+
+def lean_decision_json(
+    *,
+    details: str,
+    appended: State | None,
+    run: TaskRunView,
+    previous: TaskRunView | None,
+    effects: list[Effect],
+    policy: str,
+) -> str:
+    """A decision as a LeanDecision's JSON: members equal to their defaults left out, the run
+    without its id, without its state when that is the appended one, and after a `previous`
+    run without the members fixed at creation (decide() never changes them; one that did
+    change would be written)."""
+    parts = ['{"details":' + details]
+    if appended is not None:
+        parts.append('"appended_state":' + appended.model_dump_json(exclude_defaults=True))
+    leave_out = set(_LEAVE_OUT_CREATED if previous is None else _LEAVE_OUT_TRANSITION)
+    if previous is not None:
+        leave_out -= {name for name in CREATION_MEMBERS
+                      if getattr(run, name) is not getattr(previous, name) and getattr(run, name) != getattr(previous, name)}
+    if run.state is appended or run.state == appended:
+        leave_out.add("state")
+    parts.append('"run":' + run.model_dump_json(exclude_defaults=True, exclude=leave_out))
+    if effects:
+        parts.append('"effects":[' + ",".join(effect.model_dump_json() for effect in effects) + "]")
+    parts.append('"policy":' + string_json(policy))
+    return ",".join(parts) + "}"
 
 
 # -- the messages of a decision, rendered when it is made and again from its event
@@ -152,14 +188,19 @@ def stored_messages(
         return parts["result_event"], None if change == "null" else change
     decision = members(parts["decision"])
     run = members(decision["run"])
-    appended = decision["appended_state"]
+    if "id" in run:  # written before revision 0011: every member in full
+        appended = decision["appended_state"]
+        run_state = run["state"]
+    else:  # lean: the states as the messages carried them, every member written
+        appended = state_json(decision.get("appended_state", "null"))
+        run_state = state_json(run["state"]) if "state" in run else appended
     state_appended = appended != "null"
     status_json = string_json(status or "")
     transition_id_json = uuid_json(transition_id)
-    schema_version = parts["schema_version"]
+    schema_version = parts.get("schema_version", "1")
     result = render(
         OrchestrationResult,
-        state=appended if state_appended else run["state"],
+        state=appended if state_appended else run_state,
         status=status_json,
         details=decision["details"],
     )
@@ -180,7 +221,7 @@ def stored_messages(
     change = render(
         StateChangeEvent,
         task_run_id=uuid_json(stream_id),
-        flow_run_id=run["flow_run_id"],
+        flow_run_id=run.get("flow_run_id", "null"),
         seq=str(seq),
         from_state=from_state,
         to_state=appended,
