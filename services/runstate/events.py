@@ -161,7 +161,8 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
 
 
 @cache
-def _shape(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, type[BaseModel]]]:
+def member_defaults(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, type[BaseModel]]]:
+    """A model's members that have defaults, as JSON values; and its members that are models."""
     defaults = {name: _default_json(f) for name, f in model.model_fields.items() if not f.is_required()}
     nested = {name: m for name, f in model.model_fields.items() if (m := _nested_model(f.annotation)) is not None}
     return defaults, nested
@@ -172,7 +173,7 @@ def filled(model: type[BaseModel], value: Any, leave_out: tuple[str, ...] = ()) 
     `model.model_dump(mode="json")` gives it: the defaults filled back, nested models too."""
     if not isinstance(value, Mapping):
         return value
-    defaults, nested = _shape(model)
+    defaults, nested = member_defaults(model)
     out = {name: default for name, default in defaults.items() if name not in leave_out} | dict(value)
     for name, inner in nested.items():
         if isinstance(out.get(name), Mapping):
@@ -237,7 +238,7 @@ def inherit_run(decision: Mapping[str, Any] | None, previous_run: Mapping[str, A
     if not isinstance(run, Mapping) or all(name in run for name in CREATION_MEMBERS):
         return decision
     before = previous_run if isinstance(previous_run, Mapping) else {}
-    defaults, _ = _shape(TaskRunView)
+    defaults, _ = member_defaults(TaskRunView)
     inherited = {name: before.get(name, defaults[name]) for name in CREATION_MEMBERS if name not in run}
     return {**decision, "run": {**run, **inherited}}
 

@@ -29,10 +29,12 @@ revision 0010, or by hand) is kept as it is.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -46,6 +48,8 @@ from runstate.audit.parallel import (
     report_progress,
     run_ranges,
 )
+from runstate.domain import State, TaskRunView
+from runstate.events import CREATION_MEMBERS, member_defaults
 from runstate.store.queries import START
 
 # An event appended by a transaction that began before the rebuild started but committed
@@ -53,9 +57,35 @@ from runstate.store.queries import START
 # the start. The service's transactions last milliseconds; this is a wide margin.
 CATCH_UP_MARGIN = "10 minutes"
 
+
+def _filled(model: type[BaseModel], expr: str, params: dict[str, str], prefix: str) -> str:
+    """SQL for the jsonb `expr` with the members a lean event left out as defaults filled back,
+    nested models too (events.filled, in SQL); the defaults go into `params`."""
+    defaults, nested = member_defaults(model)
+    params[prefix] = json.dumps(defaults)
+    inner = ", ".join(
+        f"'{name}', " + _filled(m, f"COALESCE(({expr})->'{name}', CAST(:{prefix}_{name}_d AS jsonb))", params,
+                               f"{prefix}_{name}")
+        for name, m in nested.items()
+    )
+    for name in nested:
+        params[f"{prefix}_{name}_d"] = json.dumps(defaults.get(name))
+    return (f"CASE WHEN jsonb_typeof({expr}) = 'object' THEN CAST(:{prefix} AS jsonb) || ({expr})"
+            + (f" || jsonb_build_object({inner})" if inner else "") + f" ELSE ({expr}) END")
+
+
+FILL_PARAMS: dict[str, str] = {}
+FULL_STATE = _filled(State, "appended", FILL_PARAMS, "fs")
+# A head's view: the defaults, the members fixed at creation (from the creation event's run),
+# then the newest event's run (whole in the older shapes, lean since revision 0011).
+COMPOSED_VIEW = (
+    "COALESCE((SELECT jsonb_object_agg(key, value) FROM jsonb_each(base) WHERE key = ANY(CAST(:creation AS text[]))),"
+    " '{}') || head || jsonb_build_object('id', id)"
+)
+FULL_VIEW = _filled(TaskRunView, "composed", FILL_PARAMS, "fv")
+
 SHADOW_DDL = """
-CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, flow_run_id uuid,
-                                state_type text, state_name text, view jsonb NOT NULL);
+CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, base jsonb, head jsonb NOT NULL);
 CREATE TEMP TABLE rb_flow_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, state_type text,
                                 view jsonb NOT NULL);
 CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_expiration timestamptz,
@@ -70,36 +100,49 @@ SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", 
                  "rb_limits", "rb_slot_changes")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
+# Only three kinds of task-run event are parsed: a stream's newest in the batch (its head),
+# its creation (the members fixed then: the base of a lean head) and one that records
+# effects (its text holds a non-empty effects array; a false match only costs a parse).
 FOLD = """
-WITH b AS MATERIALIZED (
-    SELECT stream_id, seq, stream_type,
-           CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
-           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f,
-           CASE WHEN stream_type = 'concurrency_limit' THEN payload->'command'->>'tag' END AS limit_tag,
-           CASE WHEN stream_type = 'concurrency_limit' THEN (payload->'limit')::jsonb END AS lim
+WITH r AS MATERIALIZED (
+    SELECT stream_id, seq, stream_type, event_type, payload,
+           seq = max(seq) OVER (PARTITION BY stream_id) AS newest
     FROM events e WHERE {events}
 ),
+b AS MATERIALIZED (
+    SELECT stream_id, seq, stream_type, event_type, newest,
+           CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
+                     OR strpos(payload::text, '"effects":[{') > 0)
+                THEN (payload->'decision')::jsonb END AS d,
+           CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
+           CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
+           CASE WHEN stream_type = 'concurrency_limit' AND newest THEN (payload->'limit')::jsonb END AS lim
+    FROM r
+),
 task_heads AS (
-    INSERT INTO rb_task_runs AS t (id, last_seq, flow_run_id, state_type, state_name, view)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, (d->'run'->>'flow_run_id')::uuid,
-           d->'run'->'state'->>'type', d->'run'->'state'->>'name', d->'run'
-    FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object' ORDER BY stream_id, seq DESC
-    ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, flow_run_id = EXCLUDED.flow_run_id,
-        state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name, view = EXCLUDED.view
-    WHERE t.last_seq < EXCLUDED.last_seq
+    INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
+    SELECT h.stream_id, h.seq, c.d->'run',
+           -- A lean run leaves its state out when it is the appended one.
+           CASE WHEN h.d->'run' ? 'state' THEN h.d->'run'
+                ELSE h.d->'run' || jsonb_build_object('state', h.d->'appended_state') END
+    FROM b h LEFT JOIN b c ON c.stream_id = h.stream_id AND c.event_type = 'task_run_created'
+    WHERE h.stream_type = 'task_run' AND h.newest AND jsonb_typeof(h.d->'run') = 'object'
+    ON CONFLICT (id) DO UPDATE SET base = COALESCE(EXCLUDED.base, t.base),
+        last_seq = GREATEST(t.last_seq, EXCLUDED.last_seq),
+        head = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.head ELSE t.head END
 ),
 flow_heads AS (
     INSERT INTO rb_flow_runs AS t (id, last_seq, state_type, view)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, f->>'state_type', f
-    FROM b WHERE stream_type = 'flow_run' AND jsonb_typeof(f) = 'object' ORDER BY stream_id, seq DESC
+    SELECT stream_id, seq, f->>'state_type', f
+    FROM b WHERE stream_type = 'flow_run' AND newest AND jsonb_typeof(f) = 'object'
     ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, state_type = EXCLUDED.state_type,
         view = EXCLUDED.view
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
 limit_heads AS (
     INSERT INTO rb_limits AS t (stream_id, last_seq, tag, lim)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, limit_tag, lim
-    FROM b WHERE stream_type = 'concurrency_limit' AND limit_tag IS NOT NULL ORDER BY stream_id, seq DESC
+    SELECT stream_id, seq, limit_tag, lim
+    FROM b WHERE stream_type = 'concurrency_limit' AND newest AND limit_tag IS NOT NULL
     ON CONFLICT (stream_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, tag = EXCLUDED.tag, lim = EXCLUDED.lim
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
@@ -111,7 +154,7 @@ effects AS MATERIALIZED (
 cache AS (
     INSERT INTO rb_cache (stream_id, seq, cache_key, cache_expiration, state_id, state, created)
     SELECT stream_id, seq, e->>'cache_key', (e->>'cache_expiration')::timestamptz,
-           (appended->>'id')::uuid, appended, (appended->>'timestamp')::timestamptz
+           (appended->>'id')::uuid, %FULL_STATE%, (appended->>'timestamp')::timestamptz
     FROM effects WHERE e->>'kind' = 'cache_inserted'
 ),
 taken AS (
@@ -143,13 +186,14 @@ released AS (
 unreadable AS (
     INSERT INTO rb_unreadable (stream_id, seq)
     SELECT stream_id, seq FROM b
-    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
-               ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
+    WHERE newest AND CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
+                          ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
 """
 
+FOLD = FOLD.replace("%FULL_STATE%", FULL_STATE)
 RANGE = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND (e.stream_id, e.seq) <= (:hi_stream, :hi_seq)"
 TAIL = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND {streams}"
 LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
@@ -157,8 +201,10 @@ LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
 SWAP = """
 TRUNCATE task_runs, flow_runs, task_cache, tag_leases;
 INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key, view)
-    SELECT id, last_seq, flow_run_id, state_type, state_name, view->>'task_key', view->>'dynamic_key', view::json
-    FROM rb_task_runs;
+    SELECT id, last_seq, (view->>'flow_run_id')::uuid, view->'state'->>'type', view->'state'->>'name',
+           view->>'task_key', view->>'dynamic_key', view::json
+    FROM (SELECT id, last_seq, %FULL_VIEW% AS view
+          FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS composed FROM rb_task_runs) c) v;
 INSERT INTO flow_runs (id, last_seq, state_type, view)
     SELECT id, last_seq, state_type, view FROM rb_flow_runs;
 INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
@@ -175,7 +221,7 @@ UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_t
           FROM tag_concurrency_limits c LEFT JOIN rb_slot_changes x ON x.tag = c.tag
           GROUP BY c.tag) h
     WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
-"""
+""".replace("%FULL_VIEW%", FULL_VIEW).replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
 
 
 @dataclass(frozen=True)
@@ -244,10 +290,10 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
         if hi is None:  # the tail: fewer than batch_size events are left
             tail = TAIL.format(streams=condition)
-            folded = conn.execute(text(FOLD.format(events=tail)), bounds | range_params).scalar_one()
+            folded = conn.execute(text(_fold(tail)), bounds | range_params | FILL_PARAMS).scalar_one()
         else:
             bounds |= {"hi_stream": hi.stream_id, "hi_seq": hi.seq}
-            folded = conn.execute(text(FOLD.format(events=RANGE)), bounds).scalar_one()
+            folded = conn.execute(text(_fold(RANGE)), bounds | FILL_PARAMS).scalar_one()
         conn.commit()
         events += folded
         if on_batch:
@@ -328,9 +374,9 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
         ),
         {"since": started_at},
     )
-    caught_up = conn.execute(text(FOLD.format(events=LEFTOVERS))).scalar_one()
+    caught_up = conn.execute(text(_fold(LEFTOVERS)), FILL_PARAMS).scalar_one()
     unreadable = conn.execute(text("SELECT count(*) FROM rb_unreadable")).scalar_one()
-    _script(conn, SWAP)
+    _script(conn, SWAP, {**FILL_PARAMS, "creation": list(CREATION_MEMBERS)})
     task_runs = conn.execute(text("SELECT count(*) FROM task_runs")).scalar_one()
     flow_runs = conn.execute(text("SELECT count(*) FROM flow_runs")).scalar_one()
     conn.commit()
@@ -345,8 +391,13 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
     )
 
 
-def _script(conn: Connection, script: str) -> None:
+def _fold(events: str) -> str:
+    return FOLD.replace("{events}", events)
+
+
+def _script(conn: Connection, script: str, params: dict[str, object] | None = None) -> None:
     # One statement per execute: the extended protocol psycopg uses runs a single statement.
     for statement in script.split(";\n"):
         if statement.strip():
-            conn.execute(text(statement))
+            used = {k: v for k, v in (params or {}).items() if f":{k}" in statement}
+            conn.execute(text(statement), used)
