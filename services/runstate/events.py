@@ -215,7 +215,7 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None,
         run["id"] = None if stream_id is None else str(UUID(str(stream_id)))
         if "state" not in decision["run"]:
             run["state"] = appended
-        effects = list(decision.get("effects", ()))
+        effects: Any = list(decision.get("effects", ()))
     else:
         effects = decision.get("effects")
     state = appended if appended is not None else (run.get("state") if isinstance(run, Mapping) else None)

@@ -23,16 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
 
-import psycopg  # noqa: E402
-from run_bench import admin_sql, fresh_database  # noqa: E402
-from workload import CREATE, SET, lifecycle  # noqa: E402
+import psycopg
+from run_bench import admin_sql, fresh_database
+from workload import CREATE, SET, lifecycle
 
-from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
-from runstate.domain import OrchestrationSettings  # noqa: E402
-from runstate.envfile import read_env_file  # noqa: E402
-from runstate.pipeline.batch import decide_batch  # noqa: E402
-from runstate.pipeline.ports import EventRow, StoreSnapshot  # noqa: E402
-from runstate.pipeline.records import IncomingRecord, parse_record  # noqa: E402
+from runstate.database_urls import libpq_dsn as libpq
+from runstate.domain import OrchestrationSettings
+from runstate.envfile import read_env_file
+from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.ports import EventRow, StoreSnapshot
+from runstate.pipeline.records import IncomingRecord, parse_record
 
 DATABASE = "runstate_lean_size"
 COLUMNS = ("stream_id", "seq", "stream_type", "event_type", "command_id", "transition_id", "status", "state_type",
@@ -137,7 +137,10 @@ def main() -> None:
                   f" {report.events_per_second:.0f} events/s ({a.workers} workers), {report.task_runs} task runs")
     finally:
         if not a.keep:
-            admin_sql(admin, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+            try:
+                admin_sql(admin, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+            except psycopg.Error as exc:  # the rebuild's worker sessions end with this process
+                print(f"scratch database kept ({exc}); the next run drops it")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,8 @@ FILL_PARAMS: dict[str, str] = {}
 FULL_STATE = _filled(State, "appended", FILL_PARAMS, "fs")
 # A head's view: the defaults, the members fixed at creation (from the creation event's run),
 # then the newest event's run (whole in the older shapes, lean since revision 0011).
-COMPOSED_VIEW = (
-    "COALESCE((SELECT jsonb_object_agg(key, value) FROM jsonb_each(base) WHERE key = ANY(CAST(:creation AS text[]))),"
-    " '{}') || head || jsonb_build_object('id', id)"
-)
+COMPOSED_VIEW = "COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || jsonb_build_object('id', id)"
+NOT_CREATION_MEMBERS = [name for name in TaskRunView.model_fields if name not in CREATION_MEMBERS]
 FULL_VIEW = _filled(TaskRunView, "composed", FILL_PARAMS, "fv")
 
 SHADOW_DDL = """
@@ -121,12 +119,13 @@ b AS MATERIALIZED (
 ),
 task_heads AS (
     INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
-    SELECT h.stream_id, h.seq, c.d->'run',
+    SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
            -- A lean run leaves its state out when it is the appended one.
-           CASE WHEN h.d->'run' ? 'state' THEN h.d->'run'
-                ELSE h.d->'run' || jsonb_build_object('state', h.d->'appended_state') END
-    FROM b h LEFT JOIN b c ON c.stream_id = h.stream_id AND c.event_type = 'task_run_created'
-    WHERE h.stream_type = 'task_run' AND h.newest AND jsonb_typeof(h.d->'run') = 'object'
+           (array_agg(CASE WHEN d->'run' ? 'state' THEN d->'run'
+                           ELSE d->'run' || jsonb_build_object('state', d->'appended_state') END)
+            FILTER (WHERE newest))[1]
+    FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object'
+    GROUP BY stream_id HAVING bool_or(newest)
     ON CONFLICT (id) DO UPDATE SET base = COALESCE(EXCLUDED.base, t.base),
         last_seq = GREATEST(t.last_seq, EXCLUDED.last_seq),
         head = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.head ELSE t.head END
@@ -204,7 +203,7 @@ INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_k
     SELECT id, last_seq, (view->>'flow_run_id')::uuid, view->'state'->>'type', view->'state'->>'name',
            view->>'task_key', view->>'dynamic_key', view::json
     FROM (SELECT id, last_seq, %FULL_VIEW% AS view
-          FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS composed FROM rb_task_runs) c) v;
+          FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS composed FROM rb_task_runs OFFSET 0) c) v;
 INSERT INTO flow_runs (id, last_seq, state_type, view)
     SELECT id, last_seq, state_type, view FROM rb_flow_runs;
 INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
@@ -376,7 +375,7 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
     )
     caught_up = conn.execute(text(_fold(LEFTOVERS)), FILL_PARAMS).scalar_one()
     unreadable = conn.execute(text("SELECT count(*) FROM rb_unreadable")).scalar_one()
-    _script(conn, SWAP, {**FILL_PARAMS, "creation": list(CREATION_MEMBERS)})
+    _script(conn, SWAP, {**FILL_PARAMS, "not_creation": NOT_CREATION_MEMBERS})
     task_runs = conn.execute(text("SELECT count(*) FROM task_runs")).scalar_one()
     flow_runs = conn.execute(text("SELECT count(*) FROM flow_runs")).scalar_one()
     conn.commit()

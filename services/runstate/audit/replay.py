@@ -140,7 +140,7 @@ class StreamVerifier:
 
         if event.seq != expected_seq:
             return Mismatch(event.stream_id, event.seq, (f"seq: expected {expected_seq} (gap in the log)",))
-        if not isinstance(event.decision, Mapping) or event.command is None or event.context is None:
+        if not isinstance(decision, Mapping) or event.command is None or event.context is None:
             return Mismatch(event.stream_id, event.seq, ("the event records no command, context or decision",))
         try:
             recomputed = redecide(event, previous_run)
