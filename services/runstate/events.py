@@ -36,6 +36,7 @@ from pydantic_core import to_jsonable_python
 
 from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TagLimit, TaskRunView
 from runstate.domain.results import ResultDetails
+from runstate.domain.timestamps import UtcDateTime
 from runstate.messages import LimitResultEvent, OrchestrationResultEvent, StateChangeEvent
 
 
@@ -84,6 +85,16 @@ class LeanDecision(BaseModel):
     policy: str
 
 
+class StoredContext(OrchestrationContext):
+    """A context as a lean event stores it: the clock reading and the new state's id left out
+    when the appended state carries them, the lease id when no slot was taken with it
+    (`recorded_context` fills them back)."""
+
+    now: UtcDateTime | None = None  # type: ignore[assignment]
+    new_state_id: UUID | None = None  # type: ignore[assignment]
+    new_lease_id: UUID | None = None  # type: ignore[assignment]
+
+
 class TaskRunEventPayload(BaseModel):
     """A task-run decision with everything it was decided from: replay re-decides
     `command` against the previous event's run with `context` (members equal to their
@@ -92,7 +103,7 @@ class TaskRunEventPayload(BaseModel):
     # The record's value as received; a proposal without a transition_id was
     # decided with the event's transition_id column.
     command: dict[str, Any]
-    context: OrchestrationContext
+    context: StoredContext
     decision: LeanDecision
     schema_version: int = 1  # of the messages published, which are rendered again from this event
 
@@ -226,6 +237,27 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None,
         "effects": effects,
         "policy": decision.get("policy"),
     }
+
+
+# A lean context's lease id when no slot was taken with it (the rules never read it then).
+UNUSED_LEASE_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def recorded_context(payload: Mapping[str, Any]) -> Any:
+    """A task-run event's context as OrchestrationContext reads it, from any payload shape: a
+    lean one leaves out the clock reading and state id its appended state carries, and a
+    lease id no slot was taken with."""
+    context = payload.get("context")
+    decision = payload.get("decision")
+    if not isinstance(context, Mapping) or not isinstance(decision, Mapping) or not is_lean(decision):
+        return context
+    out = dict(context)
+    appended = decision.get("appended_state")
+    if isinstance(appended, Mapping):
+        out.setdefault("now", appended.get("timestamp"))
+        out.setdefault("new_state_id", appended.get("id"))
+    out.setdefault("new_lease_id", UNUSED_LEASE_ID)
+    return out
 
 
 def inherit_run(decision: Mapping[str, Any] | None, previous_run: Mapping[str, Any] | None

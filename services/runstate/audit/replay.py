@@ -38,7 +38,14 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import GENESIS, event_hash, inherit_run, recorded_command, recorded_decision
+from runstate.events import (
+    GENESIS,
+    event_hash,
+    inherit_run,
+    recorded_command,
+    recorded_context,
+    recorded_decision,
+)
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.store.queries import count_events, scan_events
 
@@ -211,7 +218,7 @@ def recorded_event(row: Any) -> RecordedEvent:
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
     return RecordedEvent(row.stream_id, row.seq, row.event_type, recorded_command(payload, row.transition_id),
-                         payload.get("context"), recorded_decision(payload, row.status, row.stream_id))
+                         recorded_context(payload), recorded_decision(payload, row.status, row.stream_id))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:

@@ -62,6 +62,7 @@ from runstate.messages import (
 from runstate.pipeline.ids import IdMinter, draw_for, system_clock
 from runstate.pipeline.message_json import (
     datetime_json,
+    lean_context_json,
     lean_decision_json,
     model_json,
     render,
@@ -321,7 +322,7 @@ class BatchDecider:
         payload = render(
             TaskRunEventPayload,
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
-            context=ctx.model_dump_json(exclude_defaults=True),
+            context=lean_context_json(ctx, appended, decision.effects),
             decision=lean_decision_json(
                 details=details_json,
                 appended=appended,

@@ -17,7 +17,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import Effect, OrchestrationResult, State, StateType, TaskRunView
+from runstate.domain import Effect, OrchestrationContext, OrchestrationResult, SlotsTaken, State, StateType, TaskRunView
 from runstate.events import CREATION_MEMBERS, state_json
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
@@ -99,6 +99,21 @@ def lean_decision_json(
     return ",".join(parts) + "}"
 
 
+def lean_context_json(ctx: OrchestrationContext, appended: State | None, effects: list[Effect]) -> str:
+    """A context as a lean event stores it (events.recorded_context reads it back): members equal
+    to their defaults, the clock reading and new state id the appended state carries, and a
+    lease id no slot was taken with, left out."""
+    leave_out = set()
+    if appended is not None:
+        if appended.timestamp == ctx.now:
+            leave_out.add("now")
+        if appended.id == ctx.new_state_id:
+            leave_out.add("new_state_id")
+    if not any(isinstance(effect, SlotsTaken) for effect in effects):
+        leave_out.add("new_lease_id")
+    return ctx.model_dump_json(exclude_defaults=True, exclude=leave_out)
+
+
 # -- the messages of a decision, rendered when it is made and again from its event
 
 def result_event_json(
@@ -169,6 +184,13 @@ def members(text: str) -> dict[str, str]:
             raise ValueError("a JSON object not closed")
 
 
+def _decided_at(parts: dict[str, str]) -> str:
+    now = members(parts["context"]).get("now")
+    if now is None:  # a lean context: the clock reading is the appended state's time
+        now = members(members(parts["decision"])["appended_state"])["timestamp"]
+    return now
+
+
 def stored_messages(
     payload: str,
     *,
@@ -213,7 +235,7 @@ def stored_messages(
         status=status_json,
         result=result,
         state_appended=state_appended,
-        decided_at=members(parts["context"])["now"],
+        decided_at=_decided_at(parts),
         schema_version=schema_version,
     )
     if not state_appended:
