@@ -29,12 +29,10 @@ revision 0010, or by hand) is kept as it is.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -48,8 +46,8 @@ from runstate.audit.parallel import (
     report_progress,
     run_ranges,
 )
-from runstate.domain import State, TaskRunView
-from runstate.events import CREATION_MEMBERS, member_defaults
+from runstate.domain import TaskRunView
+from runstate.events import CREATION_MEMBERS
 from runstate.store.queries import START
 
 # An event appended by a transaction that began before the rebuild started but committed
@@ -58,29 +56,11 @@ from runstate.store.queries import START
 CATCH_UP_MARGIN = "10 minutes"
 
 
-def _filled(model: type[BaseModel], expr: str, params: dict[str, str], prefix: str) -> str:
-    """SQL for the jsonb `expr` with the members a lean event left out as defaults filled back,
-    nested models too (events.filled, in SQL); the defaults go into `params`."""
-    defaults, nested = member_defaults(model)
-    params[prefix] = json.dumps(defaults)
-    inner = ", ".join(
-        f"'{name}', " + _filled(m, f"COALESCE(({expr})->'{name}', CAST(:{prefix}_{name}_d AS jsonb))", params,
-                               f"{prefix}_{name}")
-        for name, m in nested.items()
-    )
-    for name in nested:
-        params[f"{prefix}_{name}_d"] = json.dumps(defaults.get(name))
-    return (f"CASE WHEN jsonb_typeof({expr}) = 'object' THEN CAST(:{prefix} AS jsonb) || ({expr})"
-            + (f" || jsonb_build_object({inner})" if inner else "") + f" ELSE ({expr}) END")
-
-
-FILL_PARAMS: dict[str, str] = {}
-FULL_STATE = _filled(State, "appended", FILL_PARAMS, "fs")
-# A head's view: the defaults, the members fixed at creation (from the creation event's run),
-# then the newest event's run (whole in the older shapes, lean since revision 0011).
+# A head's view as the consumer writes it (members equal to their defaults left out): the
+# members fixed at creation (from the creation event's run), then the newest event's run
+# (whole in the shapes before revision 0011, lean since).
 COMPOSED_VIEW = "COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || jsonb_build_object('id', id)"
 NOT_CREATION_MEMBERS = [name for name in TaskRunView.model_fields if name not in CREATION_MEMBERS]
-FULL_VIEW = _filled(TaskRunView, "composed", FILL_PARAMS, "fv")
 
 SHADOW_DDL = """
 CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, base jsonb, head jsonb NOT NULL);
@@ -121,7 +101,7 @@ task_heads AS (
     INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
     SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
            -- A lean run leaves its state out when it is the appended one.
-           (array_agg(CASE WHEN d->'run' ? 'state' THEN d->'run'
+           (array_agg(CASE WHEN d->'run' ? 'state' OR NOT d ? 'appended_state' THEN d->'run'
                            ELSE d->'run' || jsonb_build_object('state', d->'appended_state') END)
             FILTER (WHERE newest))[1]
     FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object'
@@ -153,7 +133,7 @@ effects AS MATERIALIZED (
 cache AS (
     INSERT INTO rb_cache (stream_id, seq, cache_key, cache_expiration, state_id, state, created)
     SELECT stream_id, seq, e->>'cache_key', (e->>'cache_expiration')::timestamptz,
-           (appended->>'id')::uuid, %FULL_STATE%, (appended->>'timestamp')::timestamptz
+           (appended->>'id')::uuid, appended, (appended->>'timestamp')::timestamptz
     FROM effects WHERE e->>'kind' = 'cache_inserted'
 ),
 taken AS (
@@ -192,7 +172,6 @@ unreadable AS (
 SELECT count(*) FROM b
 """
 
-FOLD = FOLD.replace("%FULL_STATE%", FULL_STATE)
 RANGE = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND (e.stream_id, e.seq) <= (:hi_stream, :hi_seq)"
 TAIL = "(e.stream_id, e.seq) > (:lo_stream, :lo_seq) AND {streams}"
 LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
@@ -201,9 +180,8 @@ SWAP = """
 TRUNCATE task_runs, flow_runs, task_cache, tag_leases;
 INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key, view)
     SELECT id, last_seq, (view->>'flow_run_id')::uuid, view->'state'->>'type', view->'state'->>'name',
-           view->>'task_key', view->>'dynamic_key', view::json
-    FROM (SELECT id, last_seq, %FULL_VIEW% AS view
-          FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS composed FROM rb_task_runs OFFSET 0) c) v;
+           COALESCE(view->>'task_key', ''), COALESCE(view->>'dynamic_key', ''), view::json
+    FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS view FROM rb_task_runs OFFSET 0) v;
 INSERT INTO flow_runs (id, last_seq, state_type, view)
     SELECT id, last_seq, state_type, view FROM rb_flow_runs;
 INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
@@ -220,7 +198,7 @@ UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_t
           FROM tag_concurrency_limits c LEFT JOIN rb_slot_changes x ON x.tag = c.tag
           GROUP BY c.tag) h
     WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
-""".replace("%FULL_VIEW%", FULL_VIEW).replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
+""".replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
 
 
 @dataclass(frozen=True)
@@ -289,10 +267,10 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
         if hi is None:  # the tail: fewer than batch_size events are left
             tail = TAIL.format(streams=condition)
-            folded = conn.execute(text(_fold(tail)), bounds | range_params | FILL_PARAMS).scalar_one()
+            folded = conn.execute(text(_fold(tail)), bounds | range_params).scalar_one()
         else:
             bounds |= {"hi_stream": hi.stream_id, "hi_seq": hi.seq}
-            folded = conn.execute(text(_fold(RANGE)), bounds | FILL_PARAMS).scalar_one()
+            folded = conn.execute(text(_fold(RANGE)), bounds).scalar_one()
         conn.commit()
         events += folded
         if on_batch:
@@ -373,9 +351,9 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
         ),
         {"since": started_at},
     )
-    caught_up = conn.execute(text(_fold(LEFTOVERS)), FILL_PARAMS).scalar_one()
+    caught_up = conn.execute(text(_fold(LEFTOVERS))).scalar_one()
     unreadable = conn.execute(text("SELECT count(*) FROM rb_unreadable")).scalar_one()
-    _script(conn, SWAP, {**FILL_PARAMS, "not_creation": NOT_CREATION_MEMBERS})
+    _script(conn, SWAP, {"not_creation": NOT_CREATION_MEMBERS})
     task_runs = conn.execute(text("SELECT count(*) FROM task_runs")).scalar_one()
     flow_runs = conn.execute(text("SELECT count(*) FROM flow_runs")).scalar_one()
     conn.commit()

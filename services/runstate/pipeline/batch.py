@@ -318,7 +318,8 @@ class BatchDecider:
         if too_big:
             self._refuse(item, "too_large", too_big, dead_letter=True)
             return False
-        run_json = decision.run.model_dump_json()
+        # The projection's view, as rebuild writes it too: members equal to their defaults left out.
+        run_json = decision.run.model_dump_json(exclude_defaults=True)
         payload = render(
             TaskRunEventPayload,
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
