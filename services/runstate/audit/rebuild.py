@@ -246,6 +246,8 @@ def _open_shadow(conn: Connection) -> None:
     # Local buffers must be sized before the session first touches a TEMP table; the shadow
     # of a large log would otherwise thrash the 8 MB default.
     conn.execute(text("SET temp_buffers = '256MB'"))
+    # A batch's events are sorted by stream to find each stream's newest: in memory, not on disk.
+    conn.execute(text("SET work_mem = '128MB'"))
     _script(conn, SHADOW_DDL)
     conn.commit()
 
