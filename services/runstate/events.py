@@ -8,8 +8,8 @@ JSON path the readers' SQL uses names a field of these models.
 A task-run event stores each fact once: the command as received, the context
 (what the decision read besides the run), and the decision without its
 repetitions, every member equal to its default left out, and the run after it
-only as far as it is not found elsewhere (TaskRunEventPayload, since revision
-0011). The result and state-change messages it published are rendered again
+only as far as it is not found elsewhere (TaskRunEventPayload, the lean
+shape). The result and state-change messages it published are rendered again
 from these and the event's columns (pipeline/message_json.py,
 `stored_messages`). Events written in the shapes before
 (LegacyTaskRunEventPayload: every message in full; FullTaskRunEventPayload: the
@@ -74,7 +74,7 @@ CREATION_MEMBERS = ("name", "task_key", "dynamic_key", "tags", "cache_key", "emp
 
 
 class LeanDecision(BaseModel):
-    """A Decision stored once and lean (written since revision 0011): its result's state is
+    """A Decision stored once and lean (the lean shape, written since issue #17): its result's state is
     `appended_state`, or `run.state` when nothing was appended; its status is the event's
     column; members equal to their defaults are left out (the models fill them back)."""
 
@@ -109,7 +109,7 @@ class TaskRunEventPayload(BaseModel):
 
 
 class StoredDecision(BaseModel):
-    """A Decision without what repeats, as written before revision 0011: its result's state
+    """A Decision without what repeats, as written before the lean shape: its result's state
     is `appended_state`, or `run.state` when nothing was appended; its status is the
     event's column."""
 
@@ -121,7 +121,7 @@ class StoredDecision(BaseModel):
 
 
 class FullTaskRunEventPayload(BaseModel):
-    """A task-run event as written before revision 0011: every member, the whole run."""
+    """A task-run event as written before the lean shape: every member, the whole run."""
 
     command: dict[str, Any]
     context: OrchestrationContext

@@ -58,7 +58,7 @@ CATCH_UP_MARGIN = "10 minutes"
 
 # A head's view as the consumer writes it (members equal to their defaults left out): the
 # members fixed at creation (from the creation event's run), then the newest event's run
-# (whole in the shapes before revision 0011, lean since).
+# (whole in the older shapes, lean in TaskRunEventPayload's).
 COMPOSED_VIEW = "COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || jsonb_build_object('id', id)"
 NOT_CREATION_MEMBERS = [name for name in TaskRunView.model_fields if name not in CREATION_MEMBERS]
 

@@ -210,7 +210,7 @@ def stored_messages(
         return parts["result_event"], None if change == "null" else change
     decision = members(parts["decision"])
     run = members(decision["run"])
-    if "id" in run:  # written before revision 0011: every member in full
+    if "id" in run:  # the full shape, written before the lean one: every member
         appended = decision["appended_state"]
         run_state = run["state"]
     else:  # lean: the states as the messages carried them, every member written
