@@ -80,7 +80,8 @@ SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
 # Only three kinds of task-run event are parsed: a stream's newest in the batch (its head),
 # its creation (the members fixed then: the base of a lean head) and one that records
-# effects (its text holds a non-empty effects array; a false match only costs a parse).
+# effects (its text holds a non-empty effects array, written by pydantic or, before revision
+# 0004 stored json, by jsonb's output with a space; a false match only costs a parse).
 FOLD = """
 WITH r AS MATERIALIZED (
     SELECT stream_id, seq, stream_type, event_type, payload,
@@ -90,7 +91,7 @@ WITH r AS MATERIALIZED (
 b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type, event_type, newest,
            CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
-                     OR strpos(payload::text, '"effects":[{') > 0)
+                     OR strpos(payload::text, '"effects":[{') > 0 OR strpos(payload::text, '"effects": [{') > 0)
                 THEN (payload->'decision')::jsonb END AS d,
            CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
