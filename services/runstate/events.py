@@ -7,10 +7,14 @@ JSON path the readers' SQL uses names a field of these models.
 
 A task-run event stores each fact once: the command as received, the context
 (what the decision read besides the run), and the decision without its
-repetitions. The result and state-change messages it published are rendered
-again from these and the event's columns (pipeline/message_json.py,
-`stored_messages`). Events written before this shape (LegacyTaskRunEventPayload)
-stay as they are; every reader accepts both (`recorded_decision` here).
+repetitions, every member equal to its default left out, and the run after it
+only as far as it is not found elsewhere (TaskRunEventPayload, the lean
+shape). The result and state-change messages it published are rendered again
+from these and the event's columns (pipeline/message_json.py,
+`stored_messages`). Events written in the shapes before
+(LegacyTaskRunEventPayload: every message in full; FullTaskRunEventPayload: the
+whole run, every member) stay as they are; every reader accepts all three
+(`recorded_decision` and `inherit_run` here).
 
 Each event also stores a hash chained to the previous event of its stream
 (`event_hash`), so that a rewrite of the log by its owner, who can disable the
@@ -22,12 +26,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from functools import cache
+from typing import Any, get_args
+from uuid import UUID
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TagLimit, TaskRunView
 from runstate.domain.results import ResultDetails
+from runstate.domain.timestamps import UtcDateTime
 from runstate.messages import LimitResultEvent, OrchestrationResultEvent, StateChangeEvent
 
 
@@ -51,9 +60,58 @@ FLOW_RUN_EVENTS = (EventType.FLOW_RUN_CREATED, EventType.FLOW_RUN_STATE_SET)
 LIMIT_EVENTS = (EventType.CONCURRENCY_LIMIT_SET, EventType.CONCURRENCY_LIMIT_DELETED)
 
 
+class StoredRunView(TaskRunView):
+    """The run after a lean event, without what a reader takes from elsewhere: `id` (the
+    event's stream), every member equal to its default, `state` when it is the decision's
+    appended state, and on a transition the CREATION_MEMBERS (the previous run's)."""
+
+    id: UUID | None = None  # type: ignore[assignment]  # the stream's id, not stored
+
+
+# TaskRunView members fixed when the run is created: decide() changes only the others
+# (the draft's members and the state), so a lean transition leaves these out.
+CREATION_MEMBERS = ("name", "task_key", "dynamic_key", "tags", "cache_key", "empirical_policy")
+
+
+class LeanDecision(BaseModel):
+    """A Decision stored once and lean (the lean shape, written since issue #17): its result's state is
+    `appended_state`, or `run.state` when nothing was appended; its status is the event's
+    column; members equal to their defaults are left out (the models fill them back)."""
+
+    details: ResultDetails
+    appended_state: State | None = None
+    run: StoredRunView
+    effects: list[Effect] = Field(default_factory=list)
+    policy: str
+
+
+class StoredContext(OrchestrationContext):
+    """A context as a lean event stores it: the clock reading and the new state's id left out
+    when the appended state carries them, the lease id when no slot was taken with it
+    (`recorded_context` fills them back)."""
+
+    now: UtcDateTime | None = None  # type: ignore[assignment]
+    new_state_id: UUID | None = None  # type: ignore[assignment]
+    new_lease_id: UUID | None = None  # type: ignore[assignment]
+
+
+class TaskRunEventPayload(BaseModel):
+    """A task-run decision with everything it was decided from: replay re-decides
+    `command` against the previous event's run with `context` (members equal to their
+    defaults left out)."""
+
+    # The record's value as received; a proposal without a transition_id was
+    # decided with the event's transition_id column.
+    command: dict[str, Any]
+    context: StoredContext
+    decision: LeanDecision
+    schema_version: int = 1  # of the messages published, which are rendered again from this event
+
+
 class StoredDecision(BaseModel):
-    """A Decision without what repeats: its result's state is `appended_state`,
-    or `run.state` when nothing was appended; its status is the event's column."""
+    """A Decision without what repeats, as written before the lean shape: its result's state
+    is `appended_state`, or `run.state` when nothing was appended; its status is the
+    event's column."""
 
     details: ResultDetails
     appended_state: State | None
@@ -62,16 +120,13 @@ class StoredDecision(BaseModel):
     policy: str
 
 
-class TaskRunEventPayload(BaseModel):
-    """A task-run decision with everything it was decided from: replay re-decides
-    `command` against the previous event's `decision.run` with `context`."""
+class FullTaskRunEventPayload(BaseModel):
+    """A task-run event as written before the lean shape: every member, the whole run."""
 
-    # The record's value as received; a proposal without a transition_id was
-    # decided with the event's transition_id column.
     command: dict[str, Any]
     context: OrchestrationContext
     decision: StoredDecision
-    schema_version: int  # of the messages published, which are rendered again from this event
+    schema_version: int
 
 
 class LegacyTaskRunEventPayload(BaseModel):
@@ -105,9 +160,54 @@ class LimitEventPayload(BaseModel):
     state_change: None = None
 
 
-def recorded_decision(payload: Mapping[str, Any], status: str | None) -> dict[str, Any] | None:
-    """A task-run event's decision as Decision's JSON, from either payload shape
-    (`status` is the event's column); None when the payload records none."""
+def _default_json(field: FieldInfo) -> Any:
+    return to_jsonable_python(field.get_default(call_default_factory=True))
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [m for arg in get_args(annotation) if (m := _nested_model(arg)) is not None]
+    return models[0] if len(models) == 1 else None  # a union of models carries its own tag: kept whole
+
+
+@cache
+def member_defaults(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, type[BaseModel]]]:
+    """A model's members that have defaults, as JSON values; and its members that are models."""
+    defaults = {name: _default_json(f) for name, f in model.model_fields.items() if not f.is_required()}
+    nested = {name: m for name, f in model.model_fields.items() if (m := _nested_model(f.annotation)) is not None}
+    return defaults, nested
+
+
+def filled(model: type[BaseModel], value: Any, leave_out: tuple[str, ...] = ()) -> Any:
+    """`value`, written with members equal to their defaults left out, as
+    `model.model_dump(mode="json")` gives it: the defaults filled back, nested models too."""
+    if not isinstance(value, Mapping):
+        return value
+    defaults, nested = member_defaults(model)
+    out = {name: default for name, default in defaults.items() if name not in leave_out} | dict(value)
+    for name, inner in nested.items():
+        if isinstance(out.get(name), Mapping):
+            out[name] = filled(inner, out[name])
+    return out
+
+
+def state_json(value: str) -> str:
+    """A lean event's state as the messages carried it: every member written."""
+    return value if value == "null" else State.model_validate_json(value).model_dump_json()
+
+
+def is_lean(decision: Mapping[str, Any]) -> bool:
+    """Whether a stored decision is a LeanDecision (its run names no id)."""
+    run = decision.get("run")
+    return "result" not in decision and isinstance(run, Mapping) and "id" not in run
+
+
+def recorded_decision(payload: Mapping[str, Any], status: str | None,
+                      stream_id: object | None = None) -> dict[str, Any] | None:
+    """A task-run event's decision as Decision's JSON, from any payload shape
+    (`status` is the event's column); None when the payload records none. A lean
+    transition's run lacks the CREATION_MEMBERS: `inherit_run` adds them."""
     decision = payload.get("decision")
     if not isinstance(decision, Mapping):
         return None
@@ -115,14 +215,64 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None) -> dict[st
         return dict(decision)
     run = decision.get("run")
     appended = decision.get("appended_state")
+    if is_lean(decision):
+        assert isinstance(run, Mapping)  # is_lean says so
+        appended = filled(State, appended)
+        command = payload.get("command")
+        created = isinstance(command, Mapping) and command.get("kind") == "create_task_run"
+        if stream_id is None and isinstance(command, Mapping):
+            stream_id = command.get("id" if created else "task_run_id")
+        run = filled(StoredRunView, run, leave_out=() if created else CREATION_MEMBERS)
+        run["id"] = None if stream_id is None else str(UUID(str(stream_id)))
+        if "state" not in decision["run"]:
+            run["state"] = appended
+        effects: Any = list(decision.get("effects", ()))
+    else:
+        effects = decision.get("effects")
     state = appended if appended is not None else (run.get("state") if isinstance(run, Mapping) else None)
     return {
         "result": {"state": state, "status": status, "details": decision.get("details")},
         "appended_state": appended,
         "run": run,
-        "effects": decision.get("effects"),
+        "effects": effects,
         "policy": decision.get("policy"),
     }
+
+
+# A lean context's lease id when no slot was taken with it (the rules never read it then).
+UNUSED_LEASE_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def recorded_context(payload: Mapping[str, Any]) -> Any:
+    """A task-run event's context as OrchestrationContext reads it, from any payload shape: a
+    lean one leaves out the clock reading and state id its appended state carries, and a
+    lease id no slot was taken with."""
+    context = payload.get("context")
+    decision = payload.get("decision")
+    if not isinstance(context, Mapping) or not isinstance(decision, Mapping) or not is_lean(decision):
+        return context
+    out = dict(context)
+    appended = decision.get("appended_state")
+    if isinstance(appended, Mapping):
+        out.setdefault("now", appended.get("timestamp"))
+        out.setdefault("new_state_id", appended.get("id"))
+    out.setdefault("new_lease_id", UNUSED_LEASE_ID)
+    return out
+
+
+def inherit_run(decision: Mapping[str, Any] | None, previous_run: Mapping[str, Any] | None
+                ) -> Mapping[str, Any] | None:
+    """A recorded decision whose run has every member: a lean transition's run takes
+    the CREATION_MEMBERS from the run before it (other shapes have them already)."""
+    if not isinstance(decision, Mapping):
+        return decision
+    run = decision.get("run")
+    if not isinstance(run, Mapping) or all(name in run for name in CREATION_MEMBERS):
+        return decision
+    before = previous_run if isinstance(previous_run, Mapping) else {}
+    defaults, _ = member_defaults(TaskRunView)
+    inherited = {name: before.get(name, defaults[name]) for name in CREATION_MEMBERS if name not in run}
+    return {**decision, "run": {**run, **inherited}}
 
 
 def recorded_command(payload: Mapping[str, Any], transition_id: object | None) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import recorded_command, recorded_decision
+from runstate.events import inherit_run, recorded_command, recorded_context, recorded_decision
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.pipeline.message_json import state_ref_json, stored_messages
 
@@ -112,8 +112,9 @@ def replay(prev_run: TaskRunView | None, row: dict, payload: dict) -> tuple[bool
     """Re-decide one recorded task-run event from the previous event's run and
     the recorded context; True when the rules give the recorded decision."""
     command_doc = recorded_command(payload, row["transition_id"])
-    ctx = OrchestrationContext.model_validate(payload["context"])
-    recorded = Decision.model_validate(recorded_decision(payload, row["status"]))
+    ctx = OrchestrationContext.model_validate(recorded_context(payload))
+    previous = prev_run.model_dump(mode="json") if prev_run is not None else None
+    recorded = Decision.model_validate(inherit_run(recorded_decision(payload, row["status"], row["stream_id"]), previous))
     if row["event_type"] == "task_run_created":
         if prev_run is not None:
             return False, recorded.run, "created twice"

@@ -20,7 +20,7 @@ import pytest
 from faults.workload import generate
 from runstate.audit.history import describe
 from runstate.audit.replay import StreamVerifier, recorded_event
-from runstate.domain import OrchestrationSettings, TagLimit
+from runstate.domain import OrchestrationContext, OrchestrationSettings, TagLimit
 from runstate.events import (
     GENESIS,
     LegacyTaskRunEventPayload,
@@ -234,3 +234,39 @@ def test_the_same_commands_publish_the_same_bytes_and_history_as_before(monkeypa
         mine = describe(sorted((as_read(r) for r in rows if r.stream_id == run), key=lambda r: r.seq))
         theirs = describe(sorted((as_read(r) for r in legacy if r.stream_id == run), key=lambda r: r.seq))
         assert mine == theirs
+
+
+# -- events in the full shape (the whole run, every member), written before the lean one ----
+
+def test_full_shape_events_replay_republish_and_read_as_the_lean_ones(rows):
+    """The same decisions stored in the full shape: replayed, their messages rendered again byte
+    for byte, and read by history as the lean events are."""
+    from runstate.events import FullTaskRunEventPayload, inherit_run, recorded_context
+
+    previous: dict[UUID, Any] = {}
+    full_rows = []
+    for row in sorted(rows, key=lambda r: (r.stream_id, r.seq)):
+        if row.stream_type != "task_run":
+            full_rows.append(row)
+            continue
+        payload = json.loads(row.payload)
+        decision = inherit_run(recorded_decision(payload, row.status, row.stream_id), previous.get(row.stream_id))
+        previous[row.stream_id] = decision["run"]
+        full = {
+            "command": payload["command"],
+            "context": OrchestrationContext.model_validate(recorded_context(payload)).model_dump(mode="json"),
+            "decision": {"details": decision["result"]["details"]}
+            | {name: decision[name] for name in ("appended_state", "run", "effects", "policy")},
+            "schema_version": 1,
+        }
+        text = FullTaskRunEventPayload.model_validate(full).model_dump_json()
+        full_rows.append(SimpleNamespace(**{**vars(row), "payload": text}) if hasattr(row, "__dict__")
+                         else SimpleNamespace(**{f: getattr(row, f) for f in row.__dataclass_fields__} | {"payload": text}))
+    verifier = StreamVerifier()
+    for row in full_rows:
+        if row.stream_type == "task_run":
+            assert verifier.check(recorded_event(row)) is None, (row.stream_id, row.seq)
+        assert rendered_again(row, full_rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
+    lean_history = {s: describe([as_read(r) for r in rows if r.stream_id == s]) for s in previous}
+    full_history = {s: describe([as_read(r) for r in full_rows if r.stream_id == s]) for s in previous}
+    assert full_history == lean_history

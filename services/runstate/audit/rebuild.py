@@ -46,6 +46,8 @@ from runstate.audit.parallel import (
     report_progress,
     run_ranges,
 )
+from runstate.domain import TaskRunView
+from runstate.events import CREATION_MEMBERS
 from runstate.store.queries import START
 
 # An event appended by a transaction that began before the rebuild started but committed
@@ -53,9 +55,15 @@ from runstate.store.queries import START
 # the start. The service's transactions last milliseconds; this is a wide margin.
 CATCH_UP_MARGIN = "10 minutes"
 
+
+# A head's view as the consumer writes it (members equal to their defaults left out): the
+# members fixed at creation (from the creation event's run), then the newest event's run
+# (whole in the older shapes, lean in TaskRunEventPayload's).
+COMPOSED_VIEW = "COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || jsonb_build_object('id', id)"
+NOT_CREATION_MEMBERS = [name for name in TaskRunView.model_fields if name not in CREATION_MEMBERS]
+
 SHADOW_DDL = """
-CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, flow_run_id uuid,
-                                state_type text, state_name text, view jsonb NOT NULL);
+CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, base jsonb, head jsonb NOT NULL);
 CREATE TEMP TABLE rb_flow_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, state_type text,
                                 view jsonb NOT NULL);
 CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_expiration timestamptz,
@@ -70,36 +78,51 @@ SHADOW_TABLES = ("rb_task_runs", "rb_flow_runs", "rb_cache", "rb_leases_taken", 
                  "rb_limits", "rb_slot_changes")
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
+# Only three kinds of task-run event are parsed: a stream's newest in the batch (its head),
+# its creation (the members fixed then: the base of a lean head) and one that records
+# effects (its text holds a non-empty effects array, written by pydantic or, before revision
+# 0004 stored json, by jsonb's output with a space; a false match only costs a parse).
 FOLD = """
-WITH b AS MATERIALIZED (
-    SELECT stream_id, seq, stream_type,
-           CASE WHEN stream_type = 'task_run' THEN (payload->'decision')::jsonb END AS d,
-           CASE WHEN stream_type = 'flow_run' THEN (payload->'flow_run')::jsonb END AS f,
-           CASE WHEN stream_type = 'concurrency_limit' THEN payload->'command'->>'tag' END AS limit_tag,
-           CASE WHEN stream_type = 'concurrency_limit' THEN (payload->'limit')::jsonb END AS lim
+WITH r AS MATERIALIZED (
+    SELECT stream_id, seq, stream_type, event_type, payload,
+           seq = max(seq) OVER (PARTITION BY stream_id) AS newest
     FROM events e WHERE {events}
 ),
+b AS MATERIALIZED (
+    SELECT stream_id, seq, stream_type, event_type, newest,
+           CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
+                     OR strpos(payload::text, '"effects":[{') > 0 OR strpos(payload::text, '"effects": [{') > 0)
+                THEN (payload->'decision')::jsonb END AS d,
+           CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
+           CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
+           CASE WHEN stream_type = 'concurrency_limit' AND newest THEN (payload->'limit')::jsonb END AS lim
+    FROM r
+),
 task_heads AS (
-    INSERT INTO rb_task_runs AS t (id, last_seq, flow_run_id, state_type, state_name, view)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, (d->'run'->>'flow_run_id')::uuid,
-           d->'run'->'state'->>'type', d->'run'->'state'->>'name', d->'run'
-    FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object' ORDER BY stream_id, seq DESC
-    ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, flow_run_id = EXCLUDED.flow_run_id,
-        state_type = EXCLUDED.state_type, state_name = EXCLUDED.state_name, view = EXCLUDED.view
-    WHERE t.last_seq < EXCLUDED.last_seq
+    INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
+    SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
+           -- A lean run leaves its state out when it is the appended one.
+           (array_agg(CASE WHEN d->'run' ? 'state' OR NOT d ? 'appended_state' THEN d->'run'
+                           ELSE d->'run' || jsonb_build_object('state', d->'appended_state') END)
+            FILTER (WHERE newest))[1]
+    FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object'
+    GROUP BY stream_id HAVING bool_or(newest)
+    ON CONFLICT (id) DO UPDATE SET base = COALESCE(EXCLUDED.base, t.base),
+        last_seq = GREATEST(t.last_seq, EXCLUDED.last_seq),
+        head = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.head ELSE t.head END
 ),
 flow_heads AS (
     INSERT INTO rb_flow_runs AS t (id, last_seq, state_type, view)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, f->>'state_type', f
-    FROM b WHERE stream_type = 'flow_run' AND jsonb_typeof(f) = 'object' ORDER BY stream_id, seq DESC
+    SELECT stream_id, seq, f->>'state_type', f
+    FROM b WHERE stream_type = 'flow_run' AND newest AND jsonb_typeof(f) = 'object'
     ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq, state_type = EXCLUDED.state_type,
         view = EXCLUDED.view
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
 limit_heads AS (
     INSERT INTO rb_limits AS t (stream_id, last_seq, tag, lim)
-    SELECT DISTINCT ON (stream_id) stream_id, seq, limit_tag, lim
-    FROM b WHERE stream_type = 'concurrency_limit' AND limit_tag IS NOT NULL ORDER BY stream_id, seq DESC
+    SELECT stream_id, seq, limit_tag, lim
+    FROM b WHERE stream_type = 'concurrency_limit' AND newest AND limit_tag IS NOT NULL
     ON CONFLICT (stream_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, tag = EXCLUDED.tag, lim = EXCLUDED.lim
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
@@ -143,8 +166,8 @@ released AS (
 unreadable AS (
     INSERT INTO rb_unreadable (stream_id, seq)
     SELECT stream_id, seq FROM b
-    WHERE CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
-               ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
+    WHERE newest AND CASE WHEN stream_type = 'concurrency_limit' THEN limit_tag IS NULL
+                          ELSE jsonb_typeof(COALESCE(d->'run', f)) IS DISTINCT FROM 'object' END
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
@@ -157,8 +180,9 @@ LEFTOVERS = "(e.stream_id, e.seq) IN (SELECT stream_id, seq FROM rb_missing)"
 SWAP = """
 TRUNCATE task_runs, flow_runs, task_cache, tag_leases;
 INSERT INTO task_runs (id, last_seq, flow_run_id, state_type, state_name, task_key, dynamic_key, view)
-    SELECT id, last_seq, flow_run_id, state_type, state_name, view->>'task_key', view->>'dynamic_key', view::json
-    FROM rb_task_runs;
+    SELECT id, last_seq, (view->>'flow_run_id')::uuid, view->'state'->>'type', view->'state'->>'name',
+           COALESCE(view->>'task_key', ''), COALESCE(view->>'dynamic_key', ''), view::json
+    FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS view FROM rb_task_runs OFFSET 0) v;
 INSERT INTO flow_runs (id, last_seq, state_type, view)
     SELECT id, last_seq, state_type, view FROM rb_flow_runs;
 INSERT INTO task_cache (cache_key, cache_expiration, state_id, state, created)
@@ -175,7 +199,7 @@ UPDATE tag_concurrency_limits l SET active_slots = h.slots, updated_at = clock_t
           FROM tag_concurrency_limits c LEFT JOIN rb_slot_changes x ON x.tag = c.tag
           GROUP BY c.tag) h
     WHERE l.tag = h.tag AND l.active_slots IS DISTINCT FROM h.slots;
-"""
+""".replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
 
 
 @dataclass(frozen=True)
@@ -223,6 +247,8 @@ def _open_shadow(conn: Connection) -> None:
     # Local buffers must be sized before the session first touches a TEMP table; the shadow
     # of a large log would otherwise thrash the 8 MB default.
     conn.execute(text("SET temp_buffers = '256MB'"))
+    # A batch's events are sorted by stream to find each stream's newest: in memory, not on disk.
+    conn.execute(text("SET work_mem = '128MB'"))
     _script(conn, SHADOW_DDL)
     conn.commit()
 
@@ -244,10 +270,10 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
         if hi is None:  # the tail: fewer than batch_size events are left
             tail = TAIL.format(streams=condition)
-            folded = conn.execute(text(FOLD.format(events=tail)), bounds | range_params).scalar_one()
+            folded = conn.execute(text(_fold(tail)), bounds | range_params).scalar_one()
         else:
             bounds |= {"hi_stream": hi.stream_id, "hi_seq": hi.seq}
-            folded = conn.execute(text(FOLD.format(events=RANGE)), bounds).scalar_one()
+            folded = conn.execute(text(_fold(RANGE)), bounds).scalar_one()
         conn.commit()
         events += folded
         if on_batch:
@@ -328,9 +354,9 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
         ),
         {"since": started_at},
     )
-    caught_up = conn.execute(text(FOLD.format(events=LEFTOVERS))).scalar_one()
+    caught_up = conn.execute(text(_fold(LEFTOVERS))).scalar_one()
     unreadable = conn.execute(text("SELECT count(*) FROM rb_unreadable")).scalar_one()
-    _script(conn, SWAP)
+    _script(conn, SWAP, {"not_creation": NOT_CREATION_MEMBERS})
     task_runs = conn.execute(text("SELECT count(*) FROM task_runs")).scalar_one()
     flow_runs = conn.execute(text("SELECT count(*) FROM flow_runs")).scalar_one()
     conn.commit()
@@ -345,8 +371,13 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
     )
 
 
-def _script(conn: Connection, script: str) -> None:
+def _fold(events: str) -> str:
+    return FOLD.replace("{events}", events)
+
+
+def _script(conn: Connection, script: str, params: dict[str, object] | None = None) -> None:
     # One statement per execute: the extended protocol psycopg uses runs a single statement.
     for statement in script.split(";\n"):
         if statement.strip():
-            conn.execute(text(statement))
+            used = {k: v for k, v in (params or {}).items() if f":{k}" in statement}
+            conn.execute(text(statement), used)

@@ -45,7 +45,14 @@ from runstate.domain import (
     apply_initial_state,
     decide,
 )
-from runstate.events import GENESIS, event_hash, recorded_command, recorded_decision
+from runstate.events import (
+    GENESIS,
+    event_hash,
+    inherit_run,
+    recorded_command,
+    recorded_context,
+    recorded_decision,
+)
 from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.store.queries import count_events
 
@@ -155,8 +162,10 @@ class StreamVerifier:
         expected_seq = self._previous_seq + 1
         previous_run, previous_view = self._previous_run, self._previous_view
         self._previous_seq = event.seq
+        # A lean event's run takes the members fixed at creation from the run before it.
         # dict first: a dict is answered before the Mapping ABC's slower check runs.
-        decision = event.decision if isinstance(event.decision, (dict, Mapping)) else None
+        decision = (inherit_run(event.decision, previous_run)
+                    if isinstance(event.decision, (dict, Mapping)) else None)
         self._previous_run = decision.get("run") if decision is not None else None
         self._previous_view = None
 
@@ -248,7 +257,7 @@ def _recorded(stream_id: UUID, seq: int, event_type: str, transition_id: object,
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
     return RecordedEvent(stream_id, seq, event_type, recorded_command(payload, transition_id),
-                         payload.get("context"), recorded_decision(payload, status))
+                         recorded_context(payload), recorded_decision(payload, status, stream_id))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:

@@ -44,7 +44,6 @@ from runstate.events import (
     EventType,
     FlowRunEventPayload,
     LimitEventPayload,
-    StoredDecision,
     StreamType,
     TaskRunEventPayload,
 )
@@ -66,9 +65,10 @@ from runstate.messages import (
 from runstate.pipeline.ids import IdMinter, draw_for, system_clock
 from runstate.pipeline.message_json import (
     datetime_json,
+    lean_context_json,
+    lean_decision_json,
     model_json,
     render,
-    run_view_json,
     state_ref_json,
     string_json,
     uuid_json,
@@ -336,19 +336,19 @@ class BatchDecider:
         if too_big:
             self._refuse(item, "too_large", too_big, dead_letter=True)
             return False
-        run_json = run_view_json(decision.run, appended_json) if decision.run.state is appended else model_json(
-            decision.run)
+        # The projection's view, as rebuild writes it too: members equal to their defaults left out.
+        run_json = decision.run.model_dump_json(exclude_defaults=True)
         payload = render(
             TaskRunEventPayload,
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
-            context=ctx.model_dump_json(),
-            decision=render(
-                StoredDecision,
+            context=lean_context_json(ctx, appended, decision.effects),
+            decision=lean_decision_json(
                 details=details_json,
-                appended_state=appended_json,
-                run=run_json,
-                effects="[" + ",".join(effect.model_dump_json() for effect in decision.effects) + "]",
-                policy=string_json(decision.policy),
+                appended=appended,
+                run=decision.run,
+                previous=previous if event_type is not EventType.TASK_RUN_CREATED else None,
+                effects=decision.effects,
+                policy=decision.policy,
             ),
             schema_version=SCHEMA_VERSION_JSON,
         )

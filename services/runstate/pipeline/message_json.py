@@ -19,7 +19,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import OrchestrationResult, StateType, TaskRunView
+from runstate.domain import Effect, OrchestrationContext, OrchestrationResult, SlotsTaken, State, StateType, TaskRunView
+from runstate.events import CREATION_MEMBERS, state_json
 from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
@@ -57,18 +58,6 @@ def model_json(model: BaseModel | None) -> str:
     return "null" if model is None else model.__pydantic_serializer__.to_json(model).decode()
 
 
-_WITHOUT_STATE = {"state"}
-# The member after `state` in a TaskRunView: a field name, so never inside a string (quotes are escaped there).
-_AFTER_STATE = ',"run_count":'
-
-
-def run_view_json(run: TaskRunView, state_json: str) -> str:
-    """`run.model_dump_json()`, given its state's JSON already written."""
-    text = TaskRunView.__pydantic_serializer__.to_json(run, exclude=_WITHOUT_STATE).decode()
-    cut = text.rindex(_AFTER_STATE)
-    return f'{text[:cut]},"state":{state_json}{text[cut:]}'
-
-
 def uuid_json(value: UUID | None) -> str:
     # A UUID's JSON is its canonical text; pydantic's serializer writes it faster than str() does.
     return "null" if value is None else _UUID_SERIALIZER.to_json(value).decode()
@@ -82,6 +71,56 @@ def datetime_json(value: datetime) -> str:
 def string_json(value: str) -> str:
     # Kinds, statuses and policy names: a handful of values, each escaped once.
     return _STRING_SERIALIZER.to_json(value).decode()
+
+
+# -- the stored decision (events.LeanDecision)
+
+_LEAVE_OUT_CREATED = frozenset({"id"})
+_LEAVE_OUT_TRANSITION = frozenset({"id", *CREATION_MEMBERS})
+
+
+def lean_decision_json(
+    *,
+    details: str,
+    appended: State | None,
+    run: TaskRunView,
+    previous: TaskRunView | None,
+    effects: list[Effect],
+    policy: str,
+) -> str:
+    """A decision as a LeanDecision's JSON: members equal to their defaults left out, the run
+    without its id, without its state when that is the appended one, and after a `previous`
+    run without the members fixed at creation (decide() never changes them; one that did
+    change would be written)."""
+    parts = ['{"details":' + details]
+    if appended is not None:
+        parts.append('"appended_state":' + appended.model_dump_json(exclude_defaults=True))
+    leave_out = set(_LEAVE_OUT_CREATED if previous is None else _LEAVE_OUT_TRANSITION)
+    if previous is not None:
+        leave_out -= {name for name in CREATION_MEMBERS
+                      if getattr(run, name) is not getattr(previous, name) and getattr(run, name) != getattr(previous, name)}
+    if run.state is appended or run.state == appended:
+        leave_out.add("state")
+    parts.append('"run":' + run.model_dump_json(exclude_defaults=True, exclude=leave_out))
+    if effects:
+        parts.append('"effects":[' + ",".join(effect.model_dump_json() for effect in effects) + "]")
+    parts.append('"policy":' + string_json(policy))
+    return ",".join(parts) + "}"
+
+
+def lean_context_json(ctx: OrchestrationContext, appended: State | None, effects: list[Effect]) -> str:
+    """A context as a lean event stores it (events.recorded_context reads it back): members equal
+    to their defaults, the clock reading and new state id the appended state carries, and a
+    lease id no slot was taken with, left out."""
+    leave_out = set()
+    if appended is not None:
+        if appended.timestamp == ctx.now:
+            leave_out.add("now")
+        if appended.id == ctx.new_state_id:
+            leave_out.add("new_state_id")
+    if not any(isinstance(effect, SlotsTaken) for effect in effects):
+        leave_out.add("new_lease_id")
+    return ctx.model_dump_json(exclude_defaults=True, exclude=leave_out)
 
 
 # -- the messages of a decision, rendered when it is made and again from its event
@@ -160,6 +199,13 @@ def members(text: str) -> dict[str, str]:
             raise ValueError("a JSON object not closed")
 
 
+def _decided_at(parts: dict[str, str]) -> str:
+    now = members(parts["context"]).get("now")
+    if now is None:  # a lean context: the clock reading is the appended state's time
+        now = members(members(parts["decision"])["appended_state"])["timestamp"]
+    return now
+
+
 def stored_messages(
     payload: str,
     *,
@@ -179,14 +225,19 @@ def stored_messages(
         return parts["result_event"], None if change == "null" else change
     decision = members(parts["decision"])
     run = members(decision["run"])
-    appended = decision["appended_state"]
+    if "id" in run:  # the full shape, written before the lean one: every member
+        appended = decision["appended_state"]
+        run_state = run["state"]
+    else:  # lean: the states as the messages carried them, every member written
+        appended = state_json(decision.get("appended_state", "null"))
+        run_state = state_json(run["state"]) if "state" in run else appended
     state_appended = appended != "null"
     status_json = string_json(status or "")
     transition_id_json = uuid_json(transition_id)
-    schema_version = parts["schema_version"]
+    schema_version = parts.get("schema_version", "1")
     result = render(
         OrchestrationResult,
-        state=appended if state_appended else run["state"],
+        state=appended if state_appended else run_state,
         status=status_json,
         details=decision["details"],
     )
@@ -199,7 +250,7 @@ def stored_messages(
         status=status_json,
         result=result,
         state_appended=state_appended,
-        decided_at=members(parts["context"])["now"],
+        decided_at=_decided_at(parts),
         schema_version=schema_version,
     )
     if not state_appended:
@@ -207,7 +258,7 @@ def stored_messages(
     change = render(
         StateChangeEvent,
         task_run_id=uuid_json(stream_id),
-        flow_run_id=run["flow_run_id"],
+        flow_run_id=run.get("flow_run_id", "null"),
         seq=str(seq),
         from_state=from_state,
         to_state=appended,

@@ -147,7 +147,7 @@ class InMemorySession:
             t.events += outcome.events
             t.hashes.update(((e.stream_id, e.seq), e.hash) for e in outcome.events)
             for head in outcome.task_run_heads.values():
-                t.task_runs[head.view.id] = (head.last_seq, head.view_json or head.view.model_dump_json())
+                t.task_runs[head.view.id] = (head.last_seq, head.view_json or head.view.model_dump_json(exclude_defaults=True))
             for head in outcome.flow_run_heads.values():
                 t.flow_runs[head.view.id] = (head.last_seq, head.view.model_dump_json())
             t.cache += outcome.cache_rows

@@ -395,7 +395,7 @@ class PostgresSession:
                     "n": [h.view.state.name if h.view.state else None for h in heads],
                     "k": [h.view.task_key for h in heads],
                     "d": [h.view.dynamic_key for h in heads],
-                    "v": [h.view_json or h.view.model_dump_json() for h in heads],
+                    "v": [h.view_json or h.view.model_dump_json(exclude_defaults=True) for h in heads],
                 },
             ))
         if out.flow_run_heads:
@@ -436,7 +436,7 @@ def _side_table_writes(
                 "k": [r.cache_key for r in cache_rows],
                 "e": [r.cache_expiration for r in cache_rows],
                 "i": [r.state.id for r in cache_rows],
-                "s": [r.state.model_dump_json() for r in cache_rows],
+                "s": [r.state.model_dump_json(exclude_defaults=True) for r in cache_rows],
                 "c": [r.created for r in cache_rows],
             },
         ))
