@@ -128,7 +128,9 @@ def generate(env: dict[str, str], events: int) -> int:
                 " t.seq, t.stream_type, t.event_type, gen_random_uuid() AS command_id, t.transition_id, t.status,"
                 " t.state_type, t.state_name,"
                 " CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END AS state_id,"
-                " t.payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
+                # A copy names its new id in its payload too (a lean run takes its id from the stream).
+                " replace(t.payload::text, t.stream_id::text, md5(t.n::text || '/' || g::text)::uuid::text)::json"
+                " AS payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
                 " g::bigint * 1000000 + row_number() OVER () AS source_offset"
                 " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t) x"
                 " ORDER BY g, n, seq",
