@@ -31,21 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "bench")]
 
 import psycopg  # noqa: E402
+from workload import CREATE, SET  # noqa: E402  (tests/bench)
 
 from runstate.database_urls import libpq_dsn, with_database  # noqa: E402
 from runstate.envfile import read_env_file  # noqa: E402
 
 TEMPLATE_DB = "runstate_replaybench_tpl"
 LOG_DB = "runstate_replaybench"
-CREATE = (
-    '{{"kind":"create_task_run","command_id":"{cid}","id":"{rid}","name":"bench-{n}",'
-    '"task_key":"bench.task","dynamic_key":"{n}","tags":[],'
-    '"empirical_policy":{{"retries":1,"retry_delay":0}},"state":{{"type":"PENDING"}}}}'
-)
-SET = (
-    '{{"kind":"set_task_run_state","command_id":"{cid}","task_run_id":"{rid}",'
-    '"state":{{"type":"{type}","state_details":{{"transition_id":"{tid}"}}}},"force":false}}'
-)
 
 
 def stack_env() -> dict[str, str]:
@@ -95,7 +87,7 @@ async def decide_template(env: dict[str, str], runs: int, failing: int) -> int:
 
 def generate(env: dict[str, str], events: int) -> int:
     """The bench's generated log (Bench.rebuild in tests/bench/run_bench.py), from the template database."""
-    from run_bench import CHAIN_PARTS, chain_functions, fresh_database
+    from run_bench import fresh_database, generate_log
 
     tpl_admin, _ = urls(env, TEMPLATE_DB)
     with psycopg.connect(libpq_dsn(tpl_admin)) as src:
@@ -103,45 +95,8 @@ def generate(env: dict[str, str], events: int) -> int:
             "SELECT stream_id, seq, stream_type, event_type, transition_id, status, state_type, state_name,"
             " payload::text FROM events ORDER BY stream_id, seq").fetchall()
     admin, _ = fresh_database(env["RUNSTATE_ADMIN_DATABASE_URL"], env["RUNSTATE_CONSUMER_DATABASE_URL"], LOG_DB)
-    with psycopg.connect(libpq_dsn(admin)) as dst:
-        dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
-                    " event_type text, transition_id uuid, status text, state_type text, state_name text,"
-                    " payload json)")
-        streams: dict[object, int] = {}
-        with dst.cursor().copy("COPY bench_template FROM STDIN") as cp:
-            for r in rows:
-                cp.write_row((streams.setdefault(r[0], len(streams)), *r))
-        dst.execute("ALTER TABLE events SET UNLOGGED")
-        dst.commit()
-        chain_functions(dst)
-        copies = -(-events // len(rows))
-        step = max(1, 100_000 // len(rows))
-        for lo in range(0, copies, step):
-            dst.execute(
-                "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, transition_id,"
-                " status, state_type, state_name, state_id, payload, source_topic, source_partition,"
-                " source_offset, hash)"
-                " SELECT stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,"
-                " state_name, state_id, payload, source_topic, source_partition, source_offset,"
-                f" bench_chain({CHAIN_PARTS}) OVER (PARTITION BY g, n ORDER BY seq)"
-                " FROM (SELECT g, t.n, md5(t.n::text || '/' || g::text)::uuid AS stream_id,"
-                " t.seq, t.stream_type, t.event_type, gen_random_uuid() AS command_id, t.transition_id, t.status,"
-                " t.state_type, t.state_name,"
-                " CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END AS state_id,"
-                # A copy names its new id in its payload too (a lean run takes its id from the stream).
-                " replace(t.payload::text, t.stream_id::text, md5(t.n::text || '/' || g::text)::uuid::text)::json"
-                " AS payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
-                " g::bigint * 1000000 + row_number() OVER () AS source_offset"
-                " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t) x"
-                " ORDER BY g, n, seq",
-                (lo, min(copies, lo + step) - 1))
-            dst.commit()
-        dst.execute("DROP TABLE bench_template")
-        dst.commit()
-        total = dst.execute("SELECT count(*) FROM events").fetchone()[0]
-    with psycopg.connect(libpq_dsn(admin), autocommit=True) as dst:
-        dst.execute("VACUUM ANALYZE events")
-    return int(total)
+    total, _, _ = generate_log(admin, rows, events)
+    return total
 
 
 def workers_of(pid: int) -> list[int]:

@@ -646,57 +646,12 @@ class Bench:
                                         "runstate_bench_rebuild")
         t0 = time.monotonic()
         rows = getattr(self, "template", None) or self.rebuild_template()
-        with psycopg.connect(libpq(r_admin)) as dst:
-            dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
-                        " event_type text, transition_id uuid, status text, state_type text, state_name text,"
-                        " payload json)")
-            streams = {}
-            with dst.cursor().copy("COPY bench_template FROM STDIN") as cp:
-                for r in rows:
-                    n = streams.setdefault(r[0], len(streams))
-                    cp.write_row((n, *r))
-            dst.execute("ANALYZE bench_template")
-            per_copy = len(rows)
-            copies = -(-a.rebuild_events // per_copy)
-            # Generation only: the log is made unlogged so that writing it costs no WAL; the
-            # rebuild reads it (and writes its projections) exactly as it would a logged one.
-            dst.execute("ALTER TABLE events SET UNLOGGED")
-            dst.commit()
-            chain_functions(dst)
-            step = max(1, 100_000 // per_copy)
-            for lo in range(0, copies, step):
-                hi = min(copies, lo + step)
-                dst.execute(
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, transition_id,"
-                    " status, state_type, state_name, state_id, payload, source_topic, source_partition,"
-                    " source_offset, hash)"
-                    " SELECT stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,"
-                    " state_name, state_id, payload, source_topic, source_partition, source_offset,"
-                    f" bench_chain({CHAIN_PARTS}) OVER (PARTITION BY g, n ORDER BY seq)"
-                    " FROM (SELECT g, t.n, md5(t.n::text || '/' || g::text)::uuid AS stream_id,"
-                    " t.seq, t.stream_type, t.event_type, gen_random_uuid() AS command_id, t.transition_id, t.status,"
-                    " t.state_type, t.state_name,"
-                    " CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END AS state_id,"
-                    # A copy of a run under another id names that id in its payload too: a lean
-                    # event's run takes its id from the stream, so a stale one would differ on replay.
-                    " replace(t.payload::text, t.stream_id::text, md5(t.n::text || '/' || g::text)::uuid::text)::json"
-                    " AS payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
-                    " g::bigint * 1000000 + row_number() OVER () AS source_offset"
-                    " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t) x"
-                    " ORDER BY g, n, seq",
-                    (lo, hi - 1))
-                dst.commit()
-            dst.execute("DROP TABLE bench_template")
-            dst.commit()
-            total = dst.execute("SELECT count(*) FROM events").fetchone()[0]
-            size = dst.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))").fetchone()[0]
-        with psycopg.connect(libpq(r_admin), autocommit=True) as dst:
-            dst.execute("VACUUM ANALYZE events")
+        total, streams, size = generate_log(r_admin, rows, a.rebuild_events)
         gen_s = time.monotonic() - t0
-        log(f"  {total} events ({size}) from {per_copy} template events of {len(streams)} runs in {gen_s:.0f} s")
+        log(f"  {total} events ({size}) from {len(rows)} template events of {streams} runs in {gen_s:.0f} s")
         res = self.measure_rebuild(r_app)
         res.update({"generated": total, "table_size": size, "generation_seconds": gen_s,
-                    "template_events": per_copy})
+                    "template_events": len(rows)})
         self.results["runs"]["replay"] = self.measure_replay(r_app)
         admin_sql(env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench_rebuild WITH (FORCE)")
         return res
@@ -888,6 +843,57 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 1024 / 1024, 1),
             "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_start": os.getloadavg()}
+
+
+
+def generate_log(admin_url: str, rows: list[tuple], events: int) -> tuple[int, int, str]:
+    """At least `events` events in the (fresh) database of `admin_url`: copies of the template
+    runs `rows` under new stream ids, hash-chained; (events, template runs, size on disk)."""
+    with psycopg.connect(libpq(admin_url)) as dst:
+        dst.execute("CREATE TABLE bench_template (n integer, stream_id uuid, seq bigint, stream_type text,"
+                    " event_type text, transition_id uuid, status text, state_type text, state_name text,"
+                    " payload json)")
+        streams: dict[object, int] = {}
+        with dst.cursor().copy("COPY bench_template FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row((streams.setdefault(r[0], len(streams)), *r))
+        dst.execute("ANALYZE bench_template")
+        copies = -(-events // len(rows))
+        # Generation only: the log is made unlogged so that writing it costs no WAL; the
+        # rebuild reads it (and writes its projections) exactly as it would a logged one.
+        dst.execute("ALTER TABLE events SET UNLOGGED")
+        dst.commit()
+        chain_functions(dst)
+        step = max(1, 100_000 // len(rows))
+        for lo in range(0, copies, step):
+            hi = min(copies, lo + step)
+            dst.execute(
+                "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, transition_id,"
+                " status, state_type, state_name, state_id, payload, source_topic, source_partition,"
+                " source_offset, hash)"
+                " SELECT stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,"
+                " state_name, state_id, payload, source_topic, source_partition, source_offset,"
+                f" bench_chain({CHAIN_PARTS}) OVER (PARTITION BY g, n ORDER BY seq)"
+                " FROM (SELECT g, t.n, md5(t.n::text || '/' || g::text)::uuid AS stream_id,"
+                " t.seq, t.stream_type, t.event_type, gen_random_uuid() AS command_id, t.transition_id, t.status,"
+                " t.state_type, t.state_name,"
+                " CASE WHEN t.state_type IS NOT NULL THEN gen_random_uuid() END AS state_id,"
+                # A copy of a run under another id names that id in its payload too: a lean
+                # event's run takes its id from the stream, so a stale one would differ on replay.
+                " replace(t.payload::text, t.stream_id::text, md5(t.n::text || '/' || g::text)::uuid::text)::json"
+                " AS payload, 'bench.rebuild' AS source_topic, (g %% 12)::integer AS source_partition,"
+                " g::bigint * 1000000 + row_number() OVER () AS source_offset"
+                " FROM generate_series(%s::integer, %s::integer) g CROSS JOIN bench_template t) x"
+                " ORDER BY g, n, seq",
+                (lo, hi - 1))
+            dst.commit()
+        dst.execute("DROP TABLE bench_template")
+        dst.commit()
+        total = dst.execute("SELECT count(*) FROM events").fetchone()[0]
+        size = dst.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))").fetchone()[0]
+    with psycopg.connect(libpq(admin_url), autocommit=True) as dst:
+        dst.execute("VACUUM ANALYZE events")
+    return int(total), len(streams), size
 
 
 def parse_args(argv=None):
