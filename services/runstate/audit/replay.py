@@ -178,7 +178,7 @@ class StreamVerifier:
         except Exception as exc:  # noqa: BLE001 - any failure to re-decide is a finding, not a crash
             return Mismatch(event.stream_id, event.seq, (f"re-deciding failed: {type(exc).__name__}: {exc}",))
         # One dump serves both the common answer (equal) and, rarely, naming what differs.
-        diffs = differences(decision, recomputed.model_dump(mode="json", include=_COMPARED))
+        diffs = compare(decision, recomputed)
         if not diffs:
             # The recorded run is the recomputed one as JSON, so it validates to it.
             self._previous_view = recomputed.run
