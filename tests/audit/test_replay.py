@@ -243,3 +243,38 @@ def test_the_report_is_the_same_whatever_the_number_of_workers(driven_log, admin
     for capped, seen in zip(capped_reports, capped_announced, strict=True):
         assert capped.mismatches == seen == first.mismatches[:2]
         assert (capped.found, capped.broken, capped.ok) == (first.found, first.broken, False)
+
+
+def test_a_stored_decision_is_reproduced_by_its_text_and_any_change_to_it_is_still_found(driven_log):
+    """check_stored's shortcut: the pipeline writes each decision as lean_task_run_tail renders
+    the recomputed one, so every event of its log is reproduced by text alone; an event whose
+    text or status column says otherwise goes the long way and is reported with its paths."""
+    with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
+    verifier = StreamVerifier()
+    assert [verifier.check_stored(r.stream_id, r.seq, r.event_type, r.transition_id, r.status, r.payload)
+            for r in rows] == [None] * len(rows)
+    assert verifier.by_text == len(rows) >= 16
+
+    run = driven_log.runs["lifecycle"]
+    first, second, *_ = [r for r in rows if r.stream_id == run]
+    head, decision = second.payload.rsplit(',"decision":', 1)
+    assert '"name":"Pending"' in decision
+
+    def check_second(status: str | None, decision_text: str) -> tuple[object, int]:
+        verifier = StreamVerifier()
+        assert verifier.check_stored(first.stream_id, 1, first.event_type, first.transition_id, first.status,
+                                     first.payload) is None
+        found = verifier.check_stored(second.stream_id, 2, second.event_type, second.transition_id, status,
+                                      head + ',"decision":' + decision_text)
+        return found, verifier.by_text
+
+    altered, by_text = check_second(second.status, decision.replace('"name":"Pending"', '"name":"Waiting"'))
+    assert by_text == 1 and 'appended_state.name: "Waiting" != "Pending"' in altered.differences, altered
+    altered, by_text = check_second("REJECT", decision)
+    assert by_text == 1 and altered.differences[0] == 'result.status: "REJECT" != "ACCEPT"', altered
+    # The same decision written otherwise (spacing) is not the writer's text, and still reproduced.
+    respaced, by_text = check_second(second.status, decision.replace('"name":"Pending"', '"name": "Pending"'))
+    assert respaced is None and by_text == 1

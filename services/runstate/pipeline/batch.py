@@ -38,7 +38,6 @@ from runstate.domain import (
     decide,
     record_flow_state,
 )
-from runstate.domain.transition import ACCEPTED
 from runstate.domain.unchecked import build, replace
 from runstate.events import (
     EventType,
@@ -49,7 +48,6 @@ from runstate.events import (
 )
 from runstate.messages import (
     LIMIT_KINDS,
-    SCHEMA_VERSION,
     CreateFlowRunCommand,
     CreateTaskRunCommand,
     DeleteConcurrencyLimitCommand,
@@ -64,7 +62,9 @@ from runstate.messages import (
 )
 from runstate.pipeline.ids import IdMinter, draw_for, system_clock
 from runstate.pipeline.message_json import (
+    SCHEMA_VERSION_JSON,
     datetime_json,
+    details_json,
     lean_context_json,
     lean_decision_json,
     model_json,
@@ -94,8 +94,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588 - 4096
 FINAL_STATUSES = frozenset({SetStateStatus.ACCEPT, SetStateStatus.REJECT, SetStateStatus.ABORT})
 ONE_MICROSECOND = timedelta(microseconds=1)
 TASK_KINDS = ("set_task_run_state", "create_task_run")
-SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
-ACCEPTED_JSON = model_json(ACCEPTED)  # the details of most decisions, written once
 # Members read once: reading one off its class is a Python-level lookup (enum.property) in 3.11.
 _RUNNING = StateType.RUNNING
 _TASK_RUN_CREATED, _TRANSITION_DECIDED = EventType.TASK_RUN_CREATED, EventType.TRANSITION_DECIDED
@@ -302,7 +300,7 @@ class BatchDecider:
             OrchestrationResult,
             state=appended_json if result.state is appended else model_json(result.state),
             status=status_json,
-            details=(details_json := ACCEPTED_JSON if result.details is ACCEPTED else model_json(result.details)),
+            details=(details := details_json(result.details)),
         )
         command_id_json = uuid_json(item.command_id)
         result_event_json = result_event_json_of(
@@ -343,7 +341,7 @@ class BatchDecider:
             command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
             context=lean_context_json(ctx, appended, decision.effects),
             decision=lean_decision_json(
-                details=details_json,
+                details=details,
                 appended=appended,
                 run=decision.run,
                 previous=previous if event_type is not EventType.TASK_RUN_CREATED else None,

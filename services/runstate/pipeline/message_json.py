@@ -19,9 +19,19 @@ from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
 
-from runstate.domain import Effect, OrchestrationContext, OrchestrationResult, SlotsTaken, State, StateType, TaskRunView
+from runstate.domain import (
+    Decision,
+    Effect,
+    OrchestrationContext,
+    OrchestrationResult,
+    SlotsTaken,
+    State,
+    StateType,
+    TaskRunView,
+)
+from runstate.domain.transition import ACCEPTED
 from runstate.events import CREATION_MEMBERS, state_json
-from runstate.messages import OrchestrationResultEvent, StateChangeEvent, StateRef
+from runstate.messages import SCHEMA_VERSION, OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
@@ -56,6 +66,10 @@ def render(model: type[BaseModel], **members: str) -> str:
 def model_json(model: BaseModel | None) -> str:
     # The serializer itself: `model_dump_json` writes the same, after a Python call that costs as much.
     return "null" if model is None else model.__pydantic_serializer__.to_json(model).decode()
+
+
+_ACCEPTED_JSON = model_json(ACCEPTED)
+SCHEMA_VERSION_JSON = str(SCHEMA_VERSION)
 
 
 def uuid_json(value: UUID | None) -> str:
@@ -106,6 +120,21 @@ def lean_decision_json(
         parts.append('"effects":[' + ",".join(effect.model_dump_json() for effect in effects) + "]")
     parts.append('"policy":' + string_json(policy))
     return ",".join(parts) + "}"
+
+
+def details_json(details: BaseModel) -> str:
+    # Most decisions accept: their details are written once, not serialised each time.
+    return _ACCEPTED_JSON if details is ACCEPTED else model_json(details)
+
+
+def lean_task_run_tail(decision: Decision, previous: TaskRunView | None) -> str:
+    """How a task-run event's payload written now ends: its `decision` (lean, after `previous`,
+    None for a creation) and schema version. `replay --verify` holds a stored payload's end to
+    it: the same text means the same decision, without parsing it again."""
+    return ',"decision":' + lean_decision_json(
+        details=details_json(decision.result.details), appended=decision.appended_state, run=decision.run,
+        previous=previous, effects=decision.effects, policy=decision.policy,
+    ) + ',"schema_version":' + SCHEMA_VERSION_JSON + "}"
 
 
 def lean_context_json(ctx: OrchestrationContext, appended: State | None, effects: list[Effect]) -> str:
