@@ -54,6 +54,9 @@ class OrchestrationSettings(BaseModel):
     tag_concurrency_slot_wait_seconds: float = Field(default=10.0, ge=0)
 
 
+_DEFAULT_SETTINGS = OrchestrationSettings()  # shared (frozen): see states._NO_DETAILS
+
+
 class OrchestrationContext(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -73,4 +76,4 @@ class OrchestrationContext(BaseModel):
     """V2 limit rows for the run's tags, keyed by tag; a missing tag has no limit."""
     leases: list[Lease] = Field(default_factory=list)
     """Leases currently held by this run."""
-    settings: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+    settings: OrchestrationSettings = _DEFAULT_SETTINGS

@@ -43,6 +43,9 @@ class EmpiricalPolicy(BaseModel):
         return self
 
 
+_NO_POLICY = EmpiricalPolicy()  # shared (frozen): see states._NO_DETAILS
+
+
 class TaskRunView(BaseModel):
     """Projection of one task run. Immutable: evolve it with model_copy(update=...)."""
 
@@ -55,7 +58,7 @@ class TaskRunView(BaseModel):
     dynamic_key: str = ""
     tags: list[str] = Field(default_factory=list)
     cache_key: str | None = None
-    empirical_policy: EmpiricalPolicy = Field(default_factory=EmpiricalPolicy)
+    empirical_policy: EmpiricalPolicy = _NO_POLICY
     state: State | None = None
     run_count: int = 0
     flow_run_run_count: int = 0

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .timestamps import UtcDateTime
 from .unchecked import replace
@@ -75,6 +75,10 @@ class StateDetails(BaseModel):
 
 # What StateType(value).default_name gives, by every value StateType() accepts (its members
 # are equal to their values): one dict lookup where the enum's own lookup is a Python call.
+# The one default instance (frozen, so shared): a factory would build one per state, and
+# `exclude_defaults`, which the lean event's writer uses, would build one per member compared.
+_NO_DETAILS = StateDetails()
+
 _DEFAULT_NAMES: dict[Any, str] = {t.value: t.default_name for t in StateType}
 
 
@@ -99,7 +103,7 @@ class StateCreate(BaseModel):
     name: str | None = None
     message: str | None = None
     data: Any = None
-    state_details: StateDetails = Field(default_factory=StateDetails)
+    state_details: StateDetails = _NO_DETAILS
 
     @model_validator(mode="before")
     @classmethod
@@ -118,7 +122,7 @@ class State(BaseModel):
     timestamp: UtcDateTime
     message: str | None = None
     data: Any = None
-    state_details: StateDetails = Field(default_factory=StateDetails)
+    state_details: StateDetails = _NO_DETAILS
 
     @model_validator(mode="before")
     @classmethod
