@@ -95,12 +95,7 @@ FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS view FROM rb_task_runs OFFSET 0) v
 # effects (its text holds a non-empty effects array, written by pydantic or, before revision
 # 0004 stored json, by jsonb's output with a space; a false match only costs a parse).
 FOLD = """
-WITH r AS MATERIALIZED (
-    SELECT stream_id, seq, stream_type, event_type, payload,
-           seq = max(seq) OVER (PARTITION BY stream_id) AS newest
-    FROM events e WHERE {events}
-),{seen}
-b AS MATERIALIZED (
+WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type, event_type, newest,
            CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
                      OR strpos(payload::text, '"effects":[{') > 0 OR strpos(payload::text, '"effects": [{') > 0)
@@ -108,8 +103,10 @@ b AS MATERIALIZED (
            CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN (payload->'limit')::jsonb END AS lim
-    FROM r
-),
+    FROM (SELECT stream_id, seq, stream_type, event_type, payload,
+                 seq = max(seq) OVER (PARTITION BY stream_id) AS newest
+          FROM events e WHERE {events}) r
+),{seen}
 task_heads AS (
     INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
     SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
@@ -188,7 +185,7 @@ SELECT count(*) FROM b
 # A scan's fold notes the newest seq it saw of each stream (what the final pass compares with).
 SEEN = """
 seen AS (
-    INSERT INTO rb_seen AS s (id, last_seq) SELECT stream_id, seq FROM r WHERE newest
+    INSERT INTO rb_seen AS s (id, last_seq) SELECT stream_id, seq FROM b WHERE newest
     ON CONFLICT (id) DO UPDATE SET last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq)
 ),"""
 
@@ -308,6 +305,10 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
             {"s": lo[0], "q": lo[1], "skip": batch_size - 1, **range_params},
         ).first()
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
+        # The primary key's order is the window's: reading the batch through it needs no
+        # sort of the payloads (a bitmap scan reads pages in their order, then sorts).
+        conn.execute(text("SET LOCAL enable_bitmapscan = off"))
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
         if hi is None:  # the tail: fewer than batch_size events are left
             tail = TAIL.format(streams=condition)
             folded = conn.execute(text(_fold(tail, SEEN)), bounds | range_params).scalar_one()
