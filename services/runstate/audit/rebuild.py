@@ -59,11 +59,13 @@ from runstate.store.queries import START
 # A head's view as the consumer writes it (members equal to their defaults left out): the
 # members fixed at creation (from the creation event's run), then the newest event's run
 # (whole in the older shapes, lean in TaskRunEventPayload's).
-COMPOSED_VIEW = "COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || jsonb_build_object('id', id)"
+COMPOSED_VIEW = ("COALESCE(base - CAST(:not_creation AS text[]), '{}') || head || CASE WHEN state IS NULL"
+                 " THEN jsonb_build_object('id', id) ELSE jsonb_build_object('id', id, 'state', state) END")
 NOT_CREATION_MEMBERS = [name for name in TaskRunView.model_fields if name not in CREATION_MEMBERS]
 
 SHADOW_DDL = """
-CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, base jsonb, head jsonb NOT NULL);
+CREATE TEMP TABLE rb_task_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, base jsonb, head jsonb NOT NULL,
+                                state jsonb);
 CREATE TEMP TABLE rb_flow_runs (id uuid PRIMARY KEY, last_seq bigint NOT NULL, state_type text,
                                 view jsonb NOT NULL);
 CREATE TEMP TABLE rb_cache (stream_id uuid, seq bigint, cache_key text, cache_expiration timestamptz,
@@ -108,17 +110,18 @@ WITH b AS MATERIALIZED (
           FROM events e WHERE {events}) r
 ),{seen}
 task_heads AS (
-    INSERT INTO rb_task_runs AS t (id, last_seq, base, head)
+    INSERT INTO rb_task_runs AS t (id, last_seq, base, head, state)
     SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
-           -- A lean run leaves its state out when it is the appended one.
-           (array_agg(CASE WHEN d->'run' ? 'state' OR NOT d ? 'appended_state' THEN d->'run'
-                           ELSE d->'run' || jsonb_build_object('state', d->'appended_state') END)
+           (array_agg(d->'run') FILTER (WHERE newest))[1],
+           -- A lean run leaves its state out when it is the appended one (added as the view is composed).
+           (array_agg(CASE WHEN NOT (d->'run' ? 'state') AND d ? 'appended_state' THEN d->'appended_state' END)
             FILTER (WHERE newest))[1]
     FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object'
     GROUP BY stream_id HAVING bool_or(newest)
     ON CONFLICT (id) DO UPDATE SET base = COALESCE(EXCLUDED.base, t.base),
         last_seq = GREATEST(t.last_seq, EXCLUDED.last_seq),
-        head = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.head ELSE t.head END
+        head = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.head ELSE t.head END,
+        state = CASE WHEN t.last_seq < EXCLUDED.last_seq THEN EXCLUDED.state ELSE t.state END
 ),
 flow_heads AS (
     INSERT INTO rb_flow_runs AS t (id, last_seq, state_type, view)
@@ -339,7 +342,9 @@ def _fold_in_worker(streams: StreamRange, url: str, batch_size: int) -> tuple[in
         raw = conn.connection.driver_connection
         shadow: dict[str, bytes] = {}
         with raw.cursor() as cur:  # type: ignore[union-attr]
-            rows = TASK_ROWS.replace(":not_creation", "%(not_creation)s")
+            # The view as text: its binary COPY form is json's, which the rebuilding session
+            # checks as it takes it, so casting it to json here would parse it twice.
+            rows = TASK_ROWS.replace(":not_creation", "%(not_creation)s").replace("view::json", "view::text")
             with cur.copy(f"COPY ({rows}) TO STDOUT (FORMAT binary)", {"not_creation": NOT_CREATION_MEMBERS}) as copy:
                 shadow["rb_task_rows"] = b"".join(bytes(block) for block in copy)
             for table in SHADOW_TABLES:
