@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 
 from pipeline.harness import settings_env
 from runstate.audit.rebuild import RebuildReport, rebuild
+from runstate.events import CREATION_MEMBERS
 
 from .support import cli, copy_events, dsn, projections, scratch_database
 
@@ -115,6 +116,100 @@ def test_the_final_pass_folds_events_appended_while_rebuilding(driven_log, admin
         with psycopg.connect(dsn(app_url)) as conn:
             seq, view = conn.execute("SELECT last_seq, view FROM task_runs WHERE id = %s", (first_stream,)).fetchone()
         assert (seq, view["run_count"]) == (last_seq + 1, 99)
+
+
+def test_the_final_pass_folds_an_append_whatever_its_recorded_time(driven_log, admin_database_url, database_url):
+    """The final pass compares each stream with the newest seq the scan saw, not with a clock:
+    an append committed late but stamped long before the rebuild began still makes it in."""
+    with scratch_database(admin_database_url, database_url, "audit_rebuild_old") as (app_url, _):
+        copy_events(driven_log.settings.admin_database_url, app_url)
+        with psycopg.connect(dsn(app_url)) as conn:
+            stream, last_seq, payload = conn.execute(
+                "SELECT stream_id, seq, payload FROM events WHERE stream_type = 'task_run'"
+                " ORDER BY stream_id, seq DESC LIMIT 1"
+            ).fetchone()
+        late_payload = json.loads(json.dumps(payload))
+        late_payload["decision"]["run"]["run_count"] = 77
+        late_payload["decision"]["effects"] = []
+        appended = []
+
+        def append_once(count: int) -> None:
+            if appended:
+                return
+            appended.append(count)
+            with psycopg.connect(dsn(app_url)) as conn:
+                conn.execute(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload, recorded_at)"
+                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s, now() - interval '1 day')",
+                    (stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
+                )
+
+        # One batch holds the whole log, so the append comes after the scan passed every stream.
+        report = rebuild(app_url, batch_size=100_000, on_batch=append_once)
+        assert report.caught_up == 1
+        with psycopg.connect(dsn(app_url)) as conn:
+            seq, view = conn.execute("SELECT last_seq, view FROM task_runs WHERE id = %s", (stream,)).fetchone()
+        assert (seq, view["run_count"]) == (last_seq + 1, 77)
+
+
+def test_worker_processes_catch_up_appends_to_old_and_new_streams(driven_log, admin_database_url, database_url):
+    """With worker processes the heads are composed in the workers; an append made after every
+    range was folded (to a stream they composed, and a new stream) is folded by the final pass,
+    whose heads replace theirs, each with the members fixed at its creation."""
+    with scratch_database(admin_database_url, database_url, "audit_rebuild_workers") as (app_url, _):
+        copy_events(driven_log.settings.admin_database_url, app_url)
+        before = rebuild(app_url, batch_size=2)
+        with psycopg.connect(dsn(app_url)) as conn:
+            # A run whose creation fixed members the later events leave out (its tags).
+            stream, last_seq, payload = conn.execute(
+                "SELECT stream_id, seq, payload FROM events WHERE stream_id ="
+                " (SELECT id FROM task_runs WHERE view::jsonb ? 'tags' ORDER BY id DESC LIMIT 1)"
+                " ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            creation = conn.execute(
+                "SELECT payload FROM events WHERE stream_id = %s AND event_type = 'task_run_created'", (stream,)
+            ).fetchone()[0]
+            old_view = conn.execute("SELECT view FROM task_runs WHERE id = %s", (stream,)).fetchone()[0]
+            total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        late_payload = json.loads(json.dumps(payload))
+        late_payload["decision"]["run"]["run_count"] = 55
+        late_payload["decision"]["effects"] = []
+        new_stream = uuid.uuid4()
+        new_payload = json.loads(json.dumps(creation).replace(str(stream), str(new_stream)))
+        new_payload["decision"]["effects"] = []
+        folded = []
+
+        def append_when_all_folded(count: int) -> None:
+            folded.append(count)
+            if sum(folded) != total or sum(folded) - count == total:
+                return
+            with psycopg.connect(dsn(app_url)) as conn:
+                conn.execute(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
+                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s)",
+                    (stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
+                )
+                conn.execute(
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
+                    " VALUES (%s, 1, 'task_run', 'task_run_created', %s, %s)",
+                    (new_stream, uuid.uuid4(), Jsonb(new_payload)),
+                )
+
+        report = rebuild(app_url, batch_size=2, workers=2, min_range_events=1, on_batch=append_when_all_folded)
+        assert report.caught_up == 2
+        assert report.events == total + 2 == event_count(app_url)
+        assert report.task_runs == before.task_runs + 1
+        with psycopg.connect(dsn(app_url)) as conn:
+            seq, view = conn.execute("SELECT last_seq, view FROM task_runs WHERE id = %s", (stream,)).fetchone()
+            new_seq, new_view = conn.execute("SELECT last_seq, view FROM task_runs WHERE id = %s",
+                                             (new_stream,)).fetchone()
+        assert (seq, view["run_count"]) == (last_seq + 1, 55)
+        # The creation's members (tags, ...) survive the head the final pass wrote.
+        fixed = [k for k in CREATION_MEMBERS if k in old_view]
+        assert "tags" in fixed
+        assert {k: view.get(k) for k in fixed} == {k: old_view[k] for k in fixed}
+        assert (new_seq, new_view["id"]) == (1, str(new_stream))
+        assert {k: new_view.get(k) for k in fixed} == {k: old_view[k] for k in fixed}
 
 
 def test_rebuild_accepts_an_async_engine_and_a_sync_engine(driven_log):
