@@ -119,7 +119,8 @@ class ServiceProcess:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                # A clean stop (spans and offsets flushed) can take long on a loaded machine.
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
