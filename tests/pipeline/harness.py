@@ -140,8 +140,9 @@ async def produce(settings: Settings, records: list[tuple[bytes | None, bytes]])
         await producer.stop()
 
 
-async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 60.0) -> list[Any]:
-    """Read at least `count` records of a topic from its beginning (all partitions)."""
+async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 120.0) -> list[Any]:
+    """Read at least `count` records of a topic from its beginning (all partitions); `timeout`
+    only bounds a failing test (the reading stops at `count`), so it is generous for slow machines."""
     consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
