@@ -107,13 +107,17 @@ def test_gateway_json_logs_are_json_lines(cli_env, decided_run):  # decided_run:
                             env={**os.environ, **cli_env}, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):  # a bound, not a timing assertion: the gateway's start is waited for
+        # A bound, not a timing assertion: the gateway's start (imports, Kafka, PostgreSQL) is
+        # waited for, and can take a minute or more on a loaded machine.
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as answer:
                     assert answer.status == 200
                     break
             except OSError:
                 assert proc.poll() is None, proc.stdout.read() + proc.stderr.read()
+                assert time.monotonic() < deadline, "the gateway did not answer /api/health"
                 time.sleep(0.1)
     finally:
         out, err = _stop(proc)

@@ -440,7 +440,7 @@ class GroupWatch:
 
 async def wait_answered(reader: ResultReader, watch: GroupWatch, cmds: list[Cmd], timeout: float,
                         tick: Callable[[], None] | None = None, stalled_for: float | None = None,
-                        settle: float = 20.0) -> str | None:
+                        settle: float = 60.0) -> str | None:
     """Wait until every command is answered. Gives up early when answers can
     no longer come: the group has consumed every record (lag 0) and nothing
     new was answered for `settle` seconds, or (when `stalled_for` is given)

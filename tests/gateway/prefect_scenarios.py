@@ -28,7 +28,8 @@ from prefect.results import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer
 from prefect.states import Completed, Failed, Pending, Running, Scheduled
 
-FUTURE_SECONDS = 30
+# Far enough ahead that even a slow create and propose are answered WAIT.
+FUTURE_SECONDS = 120
 UUID_IN_PATH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -129,10 +130,15 @@ async def main() -> dict[str, Any]:
             await propose(run.id, Running()),
         ]
 
-        # 3. RUNNING proposed while the scheduled time is still in the future
+        # 3. RUNNING proposed while the scheduled time is still in the future; the seconds left
+        # when it was sent and when it was answered bound the WAIT delay (the two servers run at
+        # their own speeds, so their delays may differ by more than a second on a loaded machine).
         start_at = datetime.now(UTC) + timedelta(seconds=FUTURE_SECONDS)
         run, _ = await new_run(plain_task, Scheduled(scheduled_time=start_at))
+        sent = datetime.now(UTC)
         out["scheduled_in_future"] = [await propose(run.id, Running())]
+        answered = datetime.now(UTC)
+        out["seconds_left"] = [(start_at - answered).total_seconds(), (start_at - sent).total_seconds()]
 
         # 4. FAILED with retries left, then the retry
         run, _ = await new_run(flaky_task)

@@ -169,11 +169,15 @@ async def test_late_decision_is_503_and_a_retry_gets_the_one_decision(base_setti
         assert tid in late.json()["exception_message"]
 
         async with InProcessService(settings):
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120
             while (await http.get(f"/task_runs/{run_id}")).json().get("state_type") != "RUNNING":
                 assert time.monotonic() < deadline, "the queued commands were not decided"
                 await asyncio.sleep(0.2)
-            retried = await propose(http, run_id, "RUNNING", state_details={"transition_id": tid})
+            # The retry's own round trip through Kafka may outlast the 1 s result timeout on a
+            # loaded machine: retried as a Prefect client would, with the same transition id.
+            while (retried := await propose(http, run_id, "RUNNING",
+                                            state_details={"transition_id": tid})).status_code == 503:
+                assert time.monotonic() < deadline, "the retry was never answered"
             assert retried.status_code == 201, retried.text
 
     store = LogReader(make_engine(settings.database_url))
@@ -199,7 +203,7 @@ async def test_sixteen_concurrent_clients_are_all_answered(gateway):
 
     async def one_client() -> list[int]:
         codes = []
-        async with httpx.AsyncClient(base_url=gateway.api_url, auth=gateway.auth, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=gateway.api_url, auth=gateway.auth, timeout=90) as http:
             for _ in range(RUNS_PER_CLIENT):
                 response = await http.post("/task_runs/", json={"task_key": "load", "dynamic_key": str(uuid.uuid4())})
                 codes.append(response.status_code)

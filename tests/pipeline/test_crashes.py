@@ -58,16 +58,18 @@ async def test_sigkill_between_db_commit_and_offset_commit_loses_and_duplicates_
 
     crashing = ServiceProcess(settings, tmp_path / "crash.log", RUNSTATE_FAULT_POINT="after_db_commit").start()
     try:
-        assert await wait_exit(crashing) == -signal.SIGKILL
+        assert await wait_exit(crashing, timeout=180) == -signal.SIGKILL  # start, join, decide: slow when loaded
     finally:
         crashing.stop()
     before = (await histories(settings, [run_id]))[run_id]
     assert len(before) == 3, "the batch was committed to the database before the kill"
-    assert await read_topic(settings, settings.result_topic, 1, timeout=2) == []
+    # Everything the topic holds (the killed process can add nothing), not what 2 s of reading found.
+    assert await read_all(settings, settings.result_topic) == []
 
     restarted = ServiceProcess(settings, tmp_path / "restart.log").start()
     try:
-        results = await read_topic(settings, settings.result_topic, 3)
+        # A process's start and its group join can take a minute on a loaded machine.
+        results = await read_topic(settings, settings.result_topic, 3, timeout=180)
     finally:
         restarted.stop()
     after = (await histories(settings, [run_id]))[run_id]
@@ -87,11 +89,13 @@ async def test_two_consumers_one_killed_mid_stream_keep_every_history_gapless(ba
     try:
         # First half while both run, then one member dies, then the rest.
         await produce(settings, [(k, v) for w in waves[:30] for k, v, _ in w])
-        await read_topic(settings, settings.result_topic, 45, timeout=60)
+        await read_topic(settings, settings.result_topic, 45, timeout=180)  # the kill falls mid-stream
         second.signal(signal.SIGKILL)
         await produce(settings, [(k, v) for w in waves[30:] for k, v, _ in w])
         expected = [c for w in waves for _, _, c in w]
-        answered = await answered_commands(settings, set(expected), timeout=120)
+        # The survivor takes the dead member's partitions after its session times out and the
+        # group rebalances: tens of seconds on a loaded machine.
+        answered = await answered_commands(settings, set(expected), timeout=240)
     finally:
         first.stop()
         second.stop()
