@@ -11,7 +11,10 @@ forked      a run whose seqs are not 1..n, whose decisions differ from the
             reference, whose recorded decision does not follow from the
             previous event by the rules (re-decided with the recorded context),
             or a published result / state change that differs from the log
-            (or is missing from it), or state changes published out of order
+            (or is missing from it), or state changes published out of order, or a
+            tag whose active slots differ from what the reference's runs hold after
+            as many events as the log has of each (a run that stopped part-way is
+            lost, and the slot it still holds is not counted forked)
 internal_errors  answers with the error code orchestration_failed: runstate
             failed on a command (a bug), whatever the command was
 """
@@ -42,9 +45,10 @@ from runstate.messages import CreateTaskRunCommand, SetStateCommand
 from runstate.pipeline.message_json import state_ref_json, stored_messages
 
 from .driver import read_all
-from .workload import Cmd, Reference
+from .workload import Cmd, Reference, Step
 
 FINAL = ("ACCEPT", "REJECT", "ABORT")
+PROBLEMS_SHOWN = 12  # per kind
 
 
 @dataclass
@@ -71,7 +75,8 @@ class Report:
 
     def problem(self, kind: str, text: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
-        if len(self.problems) < 40:
+        # The first few of each kind: many of one (lost, say) must not hide the first of another.
+        if getattr(self, kind) <= PROBLEMS_SHOWN:
             self.problems.append(f"{kind}: {text}")
 
     @property
@@ -132,6 +137,50 @@ def replay(prev_run: TaskRunView | None, row: dict, payload: dict) -> tuple[bool
     return same, recorded.run, "" if same else f"re-decided {again.result.status}/{again.appended_state and again.appended_state.name} != recorded {recorded.result.status}"
 
 
+def expected_slots(got: dict[UUID, list[Step]], ref: Reference) -> dict[str, int]:
+    """Per tag, the active slots of the reference's runs after as many events as the log has
+    of each: a run whose log is the first part of its reference (it stopped part-way, counted
+    lost) holds what the reference's run held at that point, not what it held at the end. A
+    run that differs, or has more, counts as in the reference (it is forked or duplicated)."""
+    slots = Counter(ref.active_slots)
+    for sid in ref.tagged:
+        expected, mine = ref.paths[sid], got.get(sid, [])
+        if len(mine) < len(expected) and mine == expected[:len(mine)]:
+            held = ref.held(sid)
+            slots.subtract(held[-1])
+            if mine:
+                slots.update(held[len(mine) - 1])
+    return dict(slots)
+
+
+def compare_with_reference(rep: Report, got: dict[UUID, list[Step]], ref: Reference,
+                           slots: dict[str, int] | None = None, tags: list[str] | None = None,
+                           others: bool = False) -> None:
+    """Each run's decisions in the log (`got`) against the reference's: fewer is lost, more is
+    duplicated, a difference in their common part is forked; a run not in the workload is
+    forked (unless `others`); a tag whose active slots (`slots`) differ from expected_slots is
+    forked."""
+    for sid, expected in ref.paths.items():
+        mine = got.get(sid, [])
+        if len(mine) < len(expected):
+            rep.problem("lost", f"run {sid}: {len(mine)} events, the reference has {len(expected)}")
+        elif len(mine) > len(expected):
+            rep.problem("duplicated", f"run {sid}: {len(mine)} events, the reference has {len(expected)}")
+        n = min(len(mine), len(expected))
+        if mine[:n] != expected[:n]:
+            rep.problem("forked", f"run {sid}: decisions {mine} != reference {expected}")
+    for sid in set() if others else got.keys() - ref.paths.keys():
+        rep.problem("forked", f"run {sid} is in the log but not in the workload")
+    if slots is not None:
+        want = expected_slots(got, ref)
+        for tag in tags or []:
+            if slots.get(tag, 0) != want.get(tag, 0):
+                unfinished = "" if want.get(tag, 0) == ref.active_slots.get(tag, 0) else \
+                    f" (the finished reference has {ref.active_slots.get(tag, 0)})"
+                rep.problem("forked", f"tag {tag}: {slots.get(tag)} active slots, the reference's runs hold "
+                                      f"{want.get(tag, 0)} at the log's point{unfinished}")
+
+
 async def check(scenario: str, settings: Settings, sent: list[Cmd], ref: Reference,
                 tags: list[str] | None = None, replay_events: bool = True, others: bool = False,
                 offsets_reused: bool = False) -> Report:
@@ -190,24 +239,9 @@ async def check(scenario: str, settings: Settings, sent: list[Cmd], ref: Referen
                     rep.problem("forked", f"run {sid} seq {r['seq']}: {why}")
 
     # -- against the reference ------------------------------------------------
-    for sid, expected in ref.paths.items():
-        got = [(r["event_type"], r["status"], r["state_type"], r["state_name"]) for r in by_stream.get(sid, [])]
-        if len(got) < len(expected):
-            rep.problem("lost", f"run {sid}: {len(got)} events, the reference has {len(expected)}")
-        elif len(got) > len(expected):
-            rep.problem("duplicated", f"run {sid}: {len(got)} events, the reference has {len(expected)}")
-        if got != expected:
-            n = min(len(got), len(expected))
-            if got[:n] != expected[:n]:
-                rep.problem("forked", f"run {sid}: decisions {got} != reference {expected}")
-    for sid in set() if others else by_stream.keys() - ref.paths.keys():
-        rep.problem("forked", f"run {sid} is in the log but not in the workload")
-    if tags:
-        slots = read_slots(settings, tags)
-        for tag in tags:
-            if slots.get(tag, 0) != ref.active_slots.get(tag, 0):
-                rep.problem("forked", f"tag {tag}: {slots.get(tag)} active slots, the reference has "
-                                      f"{ref.active_slots.get(tag)}")
+    got = {sid: [(r["event_type"], r["status"], r["state_type"], r["state_name"]) for r in rows]
+           for sid, rows in by_stream.items()}
+    compare_with_reference(rep, got, ref, read_slots(settings, tags) if tags else None, tags or [], others)
 
     # -- results: every command answered, every answer matches the log -----------
     answered_cmd: set[UUID] = set()

@@ -53,7 +53,7 @@ def publish_report():
 
     def publish(report: Report) -> None:
         print("\n" + report.line())
-        for p in report.problems[:20]:
+        for p in report.problems:  # a few of each kind (checker.PROBLEMS_SHOWN)
             print("   ", p)
         if path:
             with Path(path).open("a") as out:

@@ -573,7 +573,9 @@ async def test_recreated_topic_and_offset_reset(scratch_settings, scale, tmp_pat
         await producer.stop()
         await reader.stop()
     ref = Reference({k: v for r in refs for k, v in r.paths.items()},
-                    {k: v for r in refs for k, v in r.active_slots.items()}, sum(r.events for r in refs))
+                    {k: v for r in refs for k, v in r.active_slots.items()}, sum(r.events for r in refs),
+                    {k: v for r in refs for k, v in r.tagged.items()},
+                    {k: v for r in refs for k, v in r.tag_limits.items()})
     report = await check("offset-reset", settings, sent.commands, ref,
                          tags=[t for w in loads for t in w.tag_limits], offsets_reused=True)
     report.faults = faults.count

@@ -222,6 +222,27 @@ class Reference:
     paths: dict[UUID, list[Step]]
     active_slots: dict[str, int]
     events: int
+    # The runs with tags and the tags' limits, for held().
+    tagged: dict[UUID, RunPlan] = field(default_factory=dict)
+    tag_limits: dict[str, int] = field(default_factory=dict)
+
+    def held(self, stream_id: UUID) -> list[dict[str, int]]:
+        """After each event of a run with tags, the slots it holds by tag: its commands alone,
+        one a batch, against tag limits of their own (runs meet only through tags, whose limits
+        are above the number of runs using them). For the slot counts of a log whose runs
+        stopped part-way (checker.expected_slots)."""
+        run = self.tagged.get(stream_id)
+        if run is None:
+            return [{} for _ in self.paths.get(stream_id, [])]
+        snapshot = StoreSnapshot(tag_limits={t: TagLimit(tag=t, limit=n) for t, n in self.tag_limits.items()})
+        settings = OrchestrationSettings()
+        after: list[dict[str, int]] = []
+        for offset, cmd in enumerate(run.commands):
+            item = parse_record(IncomingRecord("reference", 0, offset, cmd.key, cmd.value()), 10**9)
+            for _ in decide_batch([item], snapshot, settings).events:
+                after.append({t: lim.active_slots for t, lim in snapshot.tag_limits.items() if lim.active_slots})
+        assert len(after) == len(self.paths[stream_id]), stream_id
+        return after
 
 
 def reference(workload: Workload) -> Reference:
@@ -242,4 +263,6 @@ def reference(workload: Workload) -> Reference:
         for e in out.events:
             paths[e.stream_id].append((e.event_type, e.status, e.state_type, e.state_name))
         events += len(out.events)
-    return Reference(dict(paths), {t: lim.active_slots for t, lim in snapshot.tag_limits.items()}, events)
+    tagged = {r.stream_id: r for r in workload.runs if getattr(r.commands[0].command, "tags", None)}
+    return Reference(dict(paths), {t: lim.active_slots for t, lim in snapshot.tag_limits.items()}, events,
+                     tagged, dict(workload.tag_limits))
