@@ -23,6 +23,24 @@ class Interrupted(Exception):
     pass
 
 
+def later_payload(payload: dict, run_count: int) -> dict:
+    """A copy of a transition's payload whose run shows `run_count`, without effects."""
+    later = json.loads(json.dumps(payload))
+    later["decision"]["run"]["run_count"] = run_count
+    later["decision"]["effects"] = []
+    return later
+
+
+def append_transition(conn: psycopg.Connection, stream: uuid.UUID, seq: int, payload: dict,
+                      recorded_at: str = "clock_timestamp()") -> None:
+    """What the service's append does, written beside a running rebuild."""
+    conn.execute(
+        "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload, recorded_at)"
+        f" VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s, {recorded_at})",
+        (stream, seq, uuid.uuid4(), Jsonb(payload)),
+    )
+
+
 def damage_projections(url: str, driven_log) -> None:
     """What a bug or an operator's mistake might leave: rows missing, stale, miscounted."""
     with psycopg.connect(dsn(url)) as conn:
@@ -93,9 +111,7 @@ def test_the_final_pass_folds_events_appended_while_rebuilding(driven_log, admin
             # The scan is past the stream once it folded all events up to the stream's last
             # and at least one more (a batch ending exactly on it would still see the append).
             passed_at = conn.execute("SELECT count(*) FROM events WHERE stream_id <= %s", (first_stream,)).fetchone()[0]
-        late_payload = json.loads(json.dumps(payload))
-        late_payload["decision"]["run"]["run_count"] = 99
-        late_payload["decision"]["effects"] = []
+        late_payload = later_payload(payload, 99)
 
         folded = []
 
@@ -104,11 +120,7 @@ def test_the_final_pass_folds_events_appended_while_rebuilding(driven_log, admin
             if sum(folded) <= passed_at or sum(folded) - count > passed_at:
                 return  # before the scan passed the stream, or already appended
             with psycopg.connect(dsn(app_url)) as conn:
-                conn.execute(
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
-                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s)",
-                    (first_stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
-                )
+                append_transition(conn, first_stream, last_seq + 1, late_payload)
 
         report = rebuild(app_url, batch_size=2, on_batch=append_once)
         assert report.caught_up == 1
@@ -128,9 +140,7 @@ def test_the_final_pass_folds_an_append_whatever_its_recorded_time(driven_log, a
                 "SELECT stream_id, seq, payload FROM events WHERE stream_type = 'task_run'"
                 " ORDER BY stream_id, seq DESC LIMIT 1"
             ).fetchone()
-        late_payload = json.loads(json.dumps(payload))
-        late_payload["decision"]["run"]["run_count"] = 77
-        late_payload["decision"]["effects"] = []
+        late_payload = later_payload(payload, 77)
         appended = []
 
         def append_once(count: int) -> None:
@@ -138,11 +148,7 @@ def test_the_final_pass_folds_an_append_whatever_its_recorded_time(driven_log, a
                 return
             appended.append(count)
             with psycopg.connect(dsn(app_url)) as conn:
-                conn.execute(
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload, recorded_at)"
-                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s, now() - interval '1 day')",
-                    (stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
-                )
+                append_transition(conn, stream, last_seq + 1, late_payload, recorded_at="now() - interval '1 day'")
 
         # One batch holds the whole log, so the append comes after the scan passed every stream.
         report = rebuild(app_url, batch_size=100_000, on_batch=append_once)
@@ -171,9 +177,7 @@ def test_worker_processes_catch_up_appends_to_old_and_new_streams(driven_log, ad
             ).fetchone()[0]
             old_view = conn.execute("SELECT view FROM task_runs WHERE id = %s", (stream,)).fetchone()[0]
             total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-        late_payload = json.loads(json.dumps(payload))
-        late_payload["decision"]["run"]["run_count"] = 55
-        late_payload["decision"]["effects"] = []
+        late_payload = later_payload(payload, 55)
         new_stream = uuid.uuid4()
         new_payload = json.loads(json.dumps(creation).replace(str(stream), str(new_stream)))
         new_payload["decision"]["effects"] = []
@@ -184,11 +188,7 @@ def test_worker_processes_catch_up_appends_to_old_and_new_streams(driven_log, ad
             if sum(folded) != total or sum(folded) - count == total:
                 return
             with psycopg.connect(dsn(app_url)) as conn:
-                conn.execute(
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
-                    " VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s)",
-                    (stream, last_seq + 1, uuid.uuid4(), Jsonb(late_payload)),
-                )
+                append_transition(conn, stream, last_seq + 1, late_payload)
                 conn.execute(
                     "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
                     " VALUES (%s, 1, 'task_run', 'task_run_created', %s, %s)",
