@@ -3,17 +3,45 @@ by name, the previous run's when they are still free (so connection strings stay
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 HOST = "127.0.0.1"
 
+# The ports a listener is given: below the kernel's ephemeral range, from which every outgoing
+# connection (a client of Kafka or PostgreSQL) takes its local port. A port the kernel chose with
+# bind(0) is in that range, so one of those connections could take it before the listener it was
+# chosen for binds it, seconds later.
+LISTEN_PORTS_LOW = 20_000
+
+
+def ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+_handed_out: set[int] = set()
+_choice = random.SystemRandom()
+
 
 def free_port() -> int:
-    """A port nothing listens on now (the kernel's choice); the caller binds it soon after."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, outside the ephemeral range and not handed out before by this
+    process, for a listener that binds it soon after."""
+    high = ephemeral_low()
+    if high - LISTEN_PORTS_LOW < 1_000:  # an unusual range: the kernel's choice after all
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            return int(s.getsockname()[1])
+    for _ in range(1_000):
+        port = _choice.randrange(LISTEN_PORTS_LOW, high)
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port in {LISTEN_PORTS_LOW}..{high - 1}")
 
 
 def port_is_free(port: int) -> bool:

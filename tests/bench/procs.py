@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "deploy"))
+from stack.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -108,9 +110,7 @@ class Consumer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "ab")  # noqa: SIM115 - the child process writes to it after this returns
         # Each consumer serves its /metrics on a port of its own (as deployed; 9464 is one port).
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            env = {**self.env, "RUNSTATE_METRICS_PORT": str(sock.getsockname()[1])}
+        env = {**self.env, "RUNSTATE_METRICS_PORT": str(free_port())}
         self.proc = subprocess.Popen([sys.executable, "-m", "runstate.cli", "serve", "--log-level", "WARNING"],
                                      env=env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO,
                                      stdin=subprocess.DEVNULL)

@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 import runstate
 from pipeline.harness import isolated_settings, settings_env
+from stack.ports import free_port
 
 from .conftest import REPO, run_cli
 
@@ -100,9 +100,7 @@ def test_serve_json_logs_are_json_lines(cli_settings):
 
 
 def test_gateway_json_logs_are_json_lines(cli_env, decided_run):  # decided_run: the topics exist
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runstate", "gateway", "--port", str(port), "--json"],
                             env={**os.environ, **cli_env}, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

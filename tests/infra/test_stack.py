@@ -134,3 +134,26 @@ def test_the_stacks_gateway_requires_the_auth_string_its_env_file_gives_clients(
     with pytest.raises(urllib.error.HTTPError) as unknown:
         urllib.request.urlopen(request, timeout=30)
     assert unknown.value.code == 404  # let in, and the run is not there
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_not_handed_out_twice() -> None:
+    # Outgoing connections take their local ports from the ephemeral range: a listener's port
+    # chosen there could be taken before the listener binds it.
+    from stack.ports import LISTEN_PORTS_LOW, ephemeral_low
+
+    high = ephemeral_low()
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(LISTEN_PORTS_LOW <= port < high for port in ports), (high, sorted(ports)[-3:])
+
+
+def test_free_port_skips_a_port_something_listens_on(monkeypatch) -> None:
+    import stack.ports as ports_module
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", ports_module.free_port()))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        picks = iter([taken, taken + 1 if taken + 1 < ports_module.ephemeral_low() else taken - 1])
+        monkeypatch.setattr(ports_module._choice, "randrange", lambda lo, hi: next(picks))
+        assert ports_module.free_port() != taken

@@ -4,7 +4,6 @@ what was published, /ready follows the database."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,14 +26,9 @@ from runstate.messages import (
     SetStateCommand,
     limit_id,
 )
+from stack.ports import free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def wait_for(http: httpx.AsyncClient, path: str, status: int, timeout: float = 120.0,
