@@ -39,6 +39,8 @@ from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
 from runstate.pipeline.service import OrchestrationService
 from runstate.store.postgres import PostgresEventStore
 
+_log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
@@ -81,10 +83,27 @@ async def connect(service: OrchestrationService) -> None:
     await service.store.open()
 
 
+# Each step of a stop gets this long: what is decided is committed before its offsets, so a step
+# that hangs (a broker or server gone while the process idled) is left rather than keeping the
+# process alive past its supervisor's grace period.
+STOP_STEP_SECONDS = 5.0
+
+
+async def bounded_step(name: str, step: Awaitable[None], seconds: float = STOP_STEP_SECONDS) -> None:
+    """Await one step of a stop for at most `seconds`; a failure or a timeout is logged, not raised,
+    so the steps after it still run."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        _log.warning("stopping: %s did not finish within %.0f s; left", name, seconds)
+    except Exception as exc:  # a stop that fails leaves nothing undone that a restart needs
+        _log.warning("stopping: %s failed: %r", name, exc)
+
+
 async def disconnect(service: OrchestrationService) -> None:
     if isinstance(service.publisher, KafkaPublisher):
-        await service.publisher.stop()
-    await service.store.close()
+        await bounded_step("the Kafka producer", service.publisher.stop())
+    await bounded_step("the PostgreSQL pool", service.store.close())
 
 
 def _trace(service: OrchestrationService, provider: TracerProvider) -> None:
@@ -215,10 +234,10 @@ def build_app(settings: Settings | None = None, *,
 
     @app.after_shutdown
     async def stop_service() -> None:
-        await probes.close()
+        await bounded_step("the probes", probes.close())
         await disconnect(service)
-        if own_provider is not None:
-            await asyncio.to_thread(own_provider.shutdown)  # exports the spans still buffered
+        if own_provider is not None:  # exports the spans still buffered
+            await bounded_step("the span exporter", asyncio.to_thread(own_provider.shutdown))
 
     app.state_service = service  # type: ignore[union-attr]
     app.probes = probes  # type: ignore[union-attr]
