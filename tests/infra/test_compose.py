@@ -22,7 +22,7 @@ from runstate.config import Settings
 from runstate.database_urls import libpq_dsn, parse
 from runstate.gateway import create_app
 from runstate.gateway.auth import OPEN_PATHS
-from runstate.pipeline.app import build_app
+from runstate.pipeline.app import STOP_STEP_SECONDS, build_app
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -305,8 +305,9 @@ def test_every_long_running_service_has_a_health_check() -> None:
 def test_stop_grace_period_outlasts_the_services_own_shutdown(bare: None) -> None:
     for service in ("consumer", "gateway"):
         timeout_s = settings_of(service).shutdown_timeout_ms / 1000
-        # The HTTP server drains its requests, then the consumer its batch: each up to the timeout.
-        assert seconds(SERVICES[service]["stop_grace_period"]) > 2 * timeout_s, service
+        # The HTTP server drains its requests, then the consumer its batch: each up to the timeout;
+        # then each of the four closing steps up to STOP_STEP_SECONDS.
+        assert seconds(SERVICES[service]["stop_grace_period"]) > 2 * timeout_s + 4 * STOP_STEP_SECONDS, service
     for name in [*kafka_nodes(), *postgres_servers()]:
         # Longer than Docker's 10 s default, after which a broker or server is SIGKILLed.
         assert seconds(SERVICES[name]["stop_grace_period"]) > 10, name
