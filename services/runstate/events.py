@@ -9,7 +9,8 @@ A task-run event stores each fact once: the command as received, the context
 (what the decision read besides the run), and the decision without its
 repetitions, every member equal to its default left out, and the run after it
 only as far as it is not found elsewhere (TaskRunEventPayload, the lean
-shape). The result and state-change messages it published are rendered again
+shape). Its appended state leaves out what the event's columns hold when they
+hold it (`StoredState`). The result and state-change messages it published are rendered again
 from these and the event's columns (pipeline/message_json.py,
 `stored_messages`). Events written in the shapes before
 (LegacyTaskRunEventPayload: every message in full; FullTaskRunEventPayload: the
@@ -32,7 +33,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
-from pydantic_core import to_jsonable_python
+from pydantic_core import from_json, to_jsonable_python
 
 from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TagLimit, TaskRunView
 from runstate.domain.results import ResultDetails
@@ -73,13 +74,24 @@ class StoredRunView(TaskRunView):
 CREATION_MEMBERS = ("name", "task_key", "dynamic_key", "tags", "cache_key", "empirical_policy")
 
 
+class StoredState(State):
+    """A lean event's appended state. Written, since it was made compact, without what the event's
+    columns hold: its `id` (the state_id column) and, in its state_details, its `task_run_id` (the stream)
+    and `transition_id` (the transition_id column), whenever those equal the columns; otherwise,
+    and in every event written before, the state is whole. A state without an `id` is therefore
+    in the first form (every state has one): `appended_with_columns` puts the three back, and so
+    the readers of a lean event take its columns (`recorded_decision`, `recorded_context`)."""
+
+    id: UUID | None = None  # type: ignore[assignment]  # the state_id column, not stored
+
+
 class LeanDecision(BaseModel):
     """A Decision stored once and lean (the lean shape, written since issue #17): its result's state is
     `appended_state`, or `run.state` when nothing was appended; its status is the event's
     column; members equal to their defaults are left out (the models fill them back)."""
 
     details: ResultDetails
-    appended_state: State | None = None
+    appended_state: StoredState | None = None
     run: StoredRunView
     effects: list[Effect] = Field(default_factory=list)
     policy: str
@@ -197,16 +209,41 @@ def state_json(value: str) -> str:
     return value if value == "null" else State.model_validate_json(value).model_dump_json()
 
 
+def whole_state_json(value: str, stream_id: object, transition_id: object | None, state_id: object | None) -> str:
+    """A lean event's appended state as the messages carried it: every member written, what a
+    compact StoredState leaves out taken from the event's columns."""
+    if value == "null":
+        return value
+    parsed = from_json(value)
+    if isinstance(parsed, dict):
+        parsed = appended_with_columns(parsed, stream_id, transition_id, state_id)
+    return State.model_validate(parsed).model_dump_json()
+
+
+def appended_with_columns(appended: Mapping[str, Any], stream_id: object, transition_id: object | None,
+                          state_id: object | None) -> dict[str, Any]:
+    """A lean appended state whole: the members a StoredState leaves out taken from the columns
+    (as JSON values; a transition_id that is null is left out, as the lean writer does)."""
+    if "id" in appended:
+        return dict(appended)
+    details = appended.get("state_details")
+    details = dict(details) if isinstance(details, Mapping) else {}
+    details.setdefault("task_run_id", None if stream_id is None else str(stream_id))
+    if transition_id is not None:
+        details.setdefault("transition_id", str(transition_id))
+    return {"id": None if state_id is None else str(state_id), **appended, "state_details": details}
+
+
 def is_lean(decision: Mapping[str, Any]) -> bool:
     """Whether a stored decision is a LeanDecision (its run names no id)."""
     run = decision.get("run")
     return "result" not in decision and isinstance(run, Mapping) and "id" not in run
 
 
-def recorded_decision(payload: Mapping[str, Any], status: str | None,
-                      stream_id: object | None = None) -> dict[str, Any] | None:
-    """A task-run event's decision as Decision's JSON, from any payload shape
-    (`status` is the event's column); None when the payload records none. A lean
+def recorded_decision(payload: Mapping[str, Any], status: str | None, stream_id: object | None, *,
+                      transition_id: object | None, state_id: object | None) -> dict[str, Any] | None:
+    """A task-run event's decision as Decision's JSON, from any payload shape and the event's
+    columns (`stream_id` None: the command's run); None when the payload records none. A lean
     transition's run lacks the CREATION_MEMBERS: `inherit_run` adds them."""
     decision = payload.get("decision")
     if not isinstance(decision, Mapping):
@@ -217,11 +254,13 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None,
     appended = decision.get("appended_state")
     if is_lean(decision):
         assert isinstance(run, Mapping)  # is_lean says so
-        appended = filled(State, appended)
         command = payload.get("command")
         created = isinstance(command, Mapping) and command.get("kind") == "create_task_run"
         if stream_id is None and isinstance(command, Mapping):
             stream_id = command.get("id" if created else "task_run_id")
+        if isinstance(appended, Mapping):
+            appended = appended_with_columns(appended, stream_id, transition_id, state_id)
+        appended = filled(State, appended)
         run = filled(StoredRunView, run, leave_out=() if created else CREATION_MEMBERS)
         run["id"] = None if stream_id is None else str(UUID(str(stream_id)))
         if "state" not in decision["run"]:
@@ -243,10 +282,10 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None,
 UNUSED_LEASE_ID = "00000000-0000-0000-0000-000000000000"
 
 
-def recorded_context(payload: Mapping[str, Any]) -> Any:
-    """A task-run event's context as OrchestrationContext reads it, from any payload shape: a
-    lean one leaves out the clock reading and state id its appended state carries, and a
-    lease id no slot was taken with."""
+def recorded_context(payload: Mapping[str, Any], *, state_id: object | None) -> Any:
+    """A task-run event's context as OrchestrationContext reads it, from any payload shape and
+    the event's state_id column: a lean one leaves out the clock reading and state id its
+    appended state carries, and a lease id no slot was taken with."""
     context = payload.get("context")
     decision = payload.get("decision")
     if not isinstance(context, Mapping) or not isinstance(decision, Mapping) or not is_lean(decision):
@@ -255,7 +294,9 @@ def recorded_context(payload: Mapping[str, Any]) -> Any:
     appended = decision.get("appended_state")
     if isinstance(appended, Mapping):
         out.setdefault("now", appended.get("timestamp"))
-        out.setdefault("new_state_id", appended.get("id"))
+        # A compact appended state's id is the state_id column (StoredState).
+        out.setdefault("new_state_id", appended["id"] if "id" in appended
+                       else None if state_id is None else str(state_id))
     out.setdefault("new_lease_id", UNUSED_LEASE_ID)
     return out
 

@@ -23,7 +23,7 @@ from runstate.store.migrate import upgrade
 REPO = Path(__file__).resolve().parents[2]
 EVENT_COLUMNS = (
     "stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type, state_name,"
-    " payload, source_topic, source_partition, source_offset, recorded_at"
+    " state_id, payload, source_topic, source_partition, source_offset, recorded_at"
 )
 
 

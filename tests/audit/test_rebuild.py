@@ -33,11 +33,12 @@ def later_payload(payload: dict, run_count: int) -> dict:
 
 def append_transition(conn: psycopg.Connection, stream: uuid.UUID, seq: int, payload: dict,
                       recorded_at: str = "clock_timestamp()") -> None:
-    """What the service's append does, written beside a running rebuild."""
+    """What the service's append does, written beside a running rebuild (a new state id: the
+    column a compact appended state takes its id from)."""
     conn.execute(
-        "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload, recorded_at)"
-        f" VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s, {recorded_at})",
-        (stream, seq, uuid.uuid4(), Jsonb(payload)),
+        "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, state_id, payload, recorded_at)"
+        f" VALUES (%s, %s, 'task_run', 'transition_decided', %s, %s, %s, {recorded_at})",
+        (stream, seq, uuid.uuid4(), uuid.uuid4(), Jsonb(payload)),
     )
 
 
@@ -190,9 +191,9 @@ def test_worker_processes_catch_up_appends_to_old_and_new_streams(driven_log, ad
             with psycopg.connect(dsn(app_url)) as conn:
                 append_transition(conn, stream, last_seq + 1, late_payload)
                 conn.execute(
-                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, payload)"
-                    " VALUES (%s, 1, 'task_run', 'task_run_created', %s, %s)",
-                    (new_stream, uuid.uuid4(), Jsonb(new_payload)),
+                    "INSERT INTO events (stream_id, seq, stream_type, event_type, command_id, state_id, payload)"
+                    " VALUES (%s, 1, 'task_run', 'task_run_created', %s, %s, %s)",
+                    (new_stream, uuid.uuid4(), uuid.uuid4(), Jsonb(new_payload)),
                 )
 
         report = rebuild(app_url, batch_size=2, workers=2, min_range_events=1, on_batch=append_when_all_folded)

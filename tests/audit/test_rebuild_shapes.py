@@ -1,5 +1,5 @@
 """`runstate rebuild` reads every shape of task-run event the log holds: the lean one written
-now, the full one written before it (the whole run, every member) and that full one as jsonb
+now (appended states compact), the lean one with whole appended states, the full one written before it (the whole run, every member) and that full one as jsonb
 printed it (events stored before revision 0004 made the payload json), and folds them into the
 same projections."""
 
@@ -15,7 +15,7 @@ import pytest
 from pipeline.test_lean_event import decided_rows
 from runstate.audit.rebuild import rebuild
 from runstate.domain import CacheEntry, OrchestrationContext, OrchestrationSettings, TagLimit, TaskRunView
-from runstate.events import inherit_run, recorded_context, recorded_decision
+from runstate.events import appended_with_columns, inherit_run, recorded_context, recorded_decision
 from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.ports import StoreSnapshot
 from runstate.pipeline.records import IncomingRecord, parse_record
@@ -35,10 +35,12 @@ def full_payloads(rows: list[Any]) -> dict[tuple[Any, int], dict[str, Any]]:
     previous: dict[Any, Any] = {}
     for row in sorted((r for r in rows if r.stream_type == "task_run"), key=lambda r: (r.stream_id, r.seq)):
         payload = json.loads(row.payload)
-        decision = inherit_run(recorded_decision(payload, row.status, row.stream_id), previous.get(row.stream_id))
+        decision = inherit_run(recorded_decision(payload, row.status, row.stream_id, transition_id=row.transition_id,
+                                                 state_id=row.state_id), previous.get(row.stream_id))
         assert decision is not None
         previous[row.stream_id] = decision["run"]
-        context = OrchestrationContext.model_validate(recorded_context(payload)).model_dump(mode="json")
+        context = OrchestrationContext.model_validate(recorded_context(payload, state_id=row.state_id)
+                                                      ).model_dump(mode="json")
         out[(row.stream_id, row.seq)] = {
             "command": payload["command"], "context": context, "schema_version": 1,
             "decision": {name: decision[name] for name in ("appended_state", "run", "effects", "policy")}
@@ -105,5 +107,17 @@ def test_rebuild_folds_the_lean_the_full_and_the_jsonb_printed_shapes_alike(admi
         payload = full.get((row.stream_id, row.seq))
         return row.payload if payload is None else json.dumps(payload)  # ", " and ": ", as jsonb prints
 
+    def whole_state_text(row: Any) -> str:
+        """The lean shape as written before appended states were compact: each one whole."""
+        payload = json.loads(row.payload)
+        appended = (payload.get("decision") or {}).get("appended_state")
+        if row.stream_type != "task_run" or not isinstance(appended, dict) or "id" in appended:
+            return row.payload
+        payload["decision"]["appended_state"] = appended_with_columns(appended, row.stream_id, row.transition_id,
+                                                                      row.state_id)
+        return json.dumps(payload, separators=(",", ":"))
+
+    assert sum(whole_state_text(r) != r.payload for r in rows) > len(rows) / 2
     assert rebuilt(admin_database_url, database_url, rows, full_text) == lean
     assert rebuilt(admin_database_url, database_url, rows, jsonb_text) == lean
+    assert rebuilt(admin_database_url, database_url, rows, whole_state_text) == lean

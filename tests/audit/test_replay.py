@@ -4,6 +4,7 @@ seq of a decision altered afterwards in a copy of the database."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import psycopg
 import pytest
@@ -89,7 +90,7 @@ def test_verifier_reports_gaps_and_unreadable_events_without_stopping(driven_log
     run = driven_log.runs["lifecycle"]
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_id = %s ORDER BY seq",
             (run,),
         ).fetchall()
@@ -128,7 +129,7 @@ def test_every_pipeline_decision_is_reproduced_and_its_recomputed_run_stands_in_
     it already has instead of validating the recorded JSON again."""
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
     assert len(rows) >= 16
     previous: dict = {}
@@ -251,11 +252,11 @@ def test_a_stored_decision_is_reproduced_by_its_text_and_any_change_to_it_is_sti
     text or status column says otherwise goes the long way and is reported with its paths."""
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
     verifier = StreamVerifier()
-    assert [verifier.check_stored(r.stream_id, r.seq, r.event_type, r.transition_id, r.status, r.payload)
-            for r in rows] == [None] * len(rows)
+    assert [verifier.check_stored(r.stream_id, r.seq, r.event_type, r.transition_id, r.status, r.state_id,
+                                  r.payload) for r in rows] == [None] * len(rows)
     assert verifier.by_text == len(rows) >= 16
 
     run = driven_log.runs["lifecycle"]
@@ -263,18 +264,24 @@ def test_a_stored_decision_is_reproduced_by_its_text_and_any_change_to_it_is_sti
     head, decision = second.payload.rsplit(',"decision":', 1)
     assert '"name":"Pending"' in decision
 
-    def check_second(status: str | None, decision_text: str) -> tuple[object, int]:
+    def check_second(status: str | None, decision_text: str, state_id: object = second.state_id
+                     ) -> tuple[object, int]:
         verifier = StreamVerifier()
         assert verifier.check_stored(first.stream_id, 1, first.event_type, first.transition_id, first.status,
-                                     first.payload) is None
+                                     first.state_id, first.payload) is None
         found = verifier.check_stored(second.stream_id, 2, second.event_type, second.transition_id, status,
-                                      head + ',"decision":' + decision_text)
+                                      state_id, head + ',"decision":' + decision_text)
         return found, verifier.by_text
 
     altered, by_text = check_second(second.status, decision.replace('"name":"Pending"', '"name":"Waiting"'))
     assert by_text == 1 and 'appended_state.name: "Waiting" != "Pending"' in altered.differences, altered
     altered, by_text = check_second("REJECT", decision)
     assert by_text == 1 and altered.differences[0] == 'result.status: "REJECT" != "ACCEPT"', altered
+    # A compact appended state's id is its event's state_id column, and so is the context's new
+    # state id (an input, which the hash chain guards): the text alone reproduces the decision.
+    assert '"appended_state":{"type"' in decision
+    altered, by_text = check_second(second.status, decision, state_id=uuid.uuid4())
+    assert altered is None and by_text == 2
     # The same decision written otherwise (spacing) is not the writer's text, and still reproduced.
     respaced, by_text = check_second(second.status, decision.replace('"name":"Pending"', '"name": "Pending"'))
     assert respaced is None and by_text == 1

@@ -48,7 +48,7 @@ def test_assembled_messages_are_what_pydantic_writes(steps):
         lean = LeanDecision.model_validate(payload["decision"])
         assert json.loads(decision) == json.loads(lean.model_dump_json(exclude_defaults=True, exclude={"details"})) | {
             "details": json.loads(lean.details.model_dump_json())}
-        context = OrchestrationContext.model_validate(recorded_context(payload))
+        context = OrchestrationContext.model_validate(recorded_context(payload, state_id=event.state_id))
         assert json.loads(event.payload)["context"].items() <= json.loads(context.model_dump_json()).items()
         TaskRunEventPayload.model_validate(payload)
         # The event stores no message: they are rendered again from it (tests/pipeline/test_lean_event.py).

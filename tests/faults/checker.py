@@ -117,9 +117,11 @@ def replay(prev_run: TaskRunView | None, row: dict, payload: dict) -> tuple[bool
     """Re-decide one recorded task-run event from the previous event's run and
     the recorded context; True when the rules give the recorded decision."""
     command_doc = recorded_command(payload, row["transition_id"])
-    ctx = OrchestrationContext.model_validate(recorded_context(payload))
+    ctx = OrchestrationContext.model_validate(recorded_context(payload, state_id=row["state_id"]))
     previous = prev_run.model_dump(mode="json") if prev_run is not None else None
-    recorded = Decision.model_validate(inherit_run(recorded_decision(payload, row["status"], row["stream_id"]), previous))
+    recorded = Decision.model_validate(inherit_run(recorded_decision(
+        payload, row["status"], row["stream_id"], transition_id=row["transition_id"], state_id=row["state_id"]),
+        previous))
     if row["event_type"] == "task_run_created":
         if prev_run is not None:
             return False, recorded.run, "created twice"
@@ -224,7 +226,7 @@ async def check(scenario: str, settings: Settings, sent: list[Cmd], ref: Referen
             # The messages the event published, as a redelivery republishes them.
             result_event, state_change = stored_messages(
                 r["payload"], stream_id=sid, seq=r["seq"], command_id=r["command_id"],
-                transition_id=r["transition_id"], status=r["status"], from_state=from_state)
+                transition_id=r["transition_id"], status=r["status"], state_id=r["state_id"], from_state=from_state)
             payload["result_event"] = json.loads(result_event)
             payload["state_change"] = None if state_change is None else json.loads(state_change)
             if r["state_type"]:

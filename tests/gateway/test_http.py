@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from pipeline.harness import InProcessService, isolated_settings
+from runstate.events import appended_with_columns
 from runstate.gateway import create_app
 from runstate.pipeline.kafka import ensure_topics
 from runstate.store.queries import LogReader, make_engine
@@ -81,7 +82,11 @@ async def test_states_over_http_equal_the_logs_appended_states(http, gateway):
     states = (await http.get("/task_run_states/", params={"task_run_id": run["id"]})).json()
 
     logged = await gateway.store.history(uuid.UUID(run["id"]))
-    appended = [row["payload"]["decision"]["appended_state"] for row in logged if row["state_type"] is not None]
+    # A compact appended state takes its id from its event's columns (runstate/events.py, StoredState).
+    appended = [appended_with_columns(row["payload"]["decision"]["appended_state"], row["stream_id"],
+                                      row["transition_id"], row["state_id"])
+                for row in logged if row["state_type"] is not None]
+    assert any("id" not in row["payload"]["decision"]["appended_state"] for row in logged)
     assert [(s["id"], s["type"], s["name"], s["timestamp"]) for s in states] == [
         (s["id"], s["type"], s["name"], s["timestamp"]) for s in appended
     ]
@@ -188,7 +193,7 @@ async def test_late_decision_is_503_and_a_retry_gets_the_one_decision(base_setti
 
     decided = [row for row in history if str(row["transition_id"]) == tid]
     assert len(decided) == 1
-    assert retried.json()["state"]["id"] == decided[0]["payload"]["decision"]["appended_state"]["id"]
+    assert retried.json()["state"]["id"] == str(decided[0]["state_id"])
     assert [row["state_type"] for row in history] == ["PENDING", "RUNNING"]
 
 

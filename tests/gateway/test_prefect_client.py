@@ -13,6 +13,8 @@ from uuid import UUID
 
 import pytest
 
+from runstate.events import appended_with_columns
+
 from .prefect_env import prefect_python
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
@@ -117,7 +119,10 @@ async def test_gateway_serves_every_endpoint_the_client_called(answers):
 async def test_states_read_by_the_client_are_the_logged_appended_states(answers, gateway):
     lifecycle = answers["gateway"]["lifecycle"]
     logged = await gateway.store.history(UUID(lifecycle["task_run_id"]))
-    appended = [row["payload"]["decision"]["appended_state"] for row in logged if row["state_type"] is not None]
+    # A compact appended state takes its id from its event's columns (runstate/events.py, StoredState).
+    appended = [appended_with_columns(row["payload"]["decision"]["appended_state"], row["stream_id"],
+                                      row["transition_id"], row["state_id"])
+                for row in logged if row["state_type"] is not None]
     assert [(s["id"], s["type"], s["name"]) for s in appended] == [
         (s["id"], s["type"], s["name"]) for s in lifecycle["states"]
     ]

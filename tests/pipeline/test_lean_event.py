@@ -1,7 +1,8 @@
 """The stored task-run event holds each fact once, and what it published is
 rendered again from it byte for byte; events written in the legacy shape (every
 message in full, tests/pipeline/legacy_events.json, written by the decider
-before the change) are read as before."""
+before the change) and in the lean shape before appended states were compact
+(tests/pipeline/lean_v1_events.json) are read as before."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from faults.workload import generate
 from runstate.audit.history import describe
 from runstate.audit.replay import StreamVerifier, recorded_event
-from runstate.domain import OrchestrationContext, OrchestrationSettings, TagLimit
+from runstate.domain import OrchestrationContext, OrchestrationSettings, State, TagLimit
 from runstate.events import (
     GENESIS,
     LegacyTaskRunEventPayload,
@@ -83,7 +84,7 @@ def rendered_again(row: Any, rows_before: list[Any]) -> tuple[str, str | None]:
     last = max(previous, key=lambda r: r.seq) if previous else None
     return stored_messages(
         row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
-        transition_id=row.transition_id, status=row.status,
+        transition_id=row.transition_id, status=row.status, state_id=row.state_id,
         from_state=state_ref_json(last.state_type, last.state_name, last.state_id) if last else "null",
     )
 
@@ -143,8 +144,8 @@ def legacy_rows() -> list[SimpleNamespace]:
 def as_read(row: Any) -> SimpleNamespace:
     """A row as history reads it: the payload parsed, as the json column gives it."""
     fields = {name: getattr(row, name) for name in ("seq", "stream_id", "stream_type", "event_type", "command_id",
-                                                    "transition_id", "status", "state_type", "source_topic",
-                                                    "source_partition", "source_offset")}
+                                                    "transition_id", "status", "state_type", "state_id",
+                                                    "source_topic", "source_partition", "source_offset")}
     fields["event_type"] = str(fields["event_type"])
     return SimpleNamespace(**fields, payload=json.loads(row.payload), recorded_at=None)
 
@@ -180,7 +181,8 @@ def test_legacy_events_replay_and_read_as_their_decision():
     for row in sorted(rows, key=lambda r: (r.stream_id, r.seq)):
         assert verifier.check(recorded_event(row)) is None, (row.stream_id, row.seq)
         payload = json.loads(row.payload)
-        assert recorded_decision(payload, row.status) == payload["decision"]
+        assert recorded_decision(payload, row.status, row.stream_id, transition_id=row.transition_id,
+                                 state_id=row.state_id) == payload["decision"]
     flaky = [as_read(r) for r in rows if r.stream_id == UUID(int=0xA1)]
     entries = describe(sorted(flaky, key=lambda r: r.seq))
     assert [(str(e.proposed), str(e.from_state), str(e.to_state), e.status) for e in entries] == [
@@ -250,11 +252,13 @@ def test_full_shape_events_replay_republish_and_read_as_the_lean_ones(rows):
             full_rows.append(row)
             continue
         payload = json.loads(row.payload)
-        decision = inherit_run(recorded_decision(payload, row.status, row.stream_id), previous.get(row.stream_id))
+        decision = inherit_run(recorded_decision(payload, row.status, row.stream_id, transition_id=row.transition_id,
+                                                 state_id=row.state_id), previous.get(row.stream_id))
         previous[row.stream_id] = decision["run"]
         full = {
             "command": payload["command"],
-            "context": OrchestrationContext.model_validate(recorded_context(payload)).model_dump(mode="json"),
+            "context": OrchestrationContext.model_validate(recorded_context(payload, state_id=row.state_id)
+                                                           ).model_dump(mode="json"),
             "decision": {"details": decision["result"]["details"]}
             | {name: decision[name] for name in ("appended_state", "run", "effects", "policy")},
             "schema_version": 1,
@@ -270,3 +274,70 @@ def test_full_shape_events_replay_republish_and_read_as_the_lean_ones(rows):
     lean_history = {s: describe([as_read(r) for r in rows if r.stream_id == s]) for s in previous}
     full_history = {s: describe([as_read(r) for r in full_rows if r.stream_id == s]) for s in previous}
     assert full_history == lean_history
+
+
+# -- the appended state compact: what the event's columns hold is not written again -------
+
+def test_an_appended_state_leaves_out_what_the_columns_hold_and_is_whole_again_on_reading(rows):
+    compact = whole = 0
+    for row in (r for r in rows if r.stream_type == "task_run" and r.state_id is not None):
+        payload = json.loads(row.payload)
+        stored = payload["decision"]["appended_state"]
+        decision = recorded_decision(payload, row.status, row.stream_id, transition_id=row.transition_id,
+                                     state_id=row.state_id)
+        published = json.loads(row.result_event)["result"]["state"]
+        # Read back, the state is the one published, member for member.
+        assert State.model_validate(decision["appended_state"]) == State.model_validate(published)
+        if "id" in stored:  # written whole: its details say what the columns do not
+            whole += 1
+            details = stored.get("state_details", {})
+            assert (details.get("task_run_id"), details.get("transition_id")) != (
+                str(row.stream_id), None if row.transition_id is None else str(row.transition_id))
+        else:
+            compact += 1
+            assert "task_run_id" not in stored.get("state_details", {})
+            assert "transition_id" not in stored.get("state_details", {})
+            assert str(row.stream_id) not in json.dumps(stored)
+    assert compact > whole > 0  # AwaitingRetry's state carries no transition_id: written whole
+
+
+V1 = Path(__file__).with_name("lean_v1_events.json")
+
+
+def v1_rows() -> list[SimpleNamespace]:
+    rows = []
+    for raw in json.loads(V1.read_text())["events"]:
+        row = SimpleNamespace(**raw)
+        for name in ("stream_id", "command_id", "transition_id", "state_id"):
+            value = getattr(row, name)
+            setattr(row, name, UUID(value) if value else None)
+        row.source_digest, row.hash = bytes.fromhex(row.source_digest), bytes.fromhex(row.hash)
+        rows.append(row)
+    return rows
+
+
+def test_lean_events_written_before_the_compact_state_republish_replay_and_read_as_before():
+    """tests/pipeline/lean_v1_events.json: the lean shape as written before appended states were
+    compact (each one whole), by that version of the decider. Its messages are rendered again byte
+    for byte, replay reproduces every decision (by the long way: the writer's text is now
+    another), and its chain holds."""
+    rows = v1_rows()
+    task_rows = [r for r in rows if r.stream_type == "task_run"]
+    assert all("id" in json.loads(r.payload)["decision"]["appended_state"] for r in task_rows if r.state_id)
+    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
+    previous: dict[UUID, bytes] = defaultdict(lambda: GENESIS)
+    for row in rows:
+        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
+        assert event_hash(
+            previous[row.stream_id], stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type,
+            event_type=row.event_type, command_id=row.command_id, transition_id=row.transition_id,
+            status=row.status, state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
+            source_topic=row.source_topic, source_partition=row.source_partition,
+            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
+        ) == row.hash
+        previous[row.stream_id] = row.hash
+    verifier = StreamVerifier()
+    for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
+        assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
+                                     row.state_id, row.payload) is None, (row.stream_id, row.seq)
+    assert verifier.by_text < len(task_rows)  # the whole states are not the writer's text now

@@ -56,7 +56,7 @@ def message_of(stream_id: UUID, state_change: dict[str, Any]) -> BackfillMessage
 # An event's state change is rendered again from its payload and columns
 # (pipeline/message_json.py), with the stream's appended state before it.
 STATE_CHANGE_COLUMNS = (
-    "command_id, transition_id, status, payload::text AS payload,"
+    "command_id, transition_id, status, state_id, payload::text AS payload,"
     " (SELECT json_build_array(p.state_type, p.state_name, p.state_id) FROM events p"
     "  WHERE p.stream_id = events.stream_id AND p.seq < events.seq AND p.state_type IS NOT NULL"
     "  ORDER BY p.seq DESC LIMIT 1) AS previous"
@@ -67,7 +67,7 @@ def state_change_of(row: Any) -> dict[str, Any]:
     previous = row.previous
     _, change = stored_messages(
         row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
-        transition_id=row.transition_id, status=row.status,
+        transition_id=row.transition_id, status=row.status, state_id=row.state_id,
         from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
     )
     if change is None:

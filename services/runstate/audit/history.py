@@ -97,7 +97,8 @@ def describe(rows: Iterable[Any]) -> list[HistoryEntry]:
         payload = row.payload if isinstance(row.payload, dict) else {}
         command = payload.get("command") or {}
         if row.stream_type == "task_run":
-            decision = recorded_decision(payload, row.status) or {}
+            decision = recorded_decision(payload, row.status, row.stream_id, transition_id=row.transition_id,
+                                         state_id=row.state_id) or {}
             proposed = _proposed(command.get("state"))
             if proposed is None and row.event_type == "task_run_created":
                 proposed = StateLabel(type="PENDING", name=None)  # what the pipeline applies to a bare create

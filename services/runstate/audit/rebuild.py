@@ -92,6 +92,16 @@ FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS view FROM rb_task_runs OFFSET 0) v
 """.replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
+# A lean decision `x` whose appended state is whole: a compact one (events.StoredState, no
+# `id`) takes its id, task_run_id and transition_id from the event's columns.
+WHOLE_APPENDED = (
+    "CASE WHEN jsonb_typeof(x->'appended_state') = 'object' AND NOT (x->'appended_state' ? 'id')"
+    " THEN jsonb_set(x, '{appended_state}', (x->'appended_state') || jsonb_build_object('id', state_id,"
+    " 'state_details', COALESCE(x->'appended_state'->'state_details', '{}')"
+    " || jsonb_strip_nulls(jsonb_build_object('task_run_id', stream_id, 'transition_id', transition_id))))"
+    " ELSE x END"
+)
+
 # Only three kinds of task-run event are parsed: a stream's newest in the batch (its head),
 # its creation (the members fixed then: the base of a lean head) and one that records
 # effects (its text holds a non-empty effects array, written by pydantic or, before revision
@@ -101,11 +111,11 @@ WITH b AS MATERIALIZED (
     SELECT stream_id, seq, stream_type, event_type, newest,
            CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
                      OR strpos(payload::text, '"effects":[{') > 0 OR strpos(payload::text, '"effects": [{') > 0)
-                THEN (payload->'decision')::jsonb END AS d,
+                THEN (SELECT %WHOLE_APPENDED% FROM (SELECT (payload->'decision')::jsonb AS x) y) END AS d,
            CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN (payload->'limit')::jsonb END AS lim
-    FROM (SELECT stream_id, seq, stream_type, event_type, payload,
+    FROM (SELECT stream_id, seq, stream_type, event_type, payload, transition_id, state_id,
                  seq = max(seq) OVER (PARTITION BY stream_id) AS newest
           FROM events e WHERE {events}) r
 ),{seen}
@@ -183,7 +193,7 @@ unreadable AS (
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
-"""
+""".replace("%WHOLE_APPENDED%", WHOLE_APPENDED)
 
 # A scan's fold notes the newest seq it saw of each stream (what the final pass compares with).
 SEEN = """

@@ -149,12 +149,18 @@ def differences(recorded: Mapping[str, Any], mine: Mapping[str, Any]) -> list[st
 
 
 def _reproduced(recomputed: Decision, stream_id: UUID, status: str | None, previous: TaskRunView | None,
-                payload_text: str) -> bool:
+                transition_id: UUID | None, payload_text: str) -> bool:
+    # A compact appended state's id is not compared: it is the state_id column, which the
+    # recorded context's new state id was read from too (an input the hash chain guards).
     result = recomputed.result
     state = recomputed.appended_state if recomputed.appended_state is not None else recomputed.run.state
     return (recomputed.run.id == stream_id and result.status.value == status
             and (result.state is state or result.state == state)
-            and payload_text.endswith(lean_task_run_tail(recomputed, previous)))
+            and payload_text.endswith(lean_task_run_tail(recomputed, previous, transition_id)))
+
+
+def _uuid(value: object | None) -> UUID | None:
+    return value if value is None or isinstance(value, UUID) else UUID(str(value))
 
 
 class StreamVerifier:
@@ -171,7 +177,7 @@ class StreamVerifier:
         self.by_text = 0  # decisions found reproduced by their stored text alone (check_stored)
 
     def check_stored(self, stream_id: UUID, seq: int, event_type: str, transition_id: object,
-                     status: str | None, payload_text: str) -> Mismatch | None:
+                     status: str | None, state_id: object, payload_text: str) -> Mismatch | None:
         """`check` for an event as stored. A decision the current writer would store as the very
         text it ends with is reproduced: equal lean texts fill back to equal decisions, so
         only the run's id, status and result state (held by columns, not by that text) are
@@ -179,7 +185,8 @@ class StreamVerifier:
         payload = from_json(payload_text)
         if not isinstance(payload, dict):  # a damaged event is a finding (check), not a crash
             payload = {}
-        command, context = recorded_command(payload, transition_id), recorded_context(payload)
+        transition_id, state_text = _uuid(transition_id), None if state_id is None else str(state_id)
+        command, context = recorded_command(payload, transition_id), recorded_context(payload, state_id=state_text)
         if stream_id != self._stream:
             self._stream, self._previous_seq, self._previous_run, self._previous_view = stream_id, 0, None, None
         creation = event_type == "task_run_created"
@@ -191,12 +198,14 @@ class StreamVerifier:
                                       None, previous)
             except Exception:  # noqa: BLE001 - check() re-decides it and reports the failure
                 recomputed = None
-            if recomputed is not None and _reproduced(recomputed, stream_id, status, previous, payload_text):
+            if recomputed is not None and _reproduced(recomputed, stream_id, status, previous, transition_id,
+                                                      payload_text):
                 self._previous_seq, self._previous_run, self._previous_view = seq, None, recomputed.run
                 self.by_text += 1
                 return None
         return self.check(RecordedEvent(stream_id, seq, event_type, command, context,
-                                        recorded_decision(payload, status, stream_id)))
+                                        recorded_decision(payload, status, stream_id, transition_id=transition_id,
+                                                          state_id=state_text)))
 
     def _previous_model(self) -> TaskRunView | None:
         if self._previous_view is None and isinstance(self._previous_run, Mapping):
@@ -297,19 +306,21 @@ class ChainVerifier:
 
 def recorded_event(row: Any) -> RecordedEvent:
     """What a stored task-run event recorded, from a row with stream_id, seq, event_type,
-    transition_id, status and payload (as text)."""
-    return _recorded(row.stream_id, row.seq, row.event_type, row.transition_id, row.status, row.payload)
+    transition_id, status, state_id and payload (as text)."""
+    return _recorded(row.stream_id, row.seq, row.event_type, row.transition_id, row.status, row.state_id,
+                     row.payload)
 
 
 def _recorded(stream_id: UUID, seq: int, event_type: str, transition_id: object, status: str | None,
-              payload_text: str) -> RecordedEvent:
+              state_id: object, payload_text: str) -> RecordedEvent:
     """The one place replay decodes a payload."""
     payload = from_json(payload_text)
     if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
     return RecordedEvent(stream_id, seq, event_type, recorded_command(payload, transition_id),
-                         recorded_context(payload), recorded_decision(payload, status, stream_id))
+                         recorded_context(payload, state_id=state_id),
+                         recorded_decision(payload, status, stream_id, transition_id=transition_id, state_id=state_id))
 
 
 def _condition(run_id: UUID | None) -> tuple[str, dict[str, Any]]:
@@ -393,7 +404,7 @@ def verify_range(
                 report.events += 1
                 if row[0] != stream_text:  # one uuid object a stream, not one an event
                     stream_text, stream_id = row[0], UUID(row[0])
-                mismatch = verifier.check_stored(stream_id, row[1], row[3], row[5], row[6], row[15])
+                mismatch = verifier.check_stored(stream_id, row[1], row[3], row[5], row[6], row[9], row[15])
                 if mismatch is not None:
                     found(mismatch)
         report.chained += len(rows)

@@ -17,6 +17,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runstate.domain import TERMINAL_TYPES, EmpiricalPolicy, State, StateType, TaskRunView, stored_data
+from runstate.events import appended_with_columns
 from runstate.messages import limit_id
 from runstate.store import queries as q
 from runstate.store.queries import first_async, rows_async
@@ -34,6 +35,14 @@ def _as_read(state: State | None) -> State | None:
     if state is None:
         return None
     return state.model_copy(update={"data": stored_data(state)})
+
+
+def _appended(row: Any) -> State:
+    """An appended state as read back, whole again when the event stored it compact."""
+    state = row.state
+    if isinstance(state, dict):
+        state = appended_with_columns(state, row.stream_id, row.transition_id, row.state_id)
+    return _as_read(State.model_validate(state))
 
 
 class GatewayReads:
@@ -58,11 +67,11 @@ class GatewayReads:
     async def task_run_states(self, run_id: UUID) -> list[State]:
         """The run's appended states (accepted proposals and rule replacements), in log order."""
         found = await rows_async(self.engine, q.TASK_RUN_STATES, {"id": run_id})
-        return [_as_read(State.model_validate(row.state)) for row in found]
+        return [_appended(row) for row in found]
 
     async def task_run_state(self, state_id: UUID) -> State | None:
         row = await first_async(self.engine, q.TASK_RUN_STATE, {"sid": state_id})
-        return _as_read(State.model_validate(row.state)) if row else None
+        return _appended(row) if row else None
 
     # -- flow runs --------------------------------------------------------------
     async def flow_run(self, run_id: UUID) -> FlowRun | None:

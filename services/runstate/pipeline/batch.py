@@ -347,6 +347,7 @@ class BatchDecider:
                 previous=previous if event_type is not EventType.TASK_RUN_CREATED else None,
                 effects=decision.effects,
                 policy=decision.policy,
+                transition_id=transition_id,
             ),
             schema_version=SCHEMA_VERSION_JSON,
         )

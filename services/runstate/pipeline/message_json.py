@@ -30,7 +30,7 @@ from runstate.domain import (
     TaskRunView,
 )
 from runstate.domain.transition import ACCEPTED
-from runstate.events import CREATION_MEMBERS, state_json
+from runstate.events import CREATION_MEMBERS, state_json, whole_state_json
 from runstate.messages import SCHEMA_VERSION, OrchestrationResultEvent, StateChangeEvent, StateRef
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
@@ -101,14 +101,16 @@ def lean_decision_json(
     previous: TaskRunView | None,
     effects: list[Effect],
     policy: str,
+    transition_id: UUID | None,
 ) -> str:
-    """A decision as a LeanDecision's JSON: members equal to their defaults left out, the run
-    without its id, without its state when that is the appended one, and after a `previous`
-    run without the members fixed at creation (decide() never changes them; one that did
-    change would be written)."""
+    """A decision as a LeanDecision's JSON: members equal to their defaults left out, the
+    appended state without what the event's columns hold (events.StoredState; `transition_id`
+    is the event's), the run without its id, without its state when that is the appended one,
+    and after a `previous` run without the members fixed at creation (decide() never changes
+    them; one that did change would be written)."""
     parts = ['{"details":' + details]
     if appended is not None:
-        parts.append('"appended_state":' + appended.model_dump_json(exclude_defaults=True))
+        parts.append('"appended_state":' + stored_state_json(appended, run.id, transition_id))
     leave_out = set(_LEAVE_OUT_CREATED if previous is None else _LEAVE_OUT_TRANSITION)
     if previous is not None:
         leave_out -= {name for name in CREATION_MEMBERS
@@ -122,18 +124,38 @@ def lean_decision_json(
     return ",".join(parts) + "}"
 
 
+# What a compact StoredState leaves out: its id and the details the columns hold.
+_COMPACT_STATE: dict[str, Any] = {"id": True, "state_details": {"task_run_id": True, "transition_id": True}}
+
+
+_NO_DETAILS_LEFT = ',"state_details":{}}'
+
+
+def stored_state_json(state: State, stream_id: UUID, transition_id: UUID | None) -> str:
+    """An appended state as a lean event stores it: compact when the event's columns hold its
+    id, task_run_id and transition_id (the state_id column is its id by construction), whole
+    otherwise; members equal to their defaults left out either way."""
+    details = state.state_details
+    if details.task_run_id == stream_id and details.transition_id == transition_id:
+        text = state.model_dump_json(exclude_defaults=True, exclude=_COMPACT_STATE)
+        # Details that held only those are left out whole (state_details is State's last member).
+        return text[: -len(_NO_DETAILS_LEFT)] + "}" if text.endswith(_NO_DETAILS_LEFT) else text
+    return state.model_dump_json(exclude_defaults=True)
+
+
 def details_json(details: BaseModel) -> str:
     # Most decisions accept: their details are written once, not serialised each time.
     return _ACCEPTED_JSON if details is ACCEPTED else model_json(details)
 
 
-def lean_task_run_tail(decision: Decision, previous: TaskRunView | None) -> str:
+def lean_task_run_tail(decision: Decision, previous: TaskRunView | None, transition_id: UUID | None) -> str:
     """How a task-run event's payload written now ends: its `decision` (lean, after `previous`,
-    None for a creation) and schema version. `replay --verify` holds a stored payload's end to
-    it: the same text means the same decision, without parsing it again."""
+    None for a creation; `transition_id` is the event's) and schema version. `replay --verify`
+    holds a stored payload's end to it: the same text means the same decision, without parsing
+    it again (besides what the columns hold)."""
     return ',"decision":' + lean_decision_json(
         details=details_json(decision.result.details), appended=decision.appended_state, run=decision.run,
-        previous=previous, effects=decision.effects, policy=decision.policy,
+        previous=previous, effects=decision.effects, policy=decision.policy, transition_id=transition_id,
     ) + ',"schema_version":' + SCHEMA_VERSION_JSON + "}"
 
 
@@ -243,6 +265,7 @@ def stored_messages(
     command_id: UUID,
     transition_id: UUID | None,
     status: str | None,
+    state_id: UUID | None,
     from_state: str,
 ) -> tuple[str, str | None]:
     """The result event and state change an event's decision published, byte for
@@ -258,7 +281,7 @@ def stored_messages(
         appended = decision["appended_state"]
         run_state = run["state"]
     else:  # lean: the states as the messages carried them, every member written
-        appended = state_json(decision.get("appended_state", "null"))
+        appended = whole_state_json(decision.get("appended_state", "null"), stream_id, transition_id, state_id)
         run_state = state_json(run["state"]) if "state" in run else appended
     state_appended = appended != "null"
     status_json = string_json(status or "")

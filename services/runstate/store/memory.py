@@ -173,7 +173,7 @@ def _stored(t: _Tables, row: EventRow, by_source: bool = False) -> StoredOutcome
     previous = max(before, key=lambda e: e.seq) if before else None
     result_event, state_change = stored_messages(
         row.payload, stream_id=row.stream_id, seq=row.seq, command_id=row.command_id,
-        transition_id=row.transition_id, status=row.status,
+        transition_id=row.transition_id, status=row.status, state_id=row.state_id,
         from_state=state_ref_json(previous.state_type, previous.state_name, previous.state_id)
         if previous and previous.state_type else "null",
     )

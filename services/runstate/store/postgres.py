@@ -498,7 +498,7 @@ def _bytea(value: str | None) -> bytes | None:
 # What renders an event's published messages again (message_json.stored_messages),
 # with the stream's appended state before it, which its state change names.
 _STORED_COLUMNS = (
-    "e.stream_id, e.seq, e.command_id, e.transition_id, e.status, e.payload::text AS payload,"
+    "e.stream_id, e.seq, e.command_id, e.transition_id, e.status, e.state_id, e.payload::text AS payload,"
     " (SELECT json_build_array(p.state_type, p.state_name, p.state_id) FROM events p"
     "  WHERE p.stream_id = e.stream_id AND p.seq < e.seq AND p.state_type IS NOT NULL"
     "  ORDER BY p.seq DESC LIMIT 1) AS previous"
@@ -510,6 +510,7 @@ def _stored(row: dict[str, Any]) -> StoredOutcome:
     result_event, state_change = stored_messages(
         row["payload"], stream_id=UUID(row["stream_id"]), seq=row["seq"], command_id=UUID(row["command_id"]),
         transition_id=UUID(row["transition_id"]) if row["transition_id"] else None, status=row["status"],
+        state_id=UUID(row["state_id"]) if row["state_id"] else None,
         from_state=state_ref_json(previous[0], previous[1], previous[2]) if previous else "null",
     )
     return StoredOutcome(result_event, state_change, row["stream_id"].encode())

@@ -59,8 +59,8 @@ PING = "SELECT 1"
 
 # -- one stream of the log: `runstate history`, the tests' LogReader ----------------------
 STREAM_EVENTS = (
-    "SELECT seq, stream_type, event_type, command_id, transition_id, status, state_type, state_name,"
-    " payload, source_topic, source_partition, source_offset, recorded_at"
+    "SELECT seq, stream_id, stream_type, event_type, command_id, transition_id, status, state_type, state_name,"
+    " state_id, payload, source_topic, source_partition, source_offset, recorded_at"
     " FROM events WHERE stream_id = :id ORDER BY seq"
 )
 
@@ -91,13 +91,14 @@ def task_run_by_key(flow_run_id: UUID | None) -> str:
     return TASK_RUN + f" WHERE {same_flow} AND t.task_key = :k AND t.dynamic_key = :d ORDER BY e.recorded_at LIMIT 1"
 
 
+# An appended state and the columns a compact one leaves out (events.appended_with_columns).
 TASK_RUN_STATES = (
-    "SELECT payload->'decision'->'appended_state' AS state FROM events"
+    "SELECT payload->'decision'->'appended_state' AS state, stream_id, transition_id, state_id FROM events"
     " WHERE stream_id = :id AND stream_type = 'task_run' AND state_type IS NOT NULL"
     " ORDER BY seq"
 )
 TASK_RUN_STATE = (
-    "SELECT payload->'decision'->'appended_state' AS state FROM events"
+    "SELECT payload->'decision'->'appended_state' AS state, stream_id, transition_id, state_id FROM events"
     " WHERE state_id = :sid AND stream_type = 'task_run'"
 )
 FLOW_RUN = (
