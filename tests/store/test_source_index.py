@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,7 +18,7 @@ from runstate.database_urls import libpq_dsn
 from runstate.domain import OrchestrationSettings
 from runstate.messages import CreateTaskRunCommand, SetStateCommand, stream_id_of
 from runstate.pipeline.batch import decide_batch
-from runstate.pipeline.ports import SnapshotRequest, StoreConflict
+from runstate.pipeline.ports import BatchOutcome, SnapshotRequest, StoreConflict
 from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_record
 from runstate.pipeline.service import read_snapshot
 from runstate.store.postgres import PostgresEventStore, run_sql, source_lookup
@@ -34,7 +35,7 @@ async def store(base_settings) -> AsyncIterator[PostgresEventStore]:
     await adapter.close()
 
 
-def parsed(partition: int, offset: int, command) -> ParsedCommand:  # noqa: ANN001 - any command
+def parsed(partition: int, offset: int, command: Any) -> ParsedCommand:
     record = IncomingRecord(TOPIC, partition, offset, str(stream_id_of(command)).encode(),
                             command.model_dump_json().encode())
     item = parse_record(record, 1 << 20)
@@ -42,7 +43,7 @@ def parsed(partition: int, offset: int, command) -> ParsedCommand:  # noqa: ANN0
     return item
 
 
-async def decide(store: PostgresEventStore, *items: ParsedCommand):  # noqa: ANN201 - BatchOutcome
+async def decide(store: PostgresEventStore, *items: ParsedCommand) -> BatchOutcome:
     async with store.session() as session:
         snap = await read_snapshot(session, items, TOPIC, datetime.now(UTC))
         outcome = decide_batch(list(items), snap, RULES)
