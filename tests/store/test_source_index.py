@@ -12,7 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic import command
 
+from audit.support import scratch_database
 from runstate.client import state
 from runstate.database_urls import libpq_dsn
 from runstate.domain import OrchestrationSettings
@@ -21,6 +23,7 @@ from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.ports import BatchOutcome, SnapshotRequest, StoreConflict
 from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_record
 from runstate.pipeline.service import read_snapshot
+from runstate.store.migrate import alembic_config
 from runstate.store.postgres import PostgresEventStore, run_sql, source_lookup
 
 TOPIC = "source-index.commands"
@@ -49,6 +52,13 @@ async def decide(store: PostgresEventStore, *items: ParsedCommand) -> BatchOutco
         outcome = decide_batch(list(items), snap, RULES)
         await session.append(outcome)
     return outcome
+
+
+def source_indexes(admin_url: str) -> list[tuple[str, bool]]:
+    with psycopg.connect(libpq_dsn(admin_url)) as conn:
+        return conn.execute(
+            "SELECT c.relname, i.indisunique FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid = 'events'::regclass AND pg_get_indexdef(i.indexrelid) LIKE '%source_%'").fetchall()
 
 
 def stored_rows(admin_url: str, partition: int, run_id: uuid.UUID) -> tuple[list[int], list[tuple[int, int]]]:
@@ -100,9 +110,11 @@ async def test_two_writers_of_one_record_at_once_store_it_once(store, admin_data
     go["owner"].set()
     await owner_appended.wait()
     go["zombie"].set()
-    # The zombie's INSERT is waiting for the owner's transaction (a lock not granted).
+    # The zombie's INSERT waits for the owner's transaction (a lock not granted), unless
+    # nothing refused it: then it is done, and the assertion below fails.
     with psycopg.connect(libpq_dsn(admin_database_url), autocommit=True) as conn:
-        while not conn.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", zombie_pid).fetchone():
+        while not zombie_task.done() and not conn.execute(
+                "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", zombie_pid).fetchone():
             await asyncio.sleep(0.01)
     owner_commit.set()
     await owner_task
@@ -156,3 +168,32 @@ async def test_the_position_index_is_the_only_source_index_and_not_unique(store,
             " AND pg_get_indexdef(i.indexrelid) LIKE '%source_%' ORDER BY c.relname").fetchall()
     assert [(name, unique) for name, unique, _ in rows] == [("events_source_position", False)]
     assert rows[0][2].endswith("(source_partition, source_offset) WHERE (source_topic IS NOT NULL)")
+
+
+async def test_the_migration_and_its_downgrade_keep_a_log_with_rows_answering_redeliveries(
+        admin_database_url, database_url):
+    position, unique = [("events_source_position", False)], [("events_source", True)]
+    with scratch_database(admin_database_url, database_url, "source_index") as (app_url, admin_url):
+        config = alembic_config(admin_url, app_url)
+        command.downgrade(config, "0010")
+        assert source_indexes(admin_url) == unique
+        run_id = uuid.uuid4()
+        items = [parsed(3, 0, CreateTaskRunCommand(id=run_id)),
+                 parsed(3, 1, SetStateCommand(task_run_id=run_id, state=state("RUNNING")))]
+        store = PostgresEventStore(app_url)
+        await store.open()
+        try:
+            await decide(store, *items)  # written under 0010's unique index
+        finally:
+            await store.close()
+        for step, revision, indexes in ((command.upgrade, "0011", position), (command.downgrade, "0010", unique),
+                                        (command.upgrade, "head", position)):
+            step(config, revision)
+            assert source_indexes(admin_url) == indexes
+            store = PostgresEventStore(app_url)
+            await store.open()
+            try:
+                again = await decide(store, *items)
+            finally:
+                await store.close()
+            assert again.events == [] and again.duplicates == 2
