@@ -1,8 +1,9 @@
 """Events: the redelivery lookup's index on (source_partition, source_offset), not unique.
 
 The unique index on (source_topic, source_partition, source_offset, source_digest)
-cost about 132 bytes per event as the consumer's inserts build it (a 16-byte topic
-and a 32-byte digest in every entry, 12 insertion points splitting pages); this one
+cost about 132 bytes per event as the consumer's inserts build it (the topic's text
+and a 16-byte digest in every entry, pages split at one insertion point per
+partition); this one
 costs about 46 (33 freshly built), and the lookup (store/postgres.py, "by_source")
 still finds a record's rows by an index scan on both columns, checking the topic
 and choosing the digest on the row as before.
@@ -17,19 +18,21 @@ the lookup answers the record from it; when s > head the stream's gapless seqs p
 a row at head + 1 that the snapshot did not see, so this writer's INSERT fails on
 (stream_id, seq), the whole batch rolls back (side tables included) and its retry
 finds the stored event. Nothing is decided twice and no history forks
-(tests/store/test_source_index.py shows it). A narrower *unique* key would refuse
-rows no retry can clear and stall the partition: (partition, offset, digest) the
-same bytes at the same position of two topics, (partition, offset) every record of
-a recreated topic at an old position.
+(tests/store/test_source_index.py: two writers at once, also with the primary key as
+the events' only unique key and no projection row written; in the real batch the
+run projections' upsert under REPEATABLE READ and, for a final decision,
+events_final_transition refuse the second writer too). A narrower *unique* key
+would refuse rows no retry can clear and stall the partition: (partition, offset,
+digest) the same bytes at the same position of two topics, (partition, offset)
+every record of a recreated topic at an old position.
 
 Locks: the new index is built first, under a SHARE lock on events (reads go on,
 appends wait), then the old one is dropped, whose ACCESS EXCLUSIVE lock is held
 only to the commit. Measured on this 2-core machine with a million events (a
 1.1 GB heap in the OS cache): about 0.9 s per million events, reading a cold heap
 from disk adds its read time. Downgrade builds the unique index again under the
-same lock, about 1.8 s per million; it can
-only fail on rows the old index would have refused, which the argument above says
-are never written.
+same lock, about 1.8 s per million; it can only fail on rows the old index would
+have refused, which the argument above says are never written.
 
 Revision ID: 0011
 """
