@@ -123,23 +123,21 @@ class InMemorySession:
         self.staged.append(outcome)
 
     def commit(self) -> None:
-        """Apply every staged write, or none: the unique keys PostgreSQL has."""
+        """Apply every staged write, or none: the unique keys PostgreSQL has (the source
+        record is looked up, not unique: migration 0011)."""
         t = self.tables
         keys = {(e.stream_id, e.seq) for e in t.events}
-        sources = {(e.source_topic, e.source_partition, e.source_offset, e.source_digest) for e in t.events}
         finals: set[tuple[UUID, UUID | None] | None] = {
             (e.stream_id, e.transition_id) for e in t.events if e.status in FINAL and e.transition_id
         }
         states: set[UUID | None] = {e.state_id for e in t.events if e.state_id}
         for outcome in self.staged:
             for e in outcome.events:
-                source = (e.source_topic, e.source_partition, e.source_offset, e.source_digest)
                 final = (e.stream_id, e.transition_id) if e.status in FINAL and e.transition_id else None
-                if (e.stream_id, e.seq) in keys or source in sources or (final and final in finals) or (
+                if (e.stream_id, e.seq) in keys or (final and final in finals) or (
                         e.state_id and e.state_id in states):
                     raise StoreConflict(f"duplicate key: event {e.stream_id} seq {e.seq}")
                 keys.add((e.stream_id, e.seq))
-                sources.add(source)
                 if final:
                     finals.add(final)
                 states.add(e.state_id)

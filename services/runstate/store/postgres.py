@@ -216,6 +216,22 @@ class CommittedRuns:
             self.heads.popitem(last=False)
 
 
+def source_lookup(request: SnapshotRequest) -> Statement:
+    """The events stored for the request's records, by position (events_source_position,
+    migration 0011); the topic is checked and the digest chosen on the rows."""
+    return (
+        "SELECT e.source_partition, e.source_offset, e.source_digest, " + _STORED_COLUMNS
+        + " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
+        " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
+        " WHERE e.source_topic = :topic",
+        {
+            "topic": request.source_topic,
+            "parts": [p for p, _ in request.sources],
+            "offs": [o for _, o in request.sources],
+        },
+    )
+
+
 class PostgresSession:
     def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns | None = None) -> None:
         self.conn = conn
@@ -226,17 +242,7 @@ class PostgresSession:
         """Every row the request names, in one round trip."""
         queries: dict[str, Statement] = {}
         if request.sources:
-            queries["by_source"] = (
-                "SELECT e.source_partition, e.source_offset, e.source_digest, " + _STORED_COLUMNS
-                + " FROM events e JOIN unnest(CAST(:parts AS integer[]), CAST(:offs AS bigint[]))"
-                " AS s(p, o) ON e.source_partition = s.p AND e.source_offset = s.o"
-                " WHERE e.source_topic = :topic",
-                {
-                    "topic": request.source_topic,
-                    "parts": [p for p, _ in request.sources],
-                    "offs": [o for _, o in request.sources],
-                },
-            )
+            queries["by_source"] = source_lookup(request)
         remembered = {}
         if request.task_run_ids:
             for run_id in request.task_run_ids:
