@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -45,12 +46,12 @@ def write_report(results: dict, out: Path) -> str:
     pf = prefect.get("throughput", 0.0)
     vs_prefect = rs / pf if pf else float("nan")
     vs_floor = rs / fl if fl else float("nan")
-    p99_1000 = at1000.get("p99_ms", float("nan"))
+    p99_1000 = median_p99([at1000, *runs.get("load_1000_repeats", [])])
     rb = rebuild.get("events_per_second", float("nan"))
     replay = runs.get("replay", {})
     rp = replay.get("events_per_second", float("nan"))
     bpe = main.get("bytes_per_event") or float("nan")
-    p99_floor_1000 = runs.get("floor_1000", {}).get("p99_ms", float("nan"))
+    p99_floor_1000 = median_p99([runs.get("floor_1000", {}), *runs.get("floor_1000_repeats", [])])
     consumer_us = cpu_us_per_command(main, "consumers")
     postgres_us = cpu_us_per_command(main, "postgres")
     line = (f"bench: runstate={rs:.0f} floor={fl:.0f} prefect={pf:.0f} vs_prefect={vs_prefect:.1f} "
@@ -110,7 +111,9 @@ def write_report(results: dict, out: Path) -> str:
         "used during the main closed-loop run, divided by the commands decided in it (from /proc, so they "
         "include Kafka client and event-loop work, and PostgreSQL's WAL writer, checkpointer and autovacuum). "
         "`bytes_per_event` is `pg_total_relation_size` of the events table (heap, TOAST, indexes) over its rows "
-        "after the main run. `p99_floor_at_1000` is the bare consumer's p99 at the same offered load.",
+        "after the main run. `p99_at_1000` and `p99_floor_at_1000` are the medians of three 12-s runs each at "
+        "1,000/s offered (runstate's first is the sweep's; each run's p99 is listed under the fixed-load table), "
+        "runstate's on one consumer process and the floor's on its bare consumer.",
         "",
         "## Machine and settings",
         "",
@@ -199,6 +202,7 @@ def write_report(results: dict, out: Path) -> str:
         r = runs["floor_1000"]
         lines += ["", f"The floor at 1,000/s in the same run: p50 {_f(r['p50_ms'], 1)} ms, p99 {_f(r['p99_ms'], 1)} ms "
                   f"(result hop p50 {_f(r.get('hop_p50_ms'), 1)} ms)."]
+    lines += _p99_repeats(runs)
     lines += ["", "The result hop is the time from a result record's CreateTime (stamped by the consumer's producer) "
               "to its arrival at the driver: one Kafka hop of the round trip."]
     lines += _overhead_section(runs.get("overhead"))
@@ -292,6 +296,23 @@ def _overhead_summary(overhead: dict | None, target) -> list[str]:
         return []
     pct = overhead["metrics_overhead_pct"]
     return [f"| metrics' consumer CPU per command | {pct:+.1f} % | < 5 % | {target(pct < 5)} |"]
+
+
+def median_p99(runs: list[dict]) -> float:
+    """The median p99 of the runs that have one (NaN when none has)."""
+    found = sorted(r["p99_ms"] for r in runs if r.get("p99_ms") is not None)
+    return statistics.median(found) if found else float("nan")
+
+
+def _p99_repeats(runs: dict) -> list[str]:
+    mine = [r for r in (next((r for r in runs.get("load", []) if r["offered"] == 1000), None),
+                        *runs.get("load_1000_repeats", [])) if r]
+    floor = [r for r in (runs.get("floor_1000"), *runs.get("floor_1000_repeats", [])) if r]
+    if len(mine) < 2 and len(floor) < 2:
+        return []
+    return ["", "p99 at 1,000/s, each run in turn (the summary takes the medians): runstate "
+            + ", ".join(f"{_f(r['p99_ms'], 1)}" for r in mine) + " ms; the floor "
+            + ", ".join(f"{_f(r['p99_ms'], 1)}" for r in floor) + " ms."]
 
 
 def _overhead_section(overhead: dict | None) -> list[str]:

@@ -105,6 +105,11 @@ def admin_sql(admin_url: str, *statements: str) -> None:
 
 TOAST_COMPRESSION = os.environ.get("BENCH_TOAST_COMPRESSION", "lz4")
 
+# p99 at 1,000/s is measured 1 + P99_REPEATS times for runstate and for the floor, each run
+# after a pause; the summary's p99 figures are the medians.
+P99_REPEATS = 2
+P99_SETTLE_SECONDS = 3.0
+
 
 def set_compression(admin_url: str, name: str) -> None:
     """TOAST compression of the benchmark's databases: lz4 when the server has it. pglz (the
@@ -394,6 +399,17 @@ class Bench:
         return summarize(stats, {"offered": rate, "workers": workers, "cpu": meter.stop(), **hops,
                                  **sampler.lag_stats()})
 
+    async def repeated_1000(self, driver, topics, pids) -> list[dict]:
+        """P99_REPEATS more runs at 1,000/s offered: one 12-s run's p99 is its ~120th-worst
+        sample, which one checkpoint or GC pause moves; the report takes the median of all."""
+        a, out = self.args, []
+        for i in range(P99_REPEATS):
+            await asyncio.sleep(P99_SETTLE_SECONDS)
+            r = await self.paced(driver, topics, pids, 1000, a.load_seconds, a.load_workers)
+            out.append(r)
+            log(f"  at 1000/s again ({i + 2}): p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+        return out
+
     # ---------------------------------------------------------------- the runs
     def reset_database(self) -> None:
         """An empty `runstate_bench` for the next measurement. The main run leaves a million
@@ -451,6 +467,7 @@ class Bench:
                 r = await self.closed_loop(driver, topics, pids, 16, seconds=a.load_seconds)
                 runs["w16"] = r
                 log(f"  16 workers: {r['throughput']:.0f}/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+                runs["load_1000_repeats"] = await self.repeated_1000(driver, topics, pids)
 
         # 3. the floor
         if "floor" in a.parts:
@@ -460,9 +477,11 @@ class Bench:
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
                 runs["floor"] = res
                 log(f"  {res['throughput']:.0f} /s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms")
+                await asyncio.sleep(P99_SETTLE_SECONDS)  # the closed loop's backlog written out first
                 r = await self.paced(driver, topics, pids, 1000, a.load_seconds, a.load_workers)
                 runs["floor_1000"] = r
                 log(f"  at 1000/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+                runs["floor_1000_repeats"] = await self.repeated_1000(driver, topics, pids)
 
         # 3b. what metrics and tracing cost the consumer, per command
         if "overhead" in a.parts:
