@@ -92,15 +92,17 @@ FROM (SELECT id, last_seq, %COMPOSED_VIEW% AS view FROM rb_task_runs OFFSET 0) v
 """.replace("%COMPOSED_VIEW%", COMPOSED_VIEW)
 
 # {events} selects the events to fold: a keyset range, or the final pass's leftovers.
-# A lean decision `x` whose appended state is whole: a compact one (events.StoredState, no
-# `id`) takes its id, task_run_id and transition_id from the event's columns.
-WHOLE_APPENDED = (
-    "CASE WHEN jsonb_typeof(x->'appended_state') = 'object' AND NOT (x->'appended_state' ? 'id')"
-    " THEN jsonb_set(x, '{appended_state}', (x->'appended_state') || jsonb_build_object('id', state_id,"
-    " 'state_details', COALESCE(x->'appended_state'->'state_details', '{}')"
-    " || jsonb_strip_nulls(jsonb_build_object('task_run_id', stream_id, 'transition_id', transition_id))))"
-    " ELSE x END"
-)
+def whole_appended(state: str) -> str:
+    """SQL for a folded event's appended state `state` (jsonb) whole: a compact one (events.StoredState,
+    no `id`) takes its id, task_run_id and transition_id from the event's columns, carried in `b`.
+    Applied where a state is used, not where the decision is parsed: an expression that names the
+    parsed decision several times would parse the payload once for each (the planner inlines it)."""
+    return (f"CASE WHEN jsonb_typeof({state}) = 'object' AND NOT ({state} ? 'id')"
+            f" THEN {state} || jsonb_build_object('id', b.state_id, 'state_details',"
+            f" COALESCE({state}->'state_details', '{{}}')"
+            " || jsonb_strip_nulls(jsonb_build_object('task_run_id', b.stream_id, 'transition_id', b.transition_id)))"
+            f" ELSE {state} END")
+
 
 # Only three kinds of task-run event are parsed: a stream's newest in the batch (its head),
 # its creation (the members fixed then: the base of a lean head) and one that records
@@ -108,10 +110,10 @@ WHOLE_APPENDED = (
 # 0004 stored json, by jsonb's output with a space; a false match only costs a parse).
 FOLD = """
 WITH b AS MATERIALIZED (
-    SELECT stream_id, seq, stream_type, event_type, newest,
+    SELECT stream_id, seq, stream_type, event_type, newest, transition_id, state_id,
            CASE WHEN stream_type = 'task_run' AND (newest OR event_type = 'task_run_created'
                      OR strpos(payload::text, '"effects":[{') > 0 OR strpos(payload::text, '"effects": [{') > 0)
-                THEN (SELECT %WHOLE_APPENDED% FROM (SELECT (payload->'decision')::jsonb AS x) y) END AS d,
+                THEN (payload->'decision')::jsonb END AS d,
            CASE WHEN stream_type = 'flow_run' AND newest THEN (payload->'flow_run')::jsonb END AS f,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN payload->'command'->>'tag' END AS limit_tag,
            CASE WHEN stream_type = 'concurrency_limit' AND newest THEN (payload->'limit')::jsonb END AS lim
@@ -124,7 +126,7 @@ task_heads AS (
     SELECT stream_id, max(seq), (array_agg(d->'run') FILTER (WHERE event_type = 'task_run_created'))[1],
            (array_agg(d->'run') FILTER (WHERE newest))[1],
            -- A lean run leaves its state out when it is the appended one (added as the view is composed).
-           (array_agg(CASE WHEN NOT (d->'run' ? 'state') AND d ? 'appended_state' THEN d->'appended_state' END)
+           (array_agg(CASE WHEN NOT (d->'run' ? 'state') AND d ? 'appended_state' THEN %WHOLE_HEAD% END)
             FILTER (WHERE newest))[1]
     FROM b WHERE stream_type = 'task_run' AND jsonb_typeof(d->'run') = 'object'
     GROUP BY stream_id HAVING bool_or(newest)
@@ -149,7 +151,7 @@ limit_heads AS (
     WHERE t.last_seq < EXCLUDED.last_seq
 ),
 effects AS MATERIALIZED (
-    SELECT b.stream_id, b.seq, b.d->'appended_state' AS appended, x.value AS e
+    SELECT b.stream_id, b.seq, %WHOLE_EFFECT% AS appended, x.value AS e
     FROM b CROSS JOIN LATERAL jsonb_array_elements(b.d->'effects') AS x(value)
     WHERE b.stream_type = 'task_run' AND jsonb_typeof(b.d->'effects') = 'array'
 ),
@@ -193,7 +195,8 @@ unreadable AS (
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
-""".replace("%WHOLE_APPENDED%", WHOLE_APPENDED)
+""".replace("%WHOLE_HEAD%", whole_appended("d->'appended_state'")).replace(
+    "%WHOLE_EFFECT%", whole_appended("b.d->'appended_state'"))
 
 # A scan's fold notes the newest seq it saw of each stream (what the final pass compares with).
 SEEN = """
