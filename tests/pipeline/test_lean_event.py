@@ -128,9 +128,10 @@ def test_a_command_sent_without_a_transition_id_is_replayed_with_the_one_it_was_
 
 # -- events in the legacy shape ----------------------------------------------------
 
-def legacy_rows() -> list[SimpleNamespace]:
+def fixture_rows(path: Path) -> list[SimpleNamespace]:
+    """The events of a fixture written by an earlier decider, as rows with their column types."""
     rows = []
-    for raw in json.loads(LEGACY.read_text())["events"]:
+    for raw in json.loads(path.read_text())["events"]:
         row = SimpleNamespace(**raw)
         for name in ("stream_id", "command_id", "transition_id", "state_id"):
             value = getattr(row, name)
@@ -139,6 +140,27 @@ def legacy_rows() -> list[SimpleNamespace]:
         row.recorded_at = None
         rows.append(row)
     return rows
+
+
+def legacy_rows() -> list[SimpleNamespace]:
+    return fixture_rows(LEGACY)
+
+
+def chain_holds(rows: list[Any]) -> bool:
+    """Whether each row's stored hash is its columns' hash chained to its stream's row before."""
+    previous: dict[UUID, bytes] = defaultdict(lambda: GENESIS)
+    for row in rows:
+        expected = event_hash(
+            previous[row.stream_id], stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type,
+            event_type=row.event_type, command_id=row.command_id, transition_id=row.transition_id,
+            status=row.status, state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
+            source_topic=row.source_topic, source_partition=row.source_partition,
+            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
+        )
+        if expected != row.hash:
+            return False
+        previous[row.stream_id] = row.hash
+    return True
 
 
 def as_read(row: Any) -> SimpleNamespace:
@@ -152,20 +174,11 @@ def as_read(row: Any) -> SimpleNamespace:
 
 def test_legacy_events_are_in_the_legacy_shape_and_their_chain_holds():
     rows = legacy_rows()
-    previous: dict[UUID, bytes] = defaultdict(lambda: GENESIS)
     for row in rows:
         LegacyTaskRunEventPayload.model_validate_json(row.payload)
         with pytest.raises(ValueError):
             TaskRunEventPayload.model_validate_json(row.payload)
-        expected = event_hash(
-            previous[row.stream_id], stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type,
-            event_type=row.event_type, command_id=row.command_id, transition_id=row.transition_id,
-            status=row.status, state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
-            source_topic=row.source_topic, source_partition=row.source_partition,
-            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
-        )
-        assert expected == row.hash
-        previous[row.stream_id] = row.hash
+    assert chain_holds(rows)
 
 
 def test_legacy_events_republish_their_stored_messages():
@@ -304,38 +317,18 @@ def test_an_appended_state_leaves_out_what_the_columns_hold_and_is_whole_again_o
 V1 = Path(__file__).with_name("lean_v1_events.json")
 
 
-def v1_rows() -> list[SimpleNamespace]:
-    rows = []
-    for raw in json.loads(V1.read_text())["events"]:
-        row = SimpleNamespace(**raw)
-        for name in ("stream_id", "command_id", "transition_id", "state_id"):
-            value = getattr(row, name)
-            setattr(row, name, UUID(value) if value else None)
-        row.source_digest, row.hash = bytes.fromhex(row.source_digest), bytes.fromhex(row.hash)
-        rows.append(row)
-    return rows
-
-
 def test_lean_events_written_before_the_compact_state_republish_replay_and_read_as_before():
     """tests/pipeline/lean_v1_events.json: the lean shape as written before appended states were
     compact (each one whole), by that version of the decider. Its messages are rendered again byte
     for byte, replay reproduces every decision (by the long way: the writer's text is now
     another), and its chain holds."""
-    rows = v1_rows()
+    rows = fixture_rows(V1)
     task_rows = [r for r in rows if r.stream_type == "task_run"]
     assert all("id" in json.loads(r.payload)["decision"]["appended_state"] for r in task_rows if r.state_id)
     assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
-    previous: dict[UUID, bytes] = defaultdict(lambda: GENESIS)
     for row in rows:
         assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
-        assert event_hash(
-            previous[row.stream_id], stream_id=row.stream_id, seq=row.seq, stream_type=row.stream_type,
-            event_type=row.event_type, command_id=row.command_id, transition_id=row.transition_id,
-            status=row.status, state_type=row.state_type, state_name=row.state_name, state_id=row.state_id,
-            source_topic=row.source_topic, source_partition=row.source_partition,
-            source_offset=row.source_offset, source_digest=row.source_digest, payload=row.payload,
-        ) == row.hash
-        previous[row.stream_id] = row.hash
+    assert chain_holds(rows)
     verifier = StreamVerifier()
     for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
         assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,

@@ -313,7 +313,8 @@ def recorded_event(row: Any) -> RecordedEvent:
 
 def _recorded(stream_id: UUID, seq: int, event_type: str, transition_id: object, status: str | None,
               state_id: object, payload_text: str) -> RecordedEvent:
-    """The one place replay decodes a payload."""
+    """A payload decoded for `check` (check_stored decodes its own, to re-decide before reading
+    the recorded decision)."""
     payload = from_json(payload_text)
     if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
         payload = {}
