@@ -5,12 +5,12 @@ field order of the models below, see pipeline/message_json.py); history,
 replay, rebuild, backfill and the gateway read them. A test checks that every
 JSON path the readers' SQL uses names a field of these models.
 
-A task-run event stores each fact once: the command as received, the context
-(what the decision read besides the run), and the decision without its
-repetitions, every member equal to its default left out, and the run after it
-only as far as it is not found elsewhere (TaskRunEventPayload, the lean
-shape). Its appended state leaves out what the event's columns hold when they
-hold it (`StoredState`). The result and state-change messages it published are rendered again
+A task-run event stores each fact once: the command (as received, without what
+the event's columns hold: `recorded_command`), the context (what the decision
+read besides the run), and the decision without its repetitions, every member
+equal to its default left out, and the run after it only as far as it is not
+found elsewhere (TaskRunEventPayload, the lean shape). Its appended state leaves
+out what the event's columns hold when they hold it (`StoredState`). The result and state-change messages it published are rendered again
 from these and the event's columns (pipeline/message_json.py,
 `stored_messages`). Events written in the shapes before
 (LegacyTaskRunEventPayload: every message in full; FullTaskRunEventPayload: the
@@ -36,8 +36,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import from_json, to_jsonable_python
 
 from runstate.domain import Decision, Effect, FlowRunView, OrchestrationContext, State, TagLimit, TaskRunView
+from runstate.domain.policies import CORE_TASK_POLICY
 from runstate.domain.results import ResultDetails
 from runstate.domain.timestamps import UtcDateTime
+from runstate.domain.transition import ACCEPTED
 from runstate.messages import LimitResultEvent, OrchestrationResultEvent, StateChangeEvent
 
 
@@ -88,13 +90,15 @@ class StoredState(State):
 class LeanDecision(BaseModel):
     """A Decision stored once and lean (the lean shape, written since issue #17): its result's state is
     `appended_state`, or `run.state` when nothing was appended; its status is the event's
-    column; members equal to their defaults are left out (the models fill them back)."""
+    column; members equal to their defaults are left out (the models fill them back), the
+    details of an accepted proposal among them, and the policy of a proposal neither forced nor
+    deferred."""
 
-    details: ResultDetails
+    details: ResultDetails = ACCEPTED
     appended_state: StoredState | None = None
     run: StoredRunView
     effects: list[Effect] = Field(default_factory=list)
-    policy: str
+    policy: str = CORE_TASK_POLICY.name
 
 
 class StoredContext(OrchestrationContext):
@@ -112,8 +116,8 @@ class TaskRunEventPayload(BaseModel):
     `command` against the previous event's run with `context` (members equal to their
     defaults left out)."""
 
-    # The record's value as received; a proposal without a transition_id was
-    # decided with the event's transition_id column.
+    # The record's value as received (the same JSON values), without what the event's columns hold:
+    # its command_id, its run's id, its proposal's transition_id (`recorded_command` fills them back).
     command: dict[str, Any]
     context: StoredContext
     decision: LeanDecision
@@ -266,15 +270,17 @@ def recorded_decision(payload: Mapping[str, Any], status: str | None, stream_id:
         if "state" not in decision["run"]:
             run["state"] = appended
         effects: Any = list(decision.get("effects", ()))
+        defaults, _ = member_defaults(LeanDecision)
+        details, policy = decision.get("details", defaults["details"]), decision.get("policy", defaults["policy"])
     else:
-        effects = decision.get("effects")
+        effects, details, policy = decision.get("effects"), decision.get("details"), decision.get("policy")
     state = appended if appended is not None else (run.get("state") if isinstance(run, Mapping) else None)
     return {
-        "result": {"state": state, "status": status, "details": decision.get("details")},
+        "result": {"state": state, "status": status, "details": details},
         "appended_state": appended,
         "run": run,
         "effects": effects,
-        "policy": decision.get("policy"),
+        "policy": policy,
     }
 
 
@@ -316,15 +322,30 @@ def inherit_run(decision: Mapping[str, Any] | None, previous_run: Mapping[str, A
     return {**decision, "run": {**run, **inherited}}
 
 
-def recorded_command(payload: Mapping[str, Any], transition_id: object | None) -> dict[str, Any] | None:
-    """A task-run event's command as it was decided: a set_state's proposal
-    carries the transition_id the pipeline filled in (the event's column)."""
+# The member of a task-run command that names its run (the event's stream), by kind.
+RUN_ID_MEMBER = {"create_task_run": "id", "set_task_run_state": "task_run_id"}
+
+
+def recorded_command(payload: Mapping[str, Any], transition_id: object | None, *, stream_id: object | None,
+                     command_id: object | None) -> dict[str, Any] | None:
+    """A task-run event's command as it was decided, from any payload shape and the event's columns.
+    A lean event written since its command was made compact leaves out what the columns hold (its
+    command_id, its run's id, its proposal's transition_id: `stored_command_json`); and a proposal
+    sent without a transition_id was decided with the column's. Both are filled back here."""
     command = payload.get("command")
     if not isinstance(command, Mapping):
         return None
     command = dict(command)
+    kind = command.get("kind")
+    run_member = RUN_ID_MEMBER.get(kind) if isinstance(kind, str) else None
+    if run_member is None:
+        return command
+    if command.get("command_id") is None and command_id is not None:
+        command["command_id"] = str(command_id)
+    if run_member not in command and stream_id is not None:
+        command[run_member] = str(stream_id)
     state = command.get("state")
-    if command.get("kind") == "set_task_run_state" and isinstance(state, Mapping) and transition_id is not None:
+    if isinstance(state, Mapping) and transition_id is not None:
         details = state.get("state_details")
         details = dict(details) if isinstance(details, Mapping) else {}
         if details.get("transition_id") is None:

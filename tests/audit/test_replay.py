@@ -90,7 +90,7 @@ def test_verifier_reports_gaps_and_unreadable_events_without_stopping(driven_log
     run = driven_log.runs["lifecycle"]
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, command_id, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_id = %s ORDER BY seq",
             (run,),
         ).fetchall()
@@ -129,7 +129,7 @@ def test_every_pipeline_decision_is_reproduced_and_its_recomputed_run_stands_in_
     it already has instead of validating the recorded JSON again."""
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, command_id, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
     assert len(rows) >= 16
     previous: dict = {}
@@ -252,7 +252,7 @@ def test_a_stored_decision_is_reproduced_by_its_text_and_any_change_to_it_is_sti
     text or status column says otherwise goes the long way and is reported with its paths."""
     with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
         rows = conn.execute(
-            "SELECT stream_id, seq, event_type, transition_id, status, state_id, payload::text AS payload"
+            "SELECT stream_id, seq, event_type, command_id, transition_id, status, state_id, payload::text AS payload"
             " FROM events WHERE stream_type = 'task_run' ORDER BY stream_id, seq").fetchall()
     verifier = StreamVerifier()
     assert [verifier.check_stored(r.stream_id, r.seq, r.event_type, r.transition_id, r.status, r.state_id,

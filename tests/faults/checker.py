@@ -116,7 +116,8 @@ def read_slots(settings: Settings, tags: list[str]) -> dict[str, int]:
 def replay(prev_run: TaskRunView | None, row: dict, payload: dict) -> tuple[bool, TaskRunView | None, str]:
     """Re-decide one recorded task-run event from the previous event's run and
     the recorded context; True when the rules give the recorded decision."""
-    command_doc = recorded_command(payload, row["transition_id"])
+    command_doc = recorded_command(payload, row["transition_id"], stream_id=row["stream_id"],
+                                   command_id=row["command_id"])
     ctx = OrchestrationContext.model_validate(recorded_context(payload, state_id=row["state_id"]))
     previous = prev_run.model_dump(mode="json") if prev_run is not None else None
     recorded = Decision.model_validate(inherit_run(recorded_decision(

@@ -2,14 +2,15 @@
 rendered again from it byte for byte; events written in the legacy shape (every
 message in full, tests/pipeline/legacy_events.json, written by the decider
 before the change) and in the lean shape before appended states were compact
-(tests/pipeline/lean_v1_events.json) are read as before."""
+(tests/pipeline/lean_v1_events.json) and before the command was compact
+(tests/pipeline/lean_v2_events.json) are read as before."""
 
 from __future__ import annotations
 
 import json
 import random
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,18 +25,28 @@ from runstate.audit.replay import StreamVerifier, recorded_event
 from runstate.domain import OrchestrationContext, OrchestrationSettings, State, TagLimit
 from runstate.events import (
     GENESIS,
+    RUN_ID_MEMBER,
     LegacyTaskRunEventPayload,
     TaskRunEventPayload,
     event_hash,
+    is_lean,
     recorded_command,
     recorded_decision,
 )
+from runstate.messages import COMMAND_ADAPTER
 from runstate.pipeline.batch import decide_batch
 from runstate.pipeline.message_json import members, state_ref_json, stored_messages
 from runstate.pipeline.ports import EventRow, StoreSnapshot
 from runstate.pipeline.records import IncomingRecord, parse_record
 
 LEGACY = Path(__file__).with_name("legacy_events.json")
+# The records decided_rows sent, by offset (every one on partition 0 of the topic "lean").
+SENT: dict[int, bytes] = {}
+
+
+def sent(offset: int, key: bytes | None, value: bytes) -> IncomingRecord:
+    SENT[offset] = value
+    return IncomingRecord("lean", 0, offset, key, value)
 
 
 def decided_rows(seed: int, commands: int) -> list[EventRow]:
@@ -49,7 +60,7 @@ def decided_rows(seed: int, commands: int) -> list[EventRow]:
         items = []
         for cmd in (c for r in workload.phase(phase) for c in r.commands):
             offset += 1
-            items.append(parse_record(IncomingRecord("lean", 0, offset, cmd.key, cmd.value()), 10**9))
+            items.append(parse_record(sent(offset, cmd.key, cmd.value()), 10**9))
         rows += decide_batch(items, snapshot, OrchestrationSettings()).events
     bare = uuid.uuid4()
     items = []
@@ -60,8 +71,7 @@ def decided_rows(seed: int, commands: int) -> list[EventRow]:
         {"kind": "set_task_run_state", "task_run_id": str(bare), "state": {"type": "PENDING"}},
     ):
         offset += 1
-        items.append(parse_record(IncomingRecord("lean", 0, offset, str(bare).encode(), json.dumps(body).encode()),
-                                  10**9))
+        items.append(parse_record(sent(offset, str(bare).encode(), json.dumps(body).encode()), 10**9))
     rows += decide_batch(items, snapshot, OrchestrationSettings()).events
     # Decisions that append nothing: a tag whose limit is 0 (ABORT), one taken (WAIT).
     snapshot.tag_limits |= {"lean-zero": TagLimit(tag="lean-zero", limit=0), "lean-one": TagLimit(tag="lean-one", limit=1)}
@@ -73,8 +83,7 @@ def decided_rows(seed: int, commands: int) -> list[EventRow]:
             {"kind": "set_task_run_state", "task_run_id": str(run), "state": {"type": "RUNNING"}},
         ):
             offset += 1
-            items.append(parse_record(IncomingRecord("lean", 0, offset, str(run).encode(), json.dumps(body).encode()),
-                                      10**9))
+            items.append(parse_record(sent(offset, str(run).encode(), json.dumps(body).encode()), 10**9))
         rows += decide_batch(items, snapshot, OrchestrationSettings()).events
     return rows
 
@@ -103,27 +112,41 @@ def test_every_published_message_is_rendered_again_from_the_event(rows):
         assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
 
 
-def test_the_task_event_stores_the_command_as_received_and_no_message(rows):
+def test_the_task_event_stores_the_command_as_received_but_what_its_columns_hold_and_no_message(rows):
+    left_out = Counter()
     for row in (r for r in rows if r.stream_type == "task_run"):
         TaskRunEventPayload.model_validate_json(row.payload)
         parts = members(row.payload)
-        assert set(parts) == {"command", "context", "decision", "schema_version"}
-        assert row.result_event not in row.payload
-        decision = members(parts["decision"])
-        assert "result" not in decision
-
-
-def test_a_command_sent_without_a_transition_id_is_replayed_with_the_one_it_was_decided_with(rows):
-    verifier = StreamVerifier()
-    bare = [r for r in rows if r.stream_type == "task_run" and r.transition_id is not None
-            and "transition_id" not in json.loads(r.payload)["command"]["state"].get("state_details", {})]
-    assert bare
-    for row in bare:
-        command = recorded_command(json.loads(row.payload), row.transition_id)
-        assert command is not None
-        assert command["state"]["state_details"]["transition_id"] == str(row.transition_id)
-    for row in sorted((r for r in rows if r.stream_type == "task_run"), key=lambda r: (r.stream_id, r.seq)):
-        assert verifier.check(recorded_event(row)) is None, (row.stream_id, row.seq)
+        assert set(parts) == {"command", "context", "decision"}  # schema_version 1 is the default
+        received = json.loads(SENT[row.source_offset])
+        stored = json.loads(parts["command"])
+        run_member = RUN_ID_MEMBER[received["kind"]]
+        # Stored: the record's members with their values, but the command id, the run's id, a
+        # proposal's transition_id that is the event's column, and members that mean their default.
+        details = (received.get("state") or {}).get("state_details") or {}
+        for name, value in received.items():
+            if name == "state" and details.get("transition_id") == str(row.transition_id):
+                assert "transition_id" not in (stored["state"].get("state_details") or {})
+                assert stored["state"] | {"state_details": details} == value | {"state_details": details}
+                left_out["transition_id"] += 1
+            elif name in stored:
+                assert stored[name] == value, name
+            elif name in ("command_id", run_member):
+                left_out[name] += 1
+            else:
+                without = {k: v for k, v in received.items() if k != name}
+                assert COMMAND_ADAPTER.validate_python(without) == COMMAND_ADAPTER.validate_python(received), name
+                left_out["a default"] += 1
+        assert set(stored) <= set(received)
+        # Read back: the command as decided, the columns' values filled in.
+        decided = COMMAND_ADAPTER.validate_python(received)
+        decided = decided.model_copy(update={"command_id": row.command_id})
+        if row.transition_id is not None and decided.state is not None:
+            decided = decided.model_copy(update={"state": decided.state.model_copy(update={
+                "state_details": decided.state.state_details.model_copy(update={"transition_id": row.transition_id})})})
+        assert COMMAND_ADAPTER.validate_python(recorded_command(
+            json.loads(row.payload), row.transition_id, stream_id=row.stream_id, command_id=row.command_id)) == decided
+    assert left_out.keys() == {"command_id", "id", "task_run_id", "transition_id", "a default"}, left_out
 
 
 # -- events in the legacy shape ----------------------------------------------------
@@ -176,8 +199,7 @@ def test_legacy_events_are_in_the_legacy_shape_and_their_chain_holds():
     rows = legacy_rows()
     for row in rows:
         LegacyTaskRunEventPayload.model_validate_json(row.payload)
-        with pytest.raises(ValueError):
-            TaskRunEventPayload.model_validate_json(row.payload)
+        assert not is_lean(json.loads(row.payload)["decision"])  # how the readers tell the shapes apart
     assert chain_holds(rows)
 
 
@@ -334,3 +356,28 @@ def test_lean_events_written_before_the_compact_state_republish_replay_and_read_
         assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
                                      row.state_id, row.payload) is None, (row.stream_id, row.seq)
     assert verifier.by_text < len(task_rows)  # the whole states are not the writer's text now
+
+
+V2 = Path(__file__).with_name("lean_v2_events.json")
+
+
+def test_lean_events_written_before_the_compact_command_republish_replay_and_read_as_before():
+    """tests/pipeline/lean_v2_events.json: the lean shape as written before the command was compact
+    (the record's bytes as received) and before an accept's details, the core policy and schema
+    version 1 were left out as defaults, by that version of the decider."""
+    rows = fixture_rows(V2)
+    task_rows = [r for r in rows if r.stream_type == "task_run"]
+    assert all(json.loads(r.payload)["command"]["command_id"] == str(r.command_id) for r in task_rows
+               if "command_id" in json.loads(r.payload)["command"])
+    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
+    for row in rows:
+        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
+    assert chain_holds(rows)
+    verifier = StreamVerifier()
+    for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
+        assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
+                                     row.state_id, row.payload, command_id=row.command_id) is None, (row.stream_id,
+                                                                                                    row.seq)
+        assert recorded_command(json.loads(row.payload), row.transition_id, stream_id=row.stream_id,
+                                command_id=row.command_id)["command_id"] == str(row.command_id)
+    assert verifier.by_text == 0  # every stored text is another than the writer's now

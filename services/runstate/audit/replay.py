@@ -177,7 +177,8 @@ class StreamVerifier:
         self.by_text = 0  # decisions found reproduced by their stored text alone (check_stored)
 
     def check_stored(self, stream_id: UUID, seq: int, event_type: str, transition_id: object,
-                     status: str | None, state_id: object, payload_text: str) -> Mismatch | None:
+                     status: str | None, state_id: object, payload_text: str, *,
+                     command_id: object | None = None) -> Mismatch | None:
         """`check` for an event as stored. A decision the current writer would store as the very
         text it ends with is reproduced: equal lean texts fill back to equal decisions, so
         only the run's id, status and result state (held by columns, not by that text) are
@@ -186,7 +187,8 @@ class StreamVerifier:
         if not isinstance(payload, dict):  # a damaged event is a finding (check), not a crash
             payload = {}
         transition_id, state_text = _uuid(transition_id), None if state_id is None else str(state_id)
-        command, context = recorded_command(payload, transition_id), recorded_context(payload, state_id=state_text)
+        command = recorded_command(payload, transition_id, stream_id=stream_id, command_id=command_id)
+        context = recorded_context(payload, state_id=state_text)
         if stream_id != self._stream:
             self._stream, self._previous_seq, self._previous_run, self._previous_view = stream_id, 0, None, None
         creation = event_type == "task_run_created"
@@ -306,20 +308,21 @@ class ChainVerifier:
 
 def recorded_event(row: Any) -> RecordedEvent:
     """What a stored task-run event recorded, from a row with stream_id, seq, event_type,
-    transition_id, status, state_id and payload (as text)."""
-    return _recorded(row.stream_id, row.seq, row.event_type, row.transition_id, row.status, row.state_id,
-                     row.payload)
+    command_id, transition_id, status, state_id and payload (as text)."""
+    return _recorded(row.stream_id, row.seq, row.event_type, row.command_id, row.transition_id, row.status,
+                     row.state_id, row.payload)
 
 
-def _recorded(stream_id: UUID, seq: int, event_type: str, transition_id: object, status: str | None,
-              state_id: object, payload_text: str) -> RecordedEvent:
+def _recorded(stream_id: UUID, seq: int, event_type: str, command_id: object, transition_id: object,
+              status: str | None, state_id: object, payload_text: str) -> RecordedEvent:
     """A payload decoded for `check` (check_stored decodes its own, to re-decide before reading
     the recorded decision)."""
     payload = from_json(payload_text)
     if not isinstance(payload, dict):  # a damaged event is a finding (StreamVerifier), not a crash
         payload = {}
     # Either payload shape: the lean one (rendered from the row's columns) or the legacy one.
-    return RecordedEvent(stream_id, seq, event_type, recorded_command(payload, transition_id),
+    return RecordedEvent(stream_id, seq, event_type,
+                         recorded_command(payload, transition_id, stream_id=stream_id, command_id=command_id),
                          recorded_context(payload, state_id=state_id),
                          recorded_decision(payload, status, stream_id, transition_id=transition_id, state_id=state_id))
 
@@ -405,7 +408,8 @@ def verify_range(
                 report.events += 1
                 if row[0] != stream_text:  # one uuid object a stream, not one an event
                     stream_text, stream_id = row[0], UUID(row[0])
-                mismatch = verifier.check_stored(stream_id, row[1], row[3], row[5], row[6], row[9], row[15])
+                mismatch = verifier.check_stored(stream_id, row[1], row[3], row[5], row[6], row[9], row[15],
+                                                 command_id=row[4])
                 if mismatch is not None:
                     found(mismatch)
         report.chained += len(rows)

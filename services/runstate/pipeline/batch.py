@@ -44,7 +44,6 @@ from runstate.events import (
     FlowRunEventPayload,
     LimitEventPayload,
     StreamType,
-    TaskRunEventPayload,
 )
 from runstate.messages import (
     LIMIT_KINDS,
@@ -67,9 +66,11 @@ from runstate.pipeline.message_json import (
     details_json,
     lean_context_json,
     lean_decision_json,
+    lean_payload_json,
     model_json,
     render,
     state_ref_json,
+    stored_command_json,
     string_json,
     uuid_json,
 )
@@ -336,9 +337,11 @@ class BatchDecider:
             return False
         # The projection's view, as rebuild writes it too: members equal to their defaults left out.
         run_json = decision.run.model_dump_json(exclude_defaults=True)
-        payload = render(
-            TaskRunEventPayload,
-            command=item.record.value.decode() if item.record.value is not None else command.model_dump_json(),
+        sent = item.command  # as parsed: `command` has the transition_id the pipeline filled in
+        assert isinstance(sent, SetStateCommand | CreateTaskRunCommand)  # what reaches a task-run decision
+        payload = lean_payload_json(
+            command=stored_command_json(item.document if item.document is not None else sent.model_dump(mode="json"),
+                                        sent, transition_id),
             context=lean_context_json(ctx, appended, decision.effects),
             decision=lean_decision_json(
                 details=details,
@@ -349,7 +352,6 @@ class BatchDecider:
                 policy=decision.policy,
                 transition_id=transition_id,
             ),
-            schema_version=SCHEMA_VERSION_JSON,
         )
         self.out.events.append(
             row := EventRow.of(item, run_id, seq, _TASK_RUN_STREAM, event_type, transition_id,

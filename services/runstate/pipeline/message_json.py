@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cache, lru_cache
 from operator import itemgetter
@@ -30,8 +31,22 @@ from runstate.domain import (
     TaskRunView,
 )
 from runstate.domain.transition import ACCEPTED
-from runstate.events import CREATION_MEMBERS, state_json, whole_state_json
-from runstate.messages import SCHEMA_VERSION, OrchestrationResultEvent, StateChangeEvent, StateRef
+from runstate.events import (
+    CREATION_MEMBERS,
+    RUN_ID_MEMBER,
+    LeanDecision,
+    member_defaults,
+    state_json,
+    whole_state_json,
+)
+from runstate.messages import (
+    SCHEMA_VERSION,
+    CreateTaskRunCommand,
+    OrchestrationResultEvent,
+    SetStateCommand,
+    StateChangeEvent,
+    StateRef,
+)
 
 _DATETIME_SERIALIZER = TypeAdapter(datetime).serializer
 _STRING_SERIALIZER = TypeAdapter(str).serializer
@@ -90,6 +105,7 @@ def string_json(value: str) -> str:
 # -- the stored decision (events.LeanDecision)
 
 _LEAVE_OUT_CREATED = frozenset({"id"})
+_DEFAULT_POLICY = LeanDecision.model_fields["policy"].default
 _LEAVE_OUT_TRANSITION = frozenset({"id", *CREATION_MEMBERS})
 
 
@@ -108,7 +124,8 @@ def lean_decision_json(
     is the event's), the run without its id, without its state when that is the appended one,
     and after a `previous` run without the members fixed at creation (decide() never changes
     them; one that did change would be written)."""
-    parts = ['{"details":' + details]
+    # An accepted decision's details are LeanDecision's default: left out like any other.
+    parts = [] if details == _ACCEPTED_JSON else ['"details":' + details]
     if appended is not None:
         parts.append('"appended_state":' + stored_state_json(appended, run.id, transition_id))
     leave_out = set(_LEAVE_OUT_CREATED if previous is None else _LEAVE_OUT_TRANSITION)
@@ -120,8 +137,9 @@ def lean_decision_json(
     parts.append('"run":' + run.model_dump_json(exclude_defaults=True, exclude=leave_out))
     if effects:
         parts.append('"effects":[' + ",".join(effect.model_dump_json() for effect in effects) + "]")
-    parts.append('"policy":' + string_json(policy))
-    return ",".join(parts) + "}"
+    if policy != _DEFAULT_POLICY:
+        parts.append('"policy":' + string_json(policy))
+    return "{" + ",".join(parts) + "}"
 
 
 # What a compact StoredState leaves out: its id and the details the columns hold.
@@ -148,6 +166,15 @@ def details_json(details: BaseModel) -> str:
     return _ACCEPTED_JSON if details is ACCEPTED else model_json(details)
 
 
+# A payload's schema version when it is not TaskRunEventPayload's default (1), which is left out.
+_SCHEMA_VERSION_MEMBER = "" if SCHEMA_VERSION == 1 else ',"schema_version":' + SCHEMA_VERSION_JSON
+
+
+def lean_payload_json(*, command: str, context: str, decision: str) -> str:
+    """A task-run event's payload (events.TaskRunEventPayload) from its members' JSON."""
+    return '{"command":' + command + ',"context":' + context + ',"decision":' + decision + _SCHEMA_VERSION_MEMBER + "}"
+
+
 def lean_task_run_tail(decision: Decision, previous: TaskRunView | None, transition_id: UUID | None) -> str:
     """How a task-run event's payload written now ends: its `decision` (lean, after `previous`,
     None for a creation; `transition_id` is the event's) and schema version. `replay --verify`
@@ -156,7 +183,42 @@ def lean_task_run_tail(decision: Decision, previous: TaskRunView | None, transit
     return ',"decision":' + lean_decision_json(
         details=details_json(decision.result.details), appended=decision.appended_state, run=decision.run,
         previous=previous, effects=decision.effects, policy=decision.policy, transition_id=transition_id,
-    ) + ',"schema_version":' + SCHEMA_VERSION_JSON + "}"
+    ) + _SCHEMA_VERSION_MEMBER + "}"
+
+
+# Compact JSON as Python's json module writes it: an I-JSON document (strict_json) is written
+# back as the very same values (floats by their shortest repr, which reads back to the same double).
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def stored_command_json(document: Mapping[str, Any], sent: SetStateCommand | CreateTaskRunCommand,
+                        transition_id: UUID | None) -> str:
+    """A task-run command as a lean event stores it: the record's members as received (`sent` is
+    what they were parsed into), without what the event's columns hold (events.recorded_command
+    fills them back): its command_id (the command_id column, or one derived from the record when
+    it has none), its run's id (the stream) and its proposal's transition_id when that is the
+    column's; and without a top-level member whose value is the JSON of its default (validation
+    fills it back: `"force": false` means what no `force` means)."""
+    defaults, _ = member_defaults(type(sent))
+    out = {name: value for name, value in document.items()
+           if name == "kind" or not (name in defaults and type(value) is type(defaults[name])
+                                     and value == defaults[name])}
+    out.pop("command_id", None)
+    out.pop(RUN_ID_MEMBER[sent.kind], None)
+    state = out.get("state")
+    details = state.get("state_details") if isinstance(state, dict) else None
+    if (sent.state is not None and sent.state.state_details.transition_id is not None
+            and sent.state.state_details.transition_id == transition_id
+            and isinstance(details, dict) and "transition_id" in details):
+        details = dict(details)
+        del details["transition_id"]
+        state = dict(state)  # type: ignore[arg-type]  # a dict: its details were read above
+        if details:
+            state["state_details"] = details
+        else:
+            del state["state_details"]
+        out["state"] = state
+    return _COMPACT_JSON.encode(out)
 
 
 def lean_context_json(ctx: OrchestrationContext, appended: State | None, effects: list[Effect]) -> str:
@@ -291,7 +353,7 @@ def stored_messages(
         OrchestrationResult,
         state=appended if state_appended else run_state,
         status=status_json,
-        details=decision["details"],
+        details=decision.get("details", _ACCEPTED_JSON),  # a lean accept leaves its details out
     )
     result_event = result_event_json(
         command_id=uuid_json(command_id),

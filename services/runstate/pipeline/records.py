@@ -65,6 +65,9 @@ class ParsedCommand:
     command: Command
     command_id: UUID
     stream_id: UUID
+    # The record's value as parsed (I-JSON, so it writes back as the same values): what the
+    # stored command is written from (message_json.stored_command_json).
+    document: Any = None
 
     @property
     def transition_id(self) -> UUID | None:
@@ -132,7 +135,7 @@ def _parse(record: IncomingRecord, max_bytes: int) -> ParsedCommand | BadRecord:
             command.kind,
             command.command_id,
         )
-    return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id)
+    return ParsedCommand(record, command, command.command_id or record.derived_id(), stream_id, document)
 
 
 def _bad(record: IncomingRecord, code: ErrorCode, message: str, command_kind: str) -> BadRecord:
