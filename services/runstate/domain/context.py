@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from .frozen import FrozenModel
 from .run import FlowRunView
 from .states import State
 from .timestamps import UtcDateTime
 
 
-class TagLimit(BaseModel):
+class TagLimit(FrozenModel):
     """A V2 concurrency-limit row named `tag:<tag>`."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -27,7 +28,7 @@ class TagLimit(BaseModel):
     avg_slot_occupancy_seconds: float | None = 2.0
 
 
-class Lease(BaseModel):
+class Lease(FrozenModel):
     """Slots a run holds on a set of tag limits (one per successful R4 acquisition)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -38,7 +39,7 @@ class Lease(BaseModel):
     holder_run_id: UUID
 
 
-class CacheEntry(BaseModel):
+class CacheEntry(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     cache_key: str
@@ -47,7 +48,7 @@ class CacheEntry(BaseModel):
     state: State
 
 
-class OrchestrationSettings(BaseModel):
+class OrchestrationSettings(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     max_cache_key_length: int = 2000
@@ -57,7 +58,7 @@ class OrchestrationSettings(BaseModel):
 _DEFAULT_SETTINGS = OrchestrationSettings()  # shared (frozen): see states._NO_DETAILS
 
 
-class OrchestrationContext(BaseModel):
+class OrchestrationContext(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     now: UtcDateTime

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .context import OrchestrationContext
 from .effects import Effect
+from .frozen import FrozenModel
 from .policies import orchestrate, select_policy
 from .results import OrchestrationResult, SetStateRequest
 from .run import TaskRunView
@@ -16,7 +17,7 @@ from .unchecked import build, replace
 _SCHEDULED = StateType.SCHEDULED
 
 
-class Decision(BaseModel):
+class Decision(FrozenModel):
     """Everything the store must do for one request, and what to answer."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from .frozen import FrozenModel
 from .timestamps import UtcDateTime
 
 
-class _Effect(BaseModel):
+class _Effect(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 

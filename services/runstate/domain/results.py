@@ -6,8 +6,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from .frozen import FrozenModel
 from .states import State, StateCreate
 
 
@@ -18,7 +19,7 @@ class SetStateStatus(str, Enum):
     WAIT = "WAIT"
 
 
-class _Details(BaseModel):
+class _Details(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
@@ -48,7 +49,7 @@ ResultDetails = Annotated[
 ]
 
 
-class OrchestrationResult(BaseModel):
+class OrchestrationResult(FrozenModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     state: State | None
@@ -56,7 +57,7 @@ class OrchestrationResult(BaseModel):
     details: ResultDetails
 
 
-class SetStateRequest(BaseModel):
+class SetStateRequest(FrozenModel):
     """The body. Unknown top-level keys are ignored (Prefect does the same); the state
     itself is strict (see StateCreate)."""
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from .frozen import FrozenModel
 from .states import State, StateType
 from .timestamps import UtcDateTime
 
 MAX_RETRY_DELAYS = 50
 
 
-class EmpiricalPolicy(BaseModel):
+class EmpiricalPolicy(FrozenModel):
     """A run's retry settings, fixed when the run is created."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -46,7 +47,7 @@ class EmpiricalPolicy(BaseModel):
 _NO_POLICY = EmpiricalPolicy()  # shared (frozen): see states._NO_DETAILS
 
 
-class TaskRunView(BaseModel):
+class TaskRunView(FrozenModel):
     """Projection of one task run. Immutable: evolve it with model_copy(update=...)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -77,7 +78,7 @@ class TaskRunView(BaseModel):
         return self.state.name if self.state is not None else None
 
 
-class FlowRunView(BaseModel):
+class FlowRunView(FrozenModel):
     """The parts of the enclosing flow run that R2, R3 and R9 read."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)

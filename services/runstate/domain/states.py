@@ -7,8 +7,9 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import ConfigDict, model_validator
 
+from .frozen import FrozenModel
 from .timestamps import UtcDateTime
 from .unchecked import replace
 
@@ -48,7 +49,7 @@ NOT_READY = "NotReady"
 ARTIFACT_KEYS = ("artifact_key", "artifact_type", "artifact_description")
 
 
-class StateDetails(BaseModel):
+class StateDetails(FrozenModel):
     """Every `state_details` field Prefect 3.9.1 knows; anything else a client sends is dropped."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -93,7 +94,7 @@ def _name_from_type(values: Any) -> Any:
     return values
 
 
-class StateCreate(BaseModel):
+class StateCreate(FrozenModel):
     """The proposal in a request body. `id` and `timestamp` are minted by the server, so
     sending them (or any other key) is a validation error, as in Prefect (HTTP 422)."""
 
@@ -111,7 +112,7 @@ class StateCreate(BaseModel):
         return _name_from_type(values)
 
 
-class State(BaseModel):
+class State(FrozenModel):
     """A persisted (or about to be persisted) state, as the API returns it."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
