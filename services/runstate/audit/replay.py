@@ -15,8 +15,11 @@ payload that ends with that very text is reproduced without its decision being p
 recorded decision parsed, and the recomputed one dumped once and compared with it as plain
 JSON values (the path-by-path diff runs only when they differ). After a decision that is
 reproduced the recomputed run equals the recorded one, so it stands in for validating that
-JSON again for the next event. The log is read on the driver's connection in binary, ids as
-text (the hash reads them as text), so no uuid object is made per column.
+JSON again for the next event. The command and context are validated by the models' own
+pydantic-core validators, and the request built from the validated command without validating
+it again (as the pipeline does). The log is read on the driver's connection in binary, ids as
+text (the hash reads them as text), so no uuid object is made per column but the stream's and
+the transition's (by pydantic-core's uuid validator, a fifth of what UUID(text) costs).
 
 `StreamVerifier` is pure (no I/O); `verify_log` drives it over the database.
 """
