@@ -207,10 +207,8 @@ class StreamVerifier:
         payload = from_json(payload_text)
         if not isinstance(payload, dict):  # a damaged event is a finding (check), not a crash
             payload = {}
-        state_text = None if state_id is None else str(state_id)
-        # The column as given (text or uuid): recorded_command writes it as text either way.
+        transition_id, state_text = _uuid(transition_id), None if state_id is None else str(state_id)
         command, context = recorded_command(payload, transition_id), recorded_context(payload, state_id=state_text)
-        transition_id = _uuid(transition_id)
         if stream_id != self._stream:
             self._stream, self._previous_seq, self._previous_run, self._previous_view = stream_id, 0, None, None
         creation = event_type == "task_run_created"
