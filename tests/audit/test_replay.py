@@ -285,3 +285,56 @@ def test_a_stored_decision_is_reproduced_by_its_text_and_any_change_to_it_is_sti
     # The same decision written otherwise (spacing) is not the writer's text, and still reproduced.
     respaced, by_text = check_second(second.status, decision.replace('"name":"Pending"', '"name": "Pending"'))
     assert respaced is None and by_text == 1
+
+
+def test_an_event_that_cannot_be_re_decided_is_a_finding_named_by_its_error(driven_log):
+    """check_stored's shortcut tries to re-decide and falls back to check() on any failure:
+    what is reported is the error the current models and rules raise (an invalid context or
+    command, an unknown event type), and the next event is still re-decided, against the run
+    its predecessor recorded."""
+    run = driven_log.runs["lifecycle"]
+    with psycopg.connect(dsn(driven_log.settings.database_url), row_factory=namedtuple_row) as conn:
+        rows = conn.execute(
+            "SELECT stream_id, seq, event_type, transition_id::text AS transition_id, status,"
+            " state_id::text AS state_id, payload::text AS payload FROM events WHERE stream_id = %s ORDER BY seq",
+            (run,)).fetchall()
+    assert [r.event_type for r in rows] == ["task_run_created"] + ["transition_decided"] * 3
+
+    def findings(seq: int, *, event_type: str | None = None, edit=None) -> list[object]:
+        verifier = StreamVerifier()
+        out = []
+        for r in rows:
+            payload = json.loads(r.payload)
+            if r.seq == seq and edit is not None:
+                edit(payload)
+            out.append(verifier.check_stored(r.stream_id, r.seq, event_type if r.seq == seq and event_type else
+                                             r.event_type, r.transition_id, r.status, r.state_id,
+                                             r.payload if r.seq != seq or edit is None else json.dumps(payload)))
+        return out
+
+    assert findings(0) == [None] * 4  # the ids as text, as verify_range passes them
+
+    def bad_random(payload: dict) -> None:
+        payload["context"]["random"] = 1.5
+
+    found = findings(2, edit=bad_random)
+    assert found[0] is None and found[2:] == [None, None]
+    text = found[1].differences[0]
+    assert text.startswith("re-deciding failed: ValidationError: 1 validation error for OrchestrationContext\nrandom"), text
+
+    def bad_state(payload: dict) -> None:
+        payload["command"]["state"]["type"] = "BOGUS"
+
+    text = findings(3, edit=bad_state)[2].differences[0]
+    assert text.startswith("re-deciding failed: ValidationError: 1 validation error for SetStateCommand\nstate.type"), text
+
+    def bad_policy(payload: dict) -> None:
+        payload["command"]["empirical_policy"] = {"retry_jitter_factor": 1e9}
+
+    text = findings(1, edit=bad_policy)[0].differences[0]
+    assert text.startswith("re-deciding failed: ValidationError: 1 validation error for CreateTaskRunCommand\n"
+                           "empirical_policy"), text
+
+    found = findings(2, event_type="task_run_renamed")
+    assert found[1].differences == ("re-deciding failed: ValueError: unknown task-run event type 'task_run_renamed'",)
+    assert found[2:] == [None, None]
