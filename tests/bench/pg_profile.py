@@ -90,11 +90,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=340)
     p.add_argument("--commands", type=int, default=60_000)
     p.add_argument("--waldump", metavar="PG_WAL_DIR", help="print pg_waldump's record statistics of the run")
+    p.add_argument("--fillfactor", type=int, help="set task_runs' fillfactor first (an experiment)")
     a = p.parse_args()
     state = Path(__file__).resolve().parents[2] / ".runstate"
     env = read_env_file(state / "env") | read_env_file(state / "service.env")
     admin, app = env["RUNSTATE_ADMIN_DATABASE_URL"], env["RUNSTATE_CONSUMER_DATABASE_URL"]
     admin_url, app_url = fresh_database(admin, app, DATABASE)
+    if a.fillfactor:
+        with psycopg.connect(libpq_dsn(admin_url), autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE task_runs SET (fillfactor = {int(a.fillfactor)})")
     try:
         r = asyncio.run(drive(app_url, admin_url, a.batch, a.commands, a.waldump))
         print(f"batch={a.batch} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()))
