@@ -103,6 +103,19 @@ def admin_sql(admin_url: str, *statements: str) -> None:
             conn.execute(s)
 
 
+def drop_database(admin_url: str, name: str, wait_s: float = 30.0) -> None:
+    """DROP DATABASE ... WITH (FORCE), after the sessions of other roles have ended: the owner may
+    not end those itself, and a client that has just closed its connection (an audit's worker
+    process) leaves its backend alive for a moment."""
+    deadline = time.monotonic() + wait_s
+    with psycopg.connect(libpq(db_url(admin_url, "postgres")), autocommit=True) as conn:
+        while time.monotonic() < deadline and conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename <> current_user",
+                (name,)).fetchone()[0]:
+            time.sleep(0.2)
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 TOAST_COMPRESSION = os.environ.get("BENCH_TOAST_COMPRESSION", "lz4")
 
 # p99 at 1,000/s is measured 1 + P99_REPEATS times for runstate and for the floor, each run
@@ -672,7 +685,7 @@ class Bench:
         res.update({"generated": total, "table_size": size, "generation_seconds": gen_s,
                     "template_events": len(rows)})
         self.results["runs"]["replay"] = self.measure_replay(r_app)
-        admin_sql(env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench_rebuild WITH (FORCE)")
+        drop_database(env["RUNSTATE_ADMIN_DATABASE_URL"], "runstate_bench_rebuild")
         return res
 
 

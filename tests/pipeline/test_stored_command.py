@@ -81,6 +81,7 @@ def test_a_stored_command_reads_back_as_the_command_decided(document):
     text = stored_command_json(item.document, sent, transition_id)
     stored = strict_json.loads(text.encode())  # itself I-JSON
     assert "command_id" not in stored and "id" not in stored and "task_run_id" not in stored
+    assert stored["kind"] == doc["kind"] and stored.get("schema_version") == doc.get("schema_version")
     for name, value in stored.items():  # what is kept is kept with its value
         if name != "state":
             assert value == doc[name] and type(value) is type(doc[name]), name

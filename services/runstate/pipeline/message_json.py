@@ -192,11 +192,14 @@ _NO_DEFAULT = object()
 
 @cache
 def _command_members(model: type[SetStateCommand | CreateTaskRunCommand]) -> tuple[dict[str, Any], frozenset[str]]:
-    """A task-run command's members that have defaults (but `kind`, which names the model), as JSON
-    values; and the members its event's columns always hold (its command_id, its run's id)."""
+    """A task-run command's members that have defaults, as JSON values, but `kind` (which names
+    the model) and `schema_version` (whose default moves with the code: a command stored now must
+    not read as a later version); and the members its event's columns always hold (its
+    command_id, its run's id)."""
     defaults, _ = member_defaults(model)
     kind = model.model_fields["kind"].default
-    return {k: v for k, v in defaults.items() if k != "kind"}, frozenset({"command_id", RUN_ID_MEMBER[kind]})
+    kept = {k: v for k, v in defaults.items() if k not in ("kind", "schema_version")}
+    return kept, frozenset({"command_id", RUN_ID_MEMBER[kind]})
 
 
 def stored_command_json(document: Mapping[str, Any], sent: SetStateCommand | CreateTaskRunCommand,
