@@ -25,7 +25,7 @@ append-only triggers, is visible to `runstate replay --verify`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from functools import cache
 from typing import Any, get_args
@@ -380,13 +380,34 @@ def event_hash(
 ) -> bytes:
     """SHA-256 over the previous event's hash and every column of this one, each
     length-prefixed, the payload as the very text stored (json keeps it)."""
-    chunks = [previous]
+    chunks: list[bytes] = []
     for part in (stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,
                  state_name, state_id, source_topic, source_partition, source_offset):
         data = b"" if part is None else str(part).encode()
-        chunks += (len(data).to_bytes(8, "big"), data)
+        chunks += (len(data).to_bytes(8, "big"), data)  # `framed(part)`, without a call a column
+    return chain_link(previous, chunks, source_digest, payload)
+
+
+# A length prefix (8 bytes, big-endian), made once for the usual lengths.
+_LENGTHS = tuple(n.to_bytes(8, "big") for n in range(1024))
+
+
+def _length(size: int) -> bytes:
+    return _LENGTHS[size] if size < 1024 else size.to_bytes(8, "big")
+
+
+def framed(part: object) -> bytes:
+    """One column as the chain hashes it: its text's length, then its text (None: empty)."""
+    data = b"" if part is None else str(part).encode()
+    return _length(len(data)) + data
+
+
+def chain_link(previous: bytes, columns: Iterable[bytes], source_digest: bytes | None, payload: str) -> bytes:
+    """An event's hash from the previous one's, the bytes of its columns `framed` in event_hash's
+    order, its source digest and its payload text (`replay --verify` frames a stream's repeated
+    columns once)."""
     digest = source_digest or b""
     text = payload.encode()
-    chunks += (len(digest).to_bytes(8, "big"), digest, len(text).to_bytes(8, "big"), text)
     # One update over the joined bytes: the same digest as an update per chunk, for less call overhead.
-    return hashlib.sha256(b"".join(chunks)).digest()
+    return hashlib.sha256(b"".join((previous, *columns, _length(len(digest)), digest, _length(len(text)),
+                                    text))).digest()

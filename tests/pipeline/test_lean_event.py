@@ -339,6 +339,22 @@ def test_an_appended_state_leaves_out_what_the_columns_hold_and_is_whole_again_o
 V1 = Path(__file__).with_name("lean_v1_events.json")
 
 
+def republished_chained_and_replayed(rows: list[Any]) -> StreamVerifier:
+    """A fixture's events: every decision status among them, each one's messages rendered again
+    byte for byte, the hash chain holding, every task-run decision reproduced by replay."""
+    task_rows = [r for r in rows if r.stream_type == "task_run"]
+    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
+    for row in rows:
+        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
+    assert chain_holds(rows)
+    verifier = StreamVerifier()
+    for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
+        assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
+                                     row.state_id, row.payload, command_id=row.command_id) is None, (row.stream_id,
+                                                                                                    row.seq)
+    return verifier
+
+
 def test_lean_events_written_before_the_compact_state_republish_replay_and_read_as_before():
     """tests/pipeline/lean_v1_events.json: the lean shape as written before appended states were
     compact (each one whole), by that version of the decider. Its messages are rendered again byte
@@ -347,14 +363,7 @@ def test_lean_events_written_before_the_compact_state_republish_replay_and_read_
     rows = fixture_rows(V1)
     task_rows = [r for r in rows if r.stream_type == "task_run"]
     assert all("id" in json.loads(r.payload)["decision"]["appended_state"] for r in task_rows if r.state_id)
-    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
-    for row in rows:
-        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
-    assert chain_holds(rows)
-    verifier = StreamVerifier()
-    for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
-        assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
-                                     row.state_id, row.payload) is None, (row.stream_id, row.seq)
+    verifier = republished_chained_and_replayed(rows)
     assert verifier.by_text < len(task_rows)  # the whole states are not the writer's text now
 
 
@@ -369,15 +378,8 @@ def test_lean_events_written_before_the_compact_command_republish_replay_and_rea
     task_rows = [r for r in rows if r.stream_type == "task_run"]
     assert all(json.loads(r.payload)["command"]["command_id"] == str(r.command_id) for r in task_rows
                if "command_id" in json.loads(r.payload)["command"])
-    assert {r.status for r in task_rows} >= {"ACCEPT", "REJECT", "ABORT", "WAIT"}
-    for row in rows:
-        assert rendered_again(row, rows) == (row.result_event, row.state_change), (row.stream_id, row.seq)
-    assert chain_holds(rows)
-    verifier = StreamVerifier()
-    for row in sorted(task_rows, key=lambda r: (r.stream_id, r.seq)):
-        assert verifier.check_stored(row.stream_id, row.seq, row.event_type, row.transition_id, row.status,
-                                     row.state_id, row.payload, command_id=row.command_id) is None, (row.stream_id,
-                                                                                                    row.seq)
+    verifier = republished_chained_and_replayed(rows)
+    for row in task_rows:
         assert recorded_command(json.loads(row.payload), row.transition_id, stream_id=row.stream_id,
                                 command_id=row.command_id)["command_id"] == str(row.command_id)
     assert verifier.by_text == 0  # every stored text is another than the writer's now

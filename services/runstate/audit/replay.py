@@ -26,7 +26,6 @@ the transition's (by pydantic-core's uuid validator, a fifth of what UUID(text) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -56,6 +55,8 @@ from runstate.domain import (
 from runstate.domain.unchecked import build
 from runstate.events import (
     GENESIS,
+    chain_link,
+    framed,
     inherit_run,
     recorded_command,
     recorded_context,
@@ -297,21 +298,9 @@ CHAIN_BROKEN = ("hash chain broken: this event is not what was written after the
                 "(a rewritten or inserted event)",)
 
 
-# A length prefix as event_hash writes it (8 bytes, big-endian), made once for the usual lengths.
-_LENGTHS = tuple(n.to_bytes(8, "big") for n in range(1024))
 # A column of few values (seqs, types, statuses, names, topics, partitions) is framed once a value;
 # past this many values (a state's name is the client's) the cache starts again.
 MAX_CACHED_CHUNKS = 4096
-
-
-def _length(size: int) -> bytes:
-    return _LENGTHS[size] if size < 1024 else size.to_bytes(8, "big")
-
-
-def _framed(part: object) -> bytes:
-    """One column as event_hash hashes it: its text's length, then its text."""
-    data = b"" if part is None else str(part).encode()
-    return _length(len(data)) + data
 
 
 class ChainVerifier:
@@ -330,28 +319,26 @@ class ChainVerifier:
     def _chunk(self, value: object) -> bytes:
         if len(self._chunks) >= MAX_CACHED_CHUNKS:
             self._chunks.clear()
-        chunk = self._chunks[value] = _framed(value)
+        chunk = self._chunks[value] = framed(value)
         return chunk
 
     def check(self, row: tuple[Any, ...]) -> Mismatch | None:
         (sid, seq, stream_type, event_type, cid, tid, status, state_type, state_name, stid,
          topic, partition, offset, digest, stored, payload) = row
         if sid != self._stream:
-            self._stream, self._stream_chunk, self._previous = sid, _framed(sid), GENESIS
+            self._stream, self._stream_chunk, self._previous = sid, framed(sid), GENESIS
         if stored is None:  # stored before events were chained
             self._previous = GENESIS
             return None
         known = self._chunks.get  # a framed value is never empty, so `or` asks _chunk only for a new one
-        digest = b"" if digest is None else bytes(digest)
-        text = payload.encode()
-        expected = hashlib.sha256(b"".join((
-            self._previous, self._stream_chunk, known(seq) or self._chunk(seq),
+        expected = chain_link(self._previous, (
+            self._stream_chunk, known(seq) or self._chunk(seq),
             known(stream_type) or self._chunk(stream_type), known(event_type) or self._chunk(event_type),
-            _framed(cid), _framed(tid), known(status) or self._chunk(status),
+            framed(cid), framed(tid), known(status) or self._chunk(status),
             known(state_type) or self._chunk(state_type), known(state_name) or self._chunk(state_name),
-            _framed(stid), known(topic) or self._chunk(topic), known(partition) or self._chunk(partition),
-            _framed(offset), _length(len(digest)), digest, _length(len(text)), text,
-        ))).digest()
+            framed(stid), known(topic) or self._chunk(topic), known(partition) or self._chunk(partition),
+            framed(offset),
+        ), None if digest is None else bytes(digest), payload)
         self._previous = stored = bytes(stored)
         if expected == stored:
             return None
