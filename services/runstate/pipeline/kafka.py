@@ -8,6 +8,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -230,13 +231,17 @@ class KafkaPublisher:
 
     async def _publish(self, outcome: BatchOutcome) -> None:
         s = self.settings
-        send = self.producer.send
         version = [(SCHEMA_VERSION_HEADER, SCHEMA_VERSION_BYTES)]
-        sends = [await send(s.result_topic, p.value.encode(), key=p.key,
-                            headers=version if p.trace_headers is None else version + p.trace_headers)
-                 for p in outcome.results]
-        sends += [await send(s.state_change_topic, p.value.encode(), key=p.key, headers=version)
-                  for p in outcome.state_changes]
+        # Results and state changes go as one record batch per partition (send_batch): one
+        # future a partition instead of one a record, a third of the producer's CPU per record.
+        batches = _PartitionBatches(self.producer)
+        for p in outcome.results:
+            await batches.add(s.result_topic, p.key, p.value.encode(),
+                              version if p.trace_headers is None else version + p.trace_headers)
+        for p in outcome.state_changes:
+            await batches.add(s.state_change_topic, p.key, p.value.encode(), version)
+        sends = await batches.send()
+        send = self.producer.send
         for dead in outcome.dead_letters:
             rec = dead.record
             headers = [
@@ -256,3 +261,40 @@ class KafkaPublisher:
             sends.append(await send(s.dead_letter_topic, value, key=key, headers=headers))
         if sends:
             await asyncio.gather(*sends)
+
+
+class _PartitionBatches:
+    """A publish's keyed records as record batches, one open batch per topic partition, in the
+    order they were added (a partition's records keep their order, as with send()). The
+    partition is the one send() would choose (keyed_partitioner), so readers see no difference."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.open: dict[tuple[str, int], Any] = {}
+        self.partitions: dict[str, list[int]] = {}
+        self.sends: list[asyncio.Future[Any]] = []
+
+    async def add(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if key is None:  # the answer to a record without a key: any partition, as send() picks
+            self.sends.append(await self.producer.send(topic, value, headers=headers))
+            return
+        partitions = self.partitions.get(topic)
+        if partitions is None:
+            partitions = self.partitions[topic] = sorted(await self.producer.partitions_for(topic))
+        where = (topic, partitions[_partition_index(key, len(partitions))])
+        batch = self.open.get(where)
+        if batch is None:
+            batch = self.open[where] = self.producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            # Full: it goes now, and the record starts the partition's next batch (a first
+            # record always fits: the topics' limits were checked when it was decided).
+            self.sends.append(await self.producer.send_batch(batch, where[0], partition=where[1]))
+            batch = self.open[where] = self.producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None, headers=headers)
+
+    async def send(self) -> list[asyncio.Future[Any]]:
+        """Every open batch handed to the producer; their futures, with those of the full ones."""
+        for (topic, partition), batch in self.open.items():
+            self.sends.append(await self.producer.send_batch(batch, topic, partition=partition))
+        self.open.clear()
+        return self.sends
