@@ -8,11 +8,11 @@ import uuid
 from collections import defaultdict
 
 from aiokafka.partitioner import DefaultPartitioner
+from tests.pipeline.harness import isolated_settings, read_all
 
 from runstate.messages import SCHEMA_VERSION_HEADER
 from runstate.pipeline.kafka import KafkaPublisher, ensure_topics
 from runstate.pipeline.ports import BatchOutcome, Publication
-from tests.pipeline.harness import isolated_settings, read_all
 
 
 async def _published(settings, outcome: BatchOutcome, *, max_batch_size: int | None = None) -> None:

@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import InvalidProducerEpoch, OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from runstate.config import Settings
 from runstate.kafka_security import describe_login, kafka_options, start_client
@@ -270,7 +271,7 @@ class _PartitionBatches:
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
-        self.open: dict[tuple[str, int], Any] = {}
+        self.open: dict[tuple[str, int], BatchBuilder] = {}
         self.partitions: dict[str, list[int]] = {}
         self.sends: list[asyncio.Future[Any]] = []
 
