@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -110,6 +111,16 @@ def report_progress(n: int) -> None:
 # -- in the parent ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Done:
+    """A result the parent made itself, read like a finished future's."""
+
+    value: Any
+
+    def result(self) -> Any:
+        return self.value
+
+
 def run_ranges(
     task: Callable[..., T],
     ranges: list[StreamRange],
@@ -117,35 +128,61 @@ def run_ranges(
     workers: int,
     on_progress: Callable[[int], None] | None = None,
     ordered: bool = True,
+    local: Callable[[StreamRange], T] | None = None,
 ) -> Iterator[T]:
     """task(range, *args) for every range in `workers` processes; yields the results in
     range order, each as soon as it and every range before it are done (or, not `ordered`,
-    each as soon as it is done, so no finished result waits in memory for a slower one)."""
+    each as soon as it is done, so no finished result waits in memory for a slower one).
+
+    With `local`, the parent is one of the `workers`: the pool has one process fewer, and
+    the parent runs local(range) on a range of its own whenever no result is waiting for it
+    (it starts at once, while the processes are still starting, and what it does needs no
+    handing over)."""
     # spawn: the parent may hold database connections and a progress-bar thread, which a
     # forked child must not share.
     context = multiprocessing.get_context("spawn")
     counter = context.Value("q", 0)
+    processes = min(workers - 1 if local is not None else workers, len(ranges))
+    queue = deque(enumerate(ranges))
     shown = 0
     done: dict[int, T] = {}
     following = 0
-    with ProcessPoolExecutor(max_workers=min(workers, len(ranges)), mp_context=context, initializer=_init_worker,
+    with ProcessPoolExecutor(max_workers=max(processes, 1), mp_context=context, initializer=_init_worker,
                              initargs=(counter,)) as pool:
         try:
-            futures: dict[Future[T], int] = {pool.submit(task, r, *args): i for i, r in enumerate(ranges)}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
+            futures: dict[Future[T], int] = {}
+
+            def top_up() -> None:
+                # Two ranges a process: the one it works on and the next, so that it does not
+                # wait for the parent to finish a range of its own before it gets more.
+                limit = 2 * processes if local is not None else len(ranges)
+                while queue and len(futures) < limit and processes > 0:
+                    index, streams = queue.popleft()
+                    futures[pool.submit(task, streams, *args)] = index
+
+            top_up()
+            while futures or queue:
+                local_next = local is not None and bool(queue)
+                finished: set[Future[T]] = set()
+                if futures:
+                    finished, _ = wait(futures, timeout=0 if local_next else PROGRESS_POLL_S,
+                                       return_when=FIRST_COMPLETED)
                 if on_progress is not None:
                     now = counter.value
                     if now > shown:
                         on_progress(now - shown)
                         shown = now
-                for future in finished:
-                    index = futures.pop(future)  # a future keeps its result while referenced
+                results: list[tuple[int, Future[T] | _Done]] = [(futures.pop(f), f) for f in finished]
+                if local is not None and queue and not finished:
+                    # The parent's own range: from the far end, so the processes keep theirs in order.
+                    index, streams = queue.pop()
+                    results.append((index, _Done(local(streams))))
+                top_up()
+                for index, result in results:  # a future keeps its result while referenced
                     if not ordered:
-                        yield future.result()
+                        yield result.result()
                         continue
-                    done[index] = future.result()
+                    done[index] = result.result()
                 while following in done:
                     yield done.pop(following)
                     following += 1

@@ -20,12 +20,15 @@ Design: build into session-private TEMP tables, then swap in one transaction.
   as the sum of its recorded slot changes.
 * Interrupting at any point before that commit leaves the live tables as they were, and
   TEMP tables vanish with the session: a rerun simply starts over. Nothing needs cleaning.
-* With more than one worker, the log is cut into ranges of whole streams (audit/parallel.py)
-  and each worker process folds its ranges in a session of its own, into TEMP tables of its
-  own, and hands them back to the rebuilding session as binary COPY data: a stream's events
-  are in one range, so the ranges' shadows never overlap and are simply appended. The heads'
-  composition (the costliest JSON work after parsing) is thus done in parallel too, and the
-  swap only copies finished rows.
+* With more than one worker, the log is cut into ranges of whole streams (audit/parallel.py).
+  The rebuilding session is one of the workers: it folds ranges straight into its shadow,
+  while worker processes (one fewer) fold the others in sessions of their own, into TEMP
+  tables of their own, and hand them back as binary COPY data: a stream's events are in one
+  range, so the ranges' shadows never overlap and are simply appended. Every range's heads
+  are composed as soon as it is folded (the costliest JSON work after parsing), so the swap
+  only copies finished rows. Folding in the rebuilding session itself, rather than only
+  taking the shadows of two processes, took a fifth less CPU per event (23.5 against 30 µs,
+  1M events, 2 workers, 2026-12-02): half the shadows need no handing over.
 
 TEMP tables need no CREATE privilege on the schema, so the service's own role can rebuild.
 A tag limit with a `concurrency_limit` stream in the log gets its `limit` and `active` from
@@ -340,6 +343,16 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
         lo = (hi.stream_id, hi.seq)
 
 
+def _fold_here(conn: Connection, streams: StreamRange, batch_size: int,
+               on_batch: Callable[[int], None] | None) -> int:
+    """Fold `streams` in this session and compose their task runs' rows, as a worker does."""
+    events = _fold_range(conn, streams, batch_size, on_batch)
+    conn.execute(text(f"INSERT INTO rb_task_rows {TASK_ROWS}"), {"not_creation": NOT_CREATION_MEMBERS})
+    conn.execute(text("TRUNCATE rb_task_runs"))
+    conn.commit()
+    return events
+
+
 _worker_engine: Engine | None = None
 
 
@@ -385,15 +398,17 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
     conn.commit()
     events = 0
     if len(ranges) == 1:
-        events = _fold_range(conn, WHOLE_LOG, batch_size, on_batch)
-        conn.execute(text(f"INSERT INTO rb_task_rows {TASK_ROWS}"), {"not_creation": NOT_CREATION_MEMBERS})
-        conn.execute(text("TRUNCATE rb_task_runs"))
-        conn.commit()
+        events = _fold_here(conn, WHOLE_LOG, batch_size, on_batch)
     else:
-        # Any order: the shadows of ranges never overlap.
+        # This session folds ranges too, straight into its shadow; the worker processes hand
+        # theirs over. Any order: the shadows of ranges never overlap.
+        def here(streams: StreamRange) -> tuple[int, dict[str, bytes]]:
+            return _fold_here(conn, streams, batch_size, on_batch), {}
+
         for folded, shadow in run_ranges(_fold_in_worker, ranges, (url, batch_size), workers, on_batch,
-                                         ordered=False):
-            _take_shadow(conn, shadow)
+                                         ordered=False, local=here):
+            if shadow:
+                _take_shadow(conn, shadow)
             events += folded
 
     # The swap. Taking ACCESS EXCLUSIVE up front (TRUNCATE needs it anyway) waits for the
