@@ -138,7 +138,9 @@ def fresh_database(admin_url: str, app_url: str, name: str) -> tuple[str, str]:
     from runstate.store.migrate import upgrade
 
     owner = parse(admin_url).username
-    admin_sql(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name} OWNER {owner}")
+    # The last measurement's consumers may still be closing their sessions (another role's).
+    drop_database(admin_url, name)
+    admin_sql(admin_url, f"CREATE DATABASE {name} OWNER {owner}")
     set_compression(admin_url, name)
     a, b = db_url(admin_url, name), db_url(app_url, name)
     upgrade(a, b)
