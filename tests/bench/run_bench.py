@@ -106,14 +106,30 @@ def admin_sql(admin_url: str, *statements: str) -> None:
 def drop_database(admin_url: str, name: str, wait_s: float = 30.0) -> None:
     """DROP DATABASE ... WITH (FORCE), after the sessions of other roles have ended: the owner may
     not end those itself, and a client that has just closed its connection (an audit's worker
-    process) leaves its backend alive for a moment."""
+    process) leaves its backend alive for a moment. An autovacuum worker has no role, so FORCE
+    is refused while one works on the database (after the main run's million events); then this
+    role's own sessions are ended and a plain DROP, which stops autovacuum itself, is retried."""
     deadline = time.monotonic() + wait_s
     with psycopg.connect(libpq(db_url(admin_url, "postgres")), autocommit=True) as conn:
         while time.monotonic() < deadline and conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename <> current_user",
                 (name,)).fetchone()[0]:
             time.sleep(0.2)
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        try:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        while True:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                         " AND usename = current_user AND pid <> pg_backend_pid()", (name,))
+            try:
+                conn.execute(f"DROP DATABASE IF EXISTS {name}")
+                return
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline + wait_s:
+                    raise
+                time.sleep(0.5)
 
 
 TOAST_COMPRESSION = os.environ.get("BENCH_TOAST_COMPRESSION", "lz4")
