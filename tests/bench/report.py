@@ -373,7 +373,8 @@ def audit_section(rebuild: dict, replay: dict) -> list[str]:
         f"{_f(replay.get('mismatches'))} |",
         "",
         f"`runstate.audit.replay.verify_log()` over the same generated log, right after the rebuild, with "
-        f"{_f(replay.get('workers'))} worker processes (the rebuild above used {_f(rebuild.get('workers'))}); "
+        f"{_f(replay.get('workers'))} worker processes (the rebuild above used {_f(rebuild.get('workers'))} workers: its "
+        "own session and the rest as processes); "
         "each worker takes ranges of whole streams and reads them in keyset batches. The generated events carry "
         "no hash, so the hash-chain check (about a tenth of replay's CPU in a profile) is skipped here. The "
         f"workers' resident memory, summed: {_f((early or 0) / 1024, 1)} MiB when a tenth of the log was "
