@@ -106,9 +106,10 @@ def admin_sql(admin_url: str, *statements: str) -> None:
 def drop_database(admin_url: str, name: str, wait_s: float = 30.0) -> None:
     """DROP DATABASE ... WITH (FORCE), after the sessions of other roles have ended: the owner may
     not end those itself, and a client that has just closed its connection (an audit's worker
-    process) leaves its backend alive for a moment. An autovacuum worker has no role, so FORCE
-    is refused while one works on the database (after the main run's million events); then this
-    role's own sessions are ended and a plain DROP, which stops autovacuum itself, is retried."""
+    process) leaves its backend alive for a moment. FORCE was refused once all the same, after
+    the main run's million events, most likely by an autovacuum worker (it has no role, so the
+    owner may not end it); then this role's own sessions are ended and a plain DROP, which stops
+    autovacuum itself, is retried."""
     deadline = time.monotonic() + wait_s
     with psycopg.connect(libpq(db_url(admin_url, "postgres")), autocommit=True) as conn:
         while time.monotonic() < deadline and conn.execute(
@@ -542,7 +543,8 @@ class Bench:
             runs["replicated"] = await self.replicated()
 
         # 5. rebuild and replay, with nothing else running. Prefect's server used to start meanwhile:
-        # replay then ran at 11k events/s for its first 55 s and at 20k/s after (2026-12-02).
+        # replay then ran at 11k events/s for its first 55 s and at 20k/s after (2026-12-02; the
+        # next run, alone, still gave 13k/s throughout: tests/bench/NOTES.md).
         if "rebuild" in a.parts:
             runs["rebuild"] = self.rebuild()
         # 6. the peer
