@@ -591,7 +591,7 @@ class Bench:
             out[other_shape] = await self._on(other, other_shape)
         finally:
             with contextlib.suppress(Exception):
-                admin_sql(other.env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench WITH (FORCE)")
+                drop_database(other.env["RUNSTATE_ADMIN_DATABASE_URL"], "runstate_bench")
             other.down()
         return out
 
@@ -800,8 +800,8 @@ class PrefectServer:
 
         self.python = prefect_python()
         owner = parse(self.admin_url).username
-        admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)",
-                  f"CREATE DATABASE prefect OWNER {owner}")
+        drop_database(self.admin_url, "prefect")
+        admin_sql(self.admin_url, f"CREATE DATABASE prefect OWNER {owner}")
         set_compression(self.admin_url, "prefect")
         url = reveal(parse(self.admin_url).set(drivername="postgresql+asyncpg", database="prefect"))
         self.port = free_port()
@@ -855,7 +855,7 @@ class PrefectServer:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(10)
         with contextlib.suppress(Exception):
-            admin_sql(self.admin_url, "DROP DATABASE IF EXISTS prefect WITH (FORCE)")
+            drop_database(self.admin_url, "prefect")
 
 
 def _children(pid: int) -> list[int]:
@@ -1017,7 +1017,7 @@ def main(argv=None) -> int:
         uvloop.run(bench.run_all())  # the driver is the instrument: keep its own latency small
     finally:
         with contextlib.suppress(Exception):
-            admin_sql(stack.env["RUNSTATE_ADMIN_DATABASE_URL"], "DROP DATABASE IF EXISTS runstate_bench WITH (FORCE)")
+            drop_database(stack.env["RUNSTATE_ADMIN_DATABASE_URL"], "runstate_bench")
         bench.results["machine"]["loadavg_end"] = os.getloadavg()
         bench.results["wall_seconds"] = time.monotonic() - t0
         (WORK / "results.json").write_text(json.dumps(bench.results, indent=1, default=str))
