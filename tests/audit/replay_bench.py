@@ -3,6 +3,7 @@ stack (`make up`), so that two versions of replay can be compared on the same lo
 
     python tests/audit/replay_bench.py build --events 200000   # template runs through the pipeline, then the log
     python tests/audit/replay_bench.py measure --workers 2     # one verify_log run: a JSON line on stdout
+    python tests/audit/replay_bench.py measure --database runstate_rebuild_ab   # another log (rebuild_ab.py's)
     python tests/audit/replay_bench.py drop
 
 `build` decides runs of the benchmark's workload (create PENDING -> RUNNING -> COMPLETED, one
@@ -135,11 +136,11 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def measure(env: dict[str, str], workers: int, batch_size: int) -> dict[str, object]:
+def measure(env: dict[str, str], workers: int, batch_size: int, database: str = LOG_DB) -> dict[str, object]:
     from runstate.audit import replay
     from runstate.audit.db import open_engine
 
-    _, app = urls(env, LOG_DB)
+    _, app = urls(env, database)
     engine = open_engine(app)
     done = [0]
     series: list[tuple[float, int, int]] = []
@@ -193,6 +194,7 @@ def main() -> int:
     m = sub.add_parser("measure")
     m.add_argument("--workers", type=int, default=2)
     m.add_argument("--batch-size", type=int, default=1000)
+    m.add_argument("--database", default=LOG_DB, help="the log to verify (rebuild_ab.py's: runstate_rebuild_ab)")
     sub.add_parser("drop")
     a = p.parse_args()
     env = stack_env()
@@ -201,7 +203,7 @@ def main() -> int:
         print(f"template: {decided} events decided by the pipeline", flush=True)
         print(f"log: {generate(env, a.events)} events in {LOG_DB}", flush=True)
     elif a.what == "measure":
-        print(json.dumps(measure(env, a.workers, a.batch_size)), flush=True)
+        print(json.dumps(measure(env, a.workers, a.batch_size, a.database)), flush=True)
     else:
         from run_bench import admin_sql
 
