@@ -2,11 +2,12 @@
 
 Design: build into session-private TEMP tables, then swap in one transaction.
 
-* The log is read in keyset batches over its primary key (stream_id, seq). Each batch is
-  folded by one set-based statement: the payload of every event is detoasted once
-  (MATERIALIZED CTE) and its results go to the shadow tables — the stream's newest
-  `decision.run` / `flow_run` becomes its head (upsert keeps the highest seq, so a stream
-  split across batches converges), every CacheInserted effect becomes a cache row holding
+* The log is read in keyset batches over its primary key (stream_id, seq), each ending at
+  the end of a stream. Each batch is folded by one set-based statement: the payload of every
+  event is detoasted once (MATERIALIZED CTE) and its results go to the shadow tables — the
+  stream's newest `decision.run` / `flow_run` becomes its head (joined to its creation's run
+  and inserted; only a stream longer than a batch is cut, and the batch continuing it upserts,
+  keeping the highest seq, so a split stream converges), every CacheInserted effect becomes a cache row holding
   the appended state, every SlotsTaken / SlotsReleased effect is recorded as taken / released,
   and its slots as a change of its tags' counts (a release by the `decrements` the rules counted).
   Each batch commits, so no transaction (and no vacuum horizon) spans the rebuild.
