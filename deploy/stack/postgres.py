@@ -26,6 +26,12 @@ from .records import Record
 from .tools import need_pg_bindir
 
 PG_READY_TIMEOUT = 30.0
+# Sized for a write-heavy log on a small machine: the pages the consumer writes stay in shared
+# buffers (at 256MB its backends wrote evicted pages themselves, ~0.2 a command), and a few
+# minutes of full load hold no checkpoint (at 1GB of WAL one was requested every ~3 minutes,
+# each followed by full-page images of every page touched again). Recovery after a crash
+# replays up to this much WAL.
+WRITE_HEAVY = ("-c", "shared_buffers=1GB", "-c", "max_wal_size=4GB", "-c", "checkpoint_timeout=15min")
 DB_NAME = pg_roles.DB_NAME
 OWNER_ROLE = pg_roles.OWNER_ROLE
 # Only TLS over loopback, only SCRAM passwords; no socket (`local`) entry, so no peer or trust.
@@ -171,7 +177,7 @@ class PostgresServer:
         return launcher.spawn(
             self.name,
             [str(bindir / "postgres"), "-D", str(self.home / "data"), "-p", str(self.port), "-k", str(self.home / "sock"),
-             "-c", f"listen_addresses={HOST}", "-c", "shared_buffers=256MB", "-c", "max_connections=200",
+             "-c", f"listen_addresses={HOST}", *WRITE_HEAVY, "-c", "max_connections=200",
              "-c", "synchronous_commit=on", "-c", "logging_collector=off", *self._security_options(),
              *self.extra_options],
             self.home / "postgres.log", cwd=self.home, run_as=run_as,

@@ -126,7 +126,8 @@ def write_report(results: dict, out: Path) -> str:
         f"| load average at end | {' / '.join(f'{x:.2f}' for x in m.get('loadavg_end', ()))} |",
         f"| PostgreSQL | {pg.get('server_version')}, shared_buffers {pg.get('shared_buffers')}, "
         f"synchronous_commit **{pg.get('synchronous_commit')}**, fsync {pg.get('fsync')}, "
-        f"max_wal_size {pg.get('max_wal_size')}, default_toast_compression {pg.get('default_toast_compression')} |",
+        f"max_wal_size {pg.get('max_wal_size')}, checkpoint_timeout {pg.get('checkpoint_timeout')}, "
+        f"default_toast_compression {pg.get('default_toast_compression')} |",
         "| Kafka | 4.1.1, single KRaft node (deploy/stack), heap -Xmx512m, replication factor 1, "
         "group.coordinator.append.linger.ms=0; clients aiokafka 0.14.0, producers acks=all + idempotence |",
         f"| topics | {cfg.get('partitions')} partitions each; a fresh set of topics, a fresh consumer group "
