@@ -188,8 +188,7 @@ unreadable AS (
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM b
-""".replace("%WHOLE_HEAD%", whole_appended("d->'appended_state'")).replace(
-    "%WHOLE_EFFECT%", whole_appended("b.d->'appended_state'"))
+""".replace("%WHOLE_EFFECT%", whole_appended("b.d->'appended_state'"))
 
 # A stream's head in a batch that may continue a stream an earlier batch folded (the final
 # pass, or the batch after a stream too long for one batch was cut): upserted, the newest
@@ -354,22 +353,21 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
     lo = (streams.lo, 0) if streams.lo is not None else START
     continues_stream = False  # the batch starts inside a stream the one before it folded
     while True:
+        # The batch_size-th event from lo, and the newest seq of its stream.
         row = conn.execute(
             text(
-                "SELECT stream_id, seq FROM events e WHERE (stream_id, seq) > (:s, :q) AND "
-                + condition + " ORDER BY stream_id, seq OFFSET :skip LIMIT 1"
+                "SELECT stream_id, seq, (SELECT max(seq) FROM events l WHERE l.stream_id = h.stream_id) AS last"
+                " FROM (SELECT stream_id, seq FROM events e WHERE (stream_id, seq) > (:s, :q) AND "
+                + condition + " ORDER BY stream_id, seq OFFSET :skip LIMIT 1) h"
             ),
             {"s": lo[0], "q": lo[1], "skip": batch_size - 1, **range_params},
         ).first()
         hi: tuple[UUID, int] | None = None if row is None else (row.stream_id, row.seq)
-        cut_stream = False
-        if hi is not None:
-            last = conn.execute(text("SELECT max(seq) FROM events WHERE stream_id = :s"),
-                                {"s": hi[0]}).scalar_one()
-            cut_stream = last - hi[1] > batch_size
-            if not cut_stream:  # the rest of this stream, and nothing the scan reads after it
-                hi = (hi[0], MAX_SEQ)
+        cut_stream = row is not None and row.last - row.seq > batch_size
+        if hi is not None and not cut_stream:  # the rest of this stream, and nothing the scan reads after it
+            hi = (hi[0], MAX_SEQ)
         whole = not continues_stream
+        seen, heads = (SEEN_WHOLE, TASK_HEADS_WHOLE) if whole else (SEEN, TASK_HEADS)
         bounds = {"lo_stream": lo[0], "lo_seq": lo[1]}
         # The primary key's order is the window's: reading the batch through it needs no
         # sort of the payloads (a bitmap scan reads pages in their order, then sorts).
@@ -381,10 +379,10 @@ def _fold_range(conn: Connection, streams: StreamRange, batch_size: int,
             conn.execute(text("SET LOCAL enable_nestloop = off"))
         if hi is None:  # the tail: fewer than batch_size events are left
             tail = TAIL.format(streams=condition)
-            folded = conn.execute(text(_fold(tail, SEEN, whole)), bounds | range_params).scalar_one()
+            folded = conn.execute(text(_fold(tail, seen, heads)), bounds | range_params).scalar_one()
         else:
             bounds |= {"hi_stream": hi[0], "hi_seq": hi[1]}
-            folded = conn.execute(text(_fold(RANGE, SEEN, whole)), bounds).scalar_one()
+            folded = conn.execute(text(_fold(RANGE, seen, heads)), bounds).scalar_one()
         conn.commit()
         events += folded
         if on_batch:
@@ -493,10 +491,10 @@ def _rebuild(conn: Connection, url: str, batch_size: int, on_batch: Callable[[in
     )
 
 
-def _fold(events: str, seen: str = "", whole: bool = False) -> str:
-    """The fold of `events`; `whole` when no stream of theirs was folded before (plain inserts)."""
-    return (FOLD.replace("{events}", events).replace("{task_heads}", TASK_HEADS_WHOLE if whole else TASK_HEADS)
-            .replace("{seen}", SEEN_WHOLE if whole else seen))
+def _fold(events: str, seen: str = "", heads: str = TASK_HEADS) -> str:
+    """The fold of `events`, noting what it saw with `seen` and its task-run heads with `heads`
+    (the *_WHOLE forms when no stream of theirs was folded before)."""
+    return FOLD.replace("{events}", events).replace("{seen}", seen).replace("{task_heads}", heads)
 
 
 def _script(conn: Connection, script: str, params: dict[str, object] | None = None) -> None:
