@@ -69,3 +69,18 @@ async def test_a_partition_whose_records_fill_several_batches_keeps_their_order(
     outcome, keys = _outcome(runs=6, per_run=40)
     await _published(settings, outcome, max_batch_size=2048)
     await _check(settings, outcome, keys)
+
+
+async def test_an_unkeyed_answer_keeps_its_place_among_its_partitions_records(base_settings):
+    # A bad record whose key cannot be echoed is answered without a key; on a one-partition
+    # topic its answer must come after the answers decided before it, not jump the queue.
+    settings = isolated_settings(base_settings, partitions=1)
+    key = str(uuid.uuid4()).encode()
+    outcome = BatchOutcome()
+    for i in range(3):
+        outcome.results.append(Publication(key, f'{{"n":{i}}}'))
+    outcome.results.append(Publication(None, '{"n":3}'))
+    outcome.results.append(Publication(key, '{"n":4}'))
+    await _published(settings, outcome)
+    records = await read_all(settings, settings.result_topic)
+    assert [r.value.decode() for r in sorted(records, key=lambda r: r.offset)] == [p.value for p in outcome.results]

@@ -276,12 +276,12 @@ class _PartitionBatches:
         self.sends: list[asyncio.Future[Any]] = []
 
     async def add(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        if key is None:  # the answer to a record without a key: any partition, as send() picks
-            self.sends.append(await self.producer.send(topic, value, headers=headers))
-            return
         partitions = self.partitions.get(topic)
         if partitions is None:
             partitions = self.partitions[topic] = sorted(await self.producer.partitions_for(topic))
+        # An unkeyed record (the answer to a bad record whose key cannot be echoed) gets a
+        # random partition, as send() gives it, and waits in that partition's batch like the
+        # rest: sent on its own it would overtake the answers decided before it.
         where = (topic, keyed_partitioner(key, partitions, partitions))
         batch = self.open.get(where)
         if batch is None:
