@@ -40,18 +40,18 @@ def write_report(results: dict, out: Path) -> str:
     floor = runs.get("floor", {})
     prefect = runs.get("prefect", {})
     rebuild = runs.get("rebuild", {})
-    at1000 = next((r for r in runs.get("load", []) if r["offered"] == 1000), {})
     rs = main.get("throughput", 0.0)
     fl = floor.get("throughput", 0.0)
     pf = prefect.get("throughput", 0.0)
     vs_prefect = rs / pf if pf else float("nan")
     vs_floor = rs / fl if fl else float("nan")
-    p99_1000 = median_p99([at1000, *runs.get("load_1000_repeats", [])])
+    mine_1000, floor_1000 = p99_runs(runs)
+    p99_1000 = median_p99(mine_1000)
     rb = rebuild.get("events_per_second", float("nan"))
     replay = runs.get("replay", {})
     rp = replay.get("events_per_second", float("nan"))
     bpe = main.get("bytes_per_event") or float("nan")
-    p99_floor_1000 = median_p99([runs.get("floor_1000", {}), *runs.get("floor_1000_repeats", [])])
+    p99_floor_1000 = median_p99(floor_1000)
     consumer_us = cpu_us_per_command(main, "consumers")
     postgres_us = cpu_us_per_command(main, "postgres")
     line = (f"bench: runstate={rs:.0f} floor={fl:.0f} prefect={pf:.0f} vs_prefect={vs_prefect:.1f} "
@@ -111,9 +111,7 @@ def write_report(results: dict, out: Path) -> str:
         "used during the main closed-loop run, divided by the commands decided in it (from /proc, so they "
         "include Kafka client and event-loop work, and PostgreSQL's WAL writer, checkpointer and autovacuum). "
         "`bytes_per_event` is `pg_total_relation_size` of the events table (heap, TOAST, indexes) over its rows "
-        "after the main run. `p99_at_1000` and `p99_floor_at_1000` are the medians of three 12-s runs each at "
-        "1,000/s offered (runstate's first is the sweep's; each run's p99 is listed under the fixed-load table), "
-        "runstate's on one consumer process and the floor's on its bare consumer.",
+        "after the main run. " + _p99_method(runs),
         "",
         "## Machine and settings",
         "",
@@ -305,12 +303,40 @@ def median_p99(runs: list[dict]) -> float:
     return statistics.median(found) if found else float("nan")
 
 
+def p99_runs(runs: dict) -> tuple[list[dict], list[dict]]:
+    """The runs at 1,000/s whose p99 the summary compares: runstate's and the floor's. From the
+    alternating pairs (p99_pairs); a results.json written before them has the sweep's run and
+    repeats measured one side after the other."""
+    pairs = runs.get("p99_pairs")
+    if pairs:
+        return [p["runstate"] for p in pairs], [p["floor"] for p in pairs]
+    at1000 = next((r for r in runs.get("load", []) if r["offered"] == 1000), None)
+    mine = [r for r in (at1000, *runs.get("load_1000_repeats", [])) if r]
+    return mine, [r for r in (runs.get("floor_1000"), *runs.get("floor_1000_repeats", [])) if r]
+
+
+def _p99_method(runs: dict) -> str:
+    mine, _ = p99_runs(runs)
+    if runs.get("p99_pairs"):
+        return (f"`p99_at_1000` and `p99_floor_at_1000` are the medians of {len(mine)} 12-s runs each at 1,000/s "
+                "offered, runstate's on one consumer process and the floor's on its bare consumer, measured in "
+                "alternating pairs with both consumers up (a pair's two runs in the same minute, the order "
+                "swapped every pair; each run's p99 is listed under the fixed-load table).")
+    return ("`p99_at_1000` and `p99_floor_at_1000` are the medians of three 12-s runs each at 1,000/s offered "
+            "(runstate's first is the sweep's; each run's p99 is listed under the fixed-load table), runstate's "
+            "on one consumer process and the floor's on its bare consumer.")
+
+
 def _p99_repeats(runs: dict) -> list[str]:
-    mine = [r for r in (next((r for r in runs.get("load", []) if r["offered"] == 1000), None),
-                        *runs.get("load_1000_repeats", [])) if r]
-    floor = [r for r in (runs.get("floor_1000"), *runs.get("floor_1000_repeats", [])) if r]
+    mine, floor = p99_runs(runs)
     if len(mine) < 2 and len(floor) < 2:
         return []
+    if runs.get("p99_pairs"):
+        pairs = runs["p99_pairs"]
+        return ["", "p99 at 1,000/s in alternating pairs, both consumers up (the summary takes the medians): "
+                + "; ".join(f"pair {i + 1} runstate {_f(p['runstate']['p99_ms'], 1)} ms (p50 "
+                            f"{_f(p['runstate']['p50_ms'], 1)}), the floor {_f(p['floor']['p99_ms'], 1)} ms (p50 "
+                            f"{_f(p['floor']['p50_ms'], 1)})" for i, p in enumerate(pairs)) + "."]
     return ["", "p99 at 1,000/s, each run in turn (the summary takes the medians): runstate "
             + ", ".join(f"{_f(r['p99_ms'], 1)}" for r in mine) + " ms; the floor "
             + ", ".join(f"{_f(r['p99_ms'], 1)}" for r in floor) + " ms."]
