@@ -315,10 +315,14 @@ def p99_runs(runs: dict) -> tuple[list[dict], list[dict]]:
     return mine, [r for r in (runs.get("floor_1000"), *runs.get("floor_1000_repeats", [])) if r]
 
 
+def _count(n: int) -> str:
+    return {2: "two", 3: "three", 4: "four", 5: "five"}.get(n, str(n))
+
+
 def _p99_method(runs: dict) -> str:
     mine, _ = p99_runs(runs)
     if runs.get("p99_pairs"):
-        return (f"`p99_at_1000` and `p99_floor_at_1000` are the medians of {len(mine)} 12-s runs each at 1,000/s "
+        return (f"`p99_at_1000` and `p99_floor_at_1000` are the medians of {_count(len(mine))} 12-s runs each at 1,000/s "
                 "offered, runstate's on one consumer process and the floor's on its bare consumer, measured in "
                 "alternating pairs with both consumers up (a pair's two runs in the same minute, the order "
                 "swapped every pair; each run's p99 is listed under the fixed-load table).")
@@ -367,7 +371,8 @@ def _overhead_section(overhead: dict | None) -> list[str]:
         "",
         f"Metrics add **{overhead['metrics_overhead_pct']:+.1f} %** CPU per command (target: less than 5 %); "
         f"tracing, with every span made and none exported, adds {overhead['tracing_overhead_pct']:+.1f} % on top "
-        "(an OTLP exporter would add its batching and sending, in a thread of the same process).",
+        "(an OTLP exporter would add its batching and sending, in a thread of the same process)."
+        + _unresolved(overhead["variants"]),
     ]
     in_process = overhead.get("in_process")
     if in_process:
@@ -383,6 +388,27 @@ def _overhead_section(overhead: dict | None) -> list[str]:
               for size, t in in_process.items()),
         ]
     return lines
+
+
+def _unresolved(variants: dict) -> str:
+    """A sentence naming the differences smaller than the rounds' own spread: this run cannot
+    tell them from noise (three consumers share two cores with the servers and the driver)."""
+    pairs = (("metrics_on", "metrics_off", "metrics'"), ("tracing_on", "metrics_on", "tracing's"))
+    found = []
+    for on, off, label in pairs:
+        a, b = variants.get(on), variants.get(off)
+        if not a or not b:
+            continue
+        spread = max(max(x["cpu_us_per_command"] for x in v["samples"]) - min(x["cpu_us_per_command"] for x in v["samples"])
+                     for v in (a, b))
+        if abs(a["cpu_us_per_command"] - b["cpu_us_per_command"]) < spread:
+            found.append(f"{label} difference ({_f(a['cpu_us_per_command'] - b['cpu_us_per_command'])} µs) is "
+                         f"smaller than a setting's spread across rounds (up to {_f(spread)} µs)")
+    if not found:
+        return ""
+    text = "; ".join(found)
+    return (f" The {text}: this run does not tell {'them' if len(found) > 1 else 'it'} from noise, and the "
+            "timing alone below is the better measure.")
 
 
 def audit_section(rebuild: dict, replay: dict) -> list[str]:

@@ -38,3 +38,20 @@ def test_no_runs_give_no_p99() -> None:
     mine, floor = p99_runs({})
     assert (mine, floor) == ([], [])
     assert median_p99(mine) != median_p99(mine)  # NaN
+
+
+def _variant(*rounds: float) -> dict:
+    return {"cpu_us_per_command": sorted(rounds)[len(rounds) // 2],
+            "samples": [{"cpu_us_per_command": r} for r in rounds]}
+
+
+def test_an_overhead_inside_the_rounds_spread_is_called_unresolved() -> None:
+    from report import _unresolved
+
+    noisy = {"metrics_off": _variant(564, 574, 570), "metrics_on": _variant(558, 502, 564),
+             "tracing_on": _variant(393, 374, 616)}
+    text = _unresolved(noisy)
+    assert "metrics' difference (-12 µs)" in text and "tracing's difference (-165 µs)" in text
+    clear = {"metrics_off": _variant(300, 302, 301), "metrics_on": _variant(305, 306, 304),
+             "tracing_on": _variant(350, 352, 351)}
+    assert _unresolved(clear) == ""
