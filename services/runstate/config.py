@@ -188,6 +188,10 @@ class Settings(WorkerSettings):
     max_batch: int = Field(1000, ge=1, validation_alias="RUNSTATE_MAX_BATCH")
     batch_timeout_ms: int = Field(2, ge=0, validation_alias="RUNSTATE_BATCH_TIMEOUT_MS")
     lanes: int = Field(1, ge=1, validation_alias="RUNSTATE_LANES")
+    # Task runs whose whole history the consumer wrote, remembered so that a batch of theirs is
+    # decided without a snapshot read (pipeline/owned.py): a few times the runs a busy consumer has
+    # in flight, about 2 kB each. 0 reads the store for every batch.
+    owned_runs: int = Field(8192, ge=0, validation_alias="RUNSTATE_OWNED_RUNS")
     gateway_max_body_bytes: int = Field(1_048_576, ge=1, validation_alias="RUNSTATE_GATEWAY_MAX_BODY_BYTES")
     # What Prefect clients send as PREFECT_API_AUTH_STRING; unset, the gateway answers anyone.
     gateway_auth_string: SecretStr | None = Field(None, min_length=1, validation_alias="RUNSTATE_GATEWAY_AUTH_STRING")

@@ -114,7 +114,13 @@ async def test_metrics_count_every_result_published(serving):
     assert samples(text, "runstate_batch_records_sum")[()] == len(records)
     assert samples(text, "runstate_decision_latency_seconds_count")[()] == len(records)
     phases = {dict(k)["phase"] for k, v in samples(text, "runstate_batch_phase_seconds_count").items() if v}
-    assert phases >= {"parse", "snapshot", "decide", "write", "publish", "commit"}
+    assert phases >= {"parse", "decide", "write", "publish", "commit"}
+    # Runs created by this consumer are decided from memory (pipeline/owned.py): a batch
+    # reads the store, and times its snapshot phase, only when it needs to.
+    batches = samples(text, "runstate_batches_total")
+    assert sum(batches.values()) == samples(text, "runstate_batch_records_count")[()]
+    assert batches[(("snapshot", "memory"),)] >= 1
+    assert ("snapshot" in phases) == bool(batches.get((("snapshot", "store"),)))
     assert {dict(k)["partition"] for k in lags} == {"0", "1"} and set(lags.values()) == {0.0}
     assert samples(text, "runstate_outage")[()] == 0
     assert samples(text, "runstate_db_pool_connections")[()] >= 1

@@ -60,3 +60,36 @@ async def test_two_members_deciding_the_same_records_at_once_write_one_history(b
             assert [(r["seq"], r["state_type"]) for r in rows] == [(1, "PENDING"), (2, "RUNNING"), (3, "COMPLETED")]
     finally:
         await store.engine.dispose()
+
+
+async def test_a_run_known_here_written_by_another_member_is_decided_again_from_the_store(base_settings):
+    """The owner decides its runs' next commands from memory (pipeline/owned.py); a
+    zombie stores the same next records first. The owner's append collides on
+    (stream_id, seq), and the batch, decided again from the store, is answered with
+    what the zombie stored: one history, no second decision."""
+    settings = isolated_settings(base_settings, partitions=1)
+    owner, zombie = new_service(settings), new_service(settings)
+    await connect(owner)
+    await connect(zombie)
+    run_ids = [uuid.uuid4() for _ in range(20)]
+    batch = records(settings.command_topic, run_ids)
+    started = [r for i, r in enumerate(batch) if i % 3 < 2]  # created and RUNNING
+    completed = [r for i, r in enumerate(batch) if i % 3 == 2]
+    try:
+        first = await owner.handle_records(started)
+        theirs = await zombie.handle_records(completed)
+        ours = await owner.handle_records(completed)
+    finally:
+        await disconnect(owner)
+        await disconnect(zombie)
+    assert not first.read_store and theirs.read_store and len(theirs.events) == len(run_ids)
+    assert ours.read_store and ours.events == [] and ours.duplicates == len(run_ids)
+    assert [p.value for p in ours.results] == [p.value for p in theirs.results]
+
+    store = LogReader(make_engine(settings.database_url))
+    try:
+        for run_id in run_ids:
+            rows = await store.history(run_id)
+            assert [(r["seq"], r["state_type"]) for r in rows] == [(1, "PENDING"), (2, "RUNNING"), (3, "COMPLETED")]
+    finally:
+        await store.engine.dispose()

@@ -59,6 +59,10 @@ class ConsumerMetrics:
         self.redeliveries = Counter(
             "runstate_redeliveries", "Records recognised as already decided; their stored outcome is published again.",
             registry=r)
+        self.batches = Counter(
+            "runstate_batches", "Batches stored, by where their decisions' inputs came from: a snapshot read"
+            " from the store, or memory (runs whose whole history this process wrote).", ["snapshot"], registry=r)
+        self._batches = {True: self.batches.labels("store"), False: self.batches.labels("memory")}
         self.batch_records = Histogram(
             "runstate_batch_records", "Records per batch.", buckets=BATCH_BUCKETS, registry=r)
         self.phase_seconds = Histogram(
@@ -91,6 +95,7 @@ class ConsumerMetrics:
     def batch(self, outcome: BatchOutcome, records: int, decided_at: float,
               record_timestamps_ms: list[int]) -> None:
         self.batch_records.observe(records)
+        self._batches[outcome.read_store].inc()
         counts: dict[tuple[str, str], int] = {}
         ours = set()
         for event in outcome.events:

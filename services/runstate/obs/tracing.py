@@ -12,8 +12,9 @@ The spans:
                      proposal's `state_details.traceparent` (a Prefect client's), which is
                      linked when both are there. Its context is the result's `traceparent`.
   runstate.batch     the consumer, one per batch; each command span links to it, and its
-                     children are the phases: runstate.parse, .snapshot (the database read),
-                     .decide, .write (the database write and commit) and .publish.
+                     children are the phases: runstate.parse, .snapshot (the database read, when
+                     the batch needs one: pipeline/owned.py), .decide, .write (the database
+                     write and commit) and .publish.
 """
 
 from __future__ import annotations

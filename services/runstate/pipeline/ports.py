@@ -171,6 +171,9 @@ class BatchOutcome:
     state_changes: list[Publication] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
+    # Decided against a snapshot read from the store (False: from what this process
+    # knows it wrote, pipeline/owned.py).
+    read_store: bool = True
 
     def absorb(self, other: BatchOutcome) -> None:
         """Add what another (already stored) outcome publishes and counts."""

@@ -23,12 +23,14 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from uuid import UUID
 
 from runstate.config import Settings
 from runstate.domain import OrchestrationSettings
 from runstate.messages import ErrorInfo
 from runstate.pipeline.batch import DEFAULT_MAX_MESSAGE_BYTES, decide_batch, first_request, second_request
 from runstate.pipeline.faults import CrashPoint
+from runstate.pipeline.owned import OwnedRuns
 from runstate.pipeline.ports import (
     BatchOutcome,
     EventStore,
@@ -110,6 +112,7 @@ class OrchestrationService:
         self.duplicates = 0
         self.dead_lettered = 0
         self.crash = CrashPoint()
+        self.owned = OwnedRuns(settings.owned_runs)
         # The outage being waited out, if any: what refused, since when.
         self.outage: str | None = None
         self.outage_since = 0.0
@@ -172,22 +175,26 @@ class OrchestrationService:
     async def _decide_and_store(self, items: list[ParsedCommand | BadRecord]) -> BatchOutcome:
         parsed = [i for i in items if isinstance(i, ParsedCommand)]
         conflicts = 0
+        from_memory = True  # until an attempt fails: the retries read the store
         while True:
+            known = self.owned.snapshot(items) if from_memory else None
             try:
-                clock = time.perf_counter()
-                async with self.store.session() as session:
-                    now = datetime.now(UTC)
-                    snapshot = await read_snapshot(session, parsed, self.settings.command_topic, now)
-                    clock = self._lap("snapshot", clock)
-                    outcome = decide_batch(items, snapshot, self.rules_settings,
-                                           max_message_bytes=self.max_message_bytes)
-                    clock = self._lap("decide", clock)
-                    await session.append(outcome)
-                    self.crash.reached("before_db_commit")
-                self._lap("write", clock)  # the writes and the commit
+                try:
+                    outcome, read = await self._attempt(items, parsed, known)
+                except BaseException:
+                    # Whatever failed, the store may hold what this process does not know it wrote.
+                    self.owned.forget()
+                    from_memory = False
+                    raise
                 self._outage_over()
+                self.owned.learn(items, outcome, read)
                 return outcome
             except StoreConflict as exc:
+                if known is not None:
+                    # Decided from memory, and something else wrote one of the runs since
+                    # (pipeline/owned.py): decided again at once, from what the store holds.
+                    log.info("a run known here was written elsewhere (%s); reading the store", exc)
+                    continue
                 # Another member (a zombie, or the new owner after a rebalance)
                 # wrote this history first: decide again against what it wrote.
                 conflicts += 1
@@ -203,6 +210,26 @@ class OrchestrationService:
             except Exception as exc:  # noqa: BLE001 - a bug: isolate the record it trips on
                 log.exception("deciding or storing a batch failed")
                 raise RefusedBatch(f"{type(exc).__name__}: {exc}", "orchestration_failed") from exc
+
+    async def _attempt(self, items: list[ParsedCommand | BadRecord], parsed: list[ParsedCommand],
+                       known: StoreSnapshot | None) -> tuple[BatchOutcome, dict[UUID, int] | None]:
+        """Decide and store the batch once, against `known` or else a snapshot read in the
+        session that appends; the seqs that read found go with the outcome."""
+        clock = time.perf_counter()
+        read = None
+        async with self.store.session() as session:
+            snapshot = known
+            if snapshot is None:
+                snapshot = await read_snapshot(session, parsed, self.settings.command_topic, datetime.now(UTC))
+                read = self.owned.read_seqs(snapshot)
+                clock = self._lap("snapshot", clock)
+            outcome = decide_batch(items, snapshot, self.rules_settings, max_message_bytes=self.max_message_bytes)
+            outcome.read_store = known is None
+            clock = self._lap("decide", clock)
+            await session.append(outcome)
+            self.crash.reached("before_db_commit")
+        self._lap("write", clock)  # the writes and the commit
+        return outcome, read
 
     async def _publish(self, outcome: BatchOutcome) -> None:
         """Publish everything the batch produced and wait for the acks, retrying
