@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runstate.pipeline.records", "runstate.pipeline.ids", "runstate.pipeline.message_json",
      "runstate.pipeline.faults"),
     ("runstate.pipeline.ports",),
-    ("runstate.pipeline.batch",),
+    ("runstate.pipeline.batch", "runstate.pipeline.owned"),
     ("runstate.pipeline.service",),
     ("runstate.store",),
     ("runstate.pipeline.kafka", "runstate.pipeline.consumer", "runstate.obs"),
