@@ -80,7 +80,9 @@ async def measure(bench: Bench, label: str, seconds: float, workers: int, spy: P
     return {"label": label, "throughput": res["throughput"], "consumer_cores": cores,
             "consumer_us": cores / res["throughput"] * 1e6 if res["throughput"] else float("nan"),
             "postgres_us": res["cpu"]["postgres"] / res["throughput"] * 1e6 if res["throughput"] else float("nan"),
-            "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"], "phases": res.get("phases", {})}
+            "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"], "phases": res.get("phases", {}),
+            "hop": f"{res.get('hop_p50_ms', float('nan')):.1f}/{res.get('hop_p99_ms', float('nan')):.1f}",
+            "cores": " ".join(f"{k} {v:.2f}" for k, v in res["cpu"].items())}
 
 
 async def run(trees: list[tuple[str, str]], seconds: float, workers: int, rounds: int, spy: Path | None,
@@ -96,7 +98,7 @@ async def run(trees: list[tuple[str, str]], seconds: float, workers: int, rounds
                 r = await measure(bench, f"{label}{round_}", seconds, workers, spy, rate)
                 log(f"{label}: {r['throughput']:.0f} commands/s, consumer {r['consumer_us']:.0f} µs/command"
                     f" ({r['consumer_cores']:.2f} cores), postgres {r['postgres_us']:.0f} µs/command,"
-                    f" p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+                    f" p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; hop p50/p99 {r['hop']} ms; cores: {r['cores']}")
                 if r["phases"]:
                     ph = r["phases"]
                     cpu = r["consumer_us"] * ph.get("records", 0) / 1e3

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 import uuid
@@ -102,7 +103,8 @@ class Driver:
                                          max_batch_size=256 * 1024, client_id="bench-driver")
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                         fetch_max_wait_ms=5, client_id="bench-driver")
+                                         fetch_max_wait_ms=int(os.environ.get("BENCH_DRIVER_FETCH_WAIT_MS", "5")),
+                                         client_id="bench-driver")
         await self.consumer.start()
         parts = None
         for _ in range(200):
