@@ -70,6 +70,9 @@ async def measure(bench: Bench, label: str, seconds: float, workers: int, spy: P
         if rate:
             res = await bench.paced(driver, topics, pids, rate, seconds, workers)
             after = phases(metrics_port(pids[0]))
+            if os.environ.get("PROFILE_DUMP_METRICS"):  # the phases' histograms, for their tails
+                Path(os.environ["PROFILE_DUMP_METRICS"], f"{label}.metrics").write_bytes(urllib.request.urlopen(
+                    f"http://127.0.0.1:{metrics_port(pids[0])}/metrics", timeout=5).read())
             per = {k: (v[0] - before.get(k, (0, 0))[0], v[1] - before.get(k, (0, 0))[1]) for k, v in after.items()}
             res["phases"] = {k: (s / n if n else 0.0) for k, (s, n) in per.items()}
         else:

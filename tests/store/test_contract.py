@@ -108,6 +108,31 @@ async def test_a_duplicate_stream_and_seq_is_a_conflict_and_nothing_of_the_sessi
     assert other not in snap.task_runs
 
 
+class AfterTheAppend(Exception):
+    pass
+
+
+async def test_a_session_that_read_nothing_keeps_its_append_and_one_that_read_does_not(store):
+    """The port's commit rule: an append in a session that read nothing is durable as it
+    returns (PostgreSQL writes it in autocommit, one round trip); a session that read is one
+    transaction, rolled back whole by a failure after its append."""
+    log = Log(store)
+    kept, lost = uuid.uuid4(), uuid.uuid4()
+    for run_id, read_first in ((kept, False), (lost, True)):
+        items = [parse_record(log.record(CreateTaskRunCommand(id=run_id)), 1 << 20)]
+        with pytest.raises(AfterTheAppend):
+            async with store.session() as session:
+                snap = StoreSnapshot()
+                if read_first:
+                    snap = await read_snapshot(session, items, TOPIC, datetime.now(UTC))  # type: ignore[arg-type]
+                await session.append(decide_batch(items, snap, RULES))
+                raise AfterTheAppend
+    snap = await log.snapshot(log.record(SetStateCommand(task_run_id=kept, state=state("RUNNING"))),
+                              log.record(SetStateCommand(task_run_id=lost, state=state("RUNNING"))))
+    assert kept in snap.task_runs and snap.task_runs[kept].last_seq == 1
+    assert lost not in snap.task_runs
+
+
 async def test_lookup_by_source_returns_the_first_published_bytes(store):
     log = Log(store)
     run_id = uuid.uuid4()
@@ -232,10 +257,12 @@ async def test_a_limit_set_with_slots_taken_in_its_batch_writes_one_row_and_a_de
     assert tag not in (await log.snapshot(probe)).tag_limits
 
 
-async def test_a_connection_lost_before_commit_is_an_outage_and_the_store_reconnects(base_settings):
-    """A failover cuts the session's connection: the COMMIT fails with its outcome unknown to the
-    consumer, which must wait and retry (StoreUnavailable), not narrow the batch down to a record
-    and dead-letter it; the pool then opens a new connection by itself."""
+@pytest.mark.parametrize("read_first", [True, False], ids=["commit", "autocommit-append"])
+async def test_a_connection_lost_before_commit_is_an_outage_and_the_store_reconnects(base_settings, read_first):
+    """A failover cuts the session's connection: the COMMIT (of a session that read), or the
+    append that commits by itself (of one that read nothing), fails with its outcome unknown to
+    the consumer, which must wait and retry (StoreUnavailable), not narrow the batch down to a
+    record and dead-letter it; the pool then opens a new connection by itself."""
     from runstate.pipeline.ports import StoreUnavailable
 
     adapter = PostgresEventStore(base_settings.database_url, size=1)
@@ -244,14 +271,21 @@ async def test_a_connection_lost_before_commit_is_an_outage_and_the_store_reconn
         log = Log(adapter)
         run_id = uuid.uuid4()
         items = [parse_record(log.record(CreateTaskRunCommand(id=run_id)), 1 << 20)]
-        outcome = decide_batch(items, StoreSnapshot(), RULES)
+
+        def terminate(pid: int) -> None:
+            # The same role may end its own sessions: as a primary's death would.
+            with psycopg.connect(libpq_dsn(base_settings.database_url), autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
         with pytest.raises(StoreUnavailable):
             async with adapter.session() as session:
-                await session.append(outcome)
-                pid = session.conn.info.backend_pid
-                # The same role may end its own sessions: as a primary's death would.
-                with psycopg.connect(libpq_dsn(base_settings.database_url), autocommit=True) as other:
-                    other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                if read_first:
+                    snap = await read_snapshot(session, items, TOPIC, datetime.now(UTC))  # type: ignore[arg-type]
+                    await session.append(decide_batch(items, snap, RULES))
+                    terminate(session.conn.info.backend_pid)
+                else:
+                    terminate(session.conn.info.backend_pid)
+                    await session.append(decide_batch(items, StoreSnapshot(), RULES))
         # The retry, on a new connection, decides the run once.
         await log.decide(log.record(CreateTaskRunCommand(id=run_id)))
         snap = await log.snapshot(log.record(SetStateCommand(task_run_id=run_id, state=state("RUNNING"))))

@@ -160,7 +160,7 @@ async def test_the_lookup_is_served_by_the_position_index(store):
     test database's few rows the planner would rather read the table)."""
     request = SnapshotRequest(now=datetime.now(UTC), source_topic=TOPIC, sources=[(1, 10), (1, 11), (2, 5)])
     query, params = source_lookup(request)
-    async with store.session() as session:
+    async with store.session() as session, session.conn.transaction():
         await session.conn.execute("SET LOCAL enable_seqscan = off")
         plan = "\n".join(row[0] for row in await run_sql(session.conn, "EXPLAIN " + query, params))
     assert "events_source_position" in plan

@@ -210,7 +210,8 @@ class SnapshotRequest:
 
 class StoreSession(Protocol):
     """One batch's transaction: its reads see one snapshot, its writes are all
-    or nothing, committed when the session's context ends without an error."""
+    or nothing, committed when the session's context ends without an error. A
+    session that read nothing may commit its one append as it returns."""
 
     async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
         """Add the rows `request` names to `into`."""

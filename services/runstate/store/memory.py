@@ -73,8 +73,10 @@ class InMemorySession:
     def __init__(self, tables: _Tables) -> None:
         self.tables = tables
         self.staged: list[BatchOutcome] = []
+        self.read_any = False  # a session that read nothing commits its append at once, as PostgreSQL's does
 
     async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
+        self.read_any = True
         t = self.tables
         for run_id in request.task_run_ids:
             if run_id in t.task_runs:
@@ -121,6 +123,8 @@ class InMemorySession:
 
     async def append(self, outcome: BatchOutcome) -> None:
         self.staged.append(outcome)
+        if not self.read_any:
+            self.commit()
 
     def commit(self) -> None:
         """Apply every staged write, or none: the unique keys PostgreSQL has (the source
@@ -162,6 +166,7 @@ class InMemorySession:
                 if tag in t.tag_limits and delta:
                     limit = t.tag_limits[tag]
                     t.tag_limits[tag] = limit.model_copy(update={"active_slots": max(0, limit.active_slots + delta)})
+        self.staged = []
 
 
 def _stored(t: _Tables, row: EventRow, by_source: bool = False) -> StoredOutcome:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 from uuid import UUID
 
@@ -185,8 +185,8 @@ class PostgresEventStore:
     async def session(self) -> AsyncIterator[PostgresSession]:
         try:
             async with self.pool.connection() as conn:
-                async with conn.transaction():
-                    session = PostgresSession(conn, self.committed_runs)
+                async with AsyncExitStack() as transaction:
+                    session = PostgresSession(conn, self.committed_runs, transaction)
                     yield session
                 # Only what is committed is remembered: a batch rolled back leaves no trace.
                 self.committed_runs.remember(session.appended_runs)
@@ -233,13 +233,27 @@ def source_lookup(request: SnapshotRequest) -> Statement:
 
 
 class PostgresSession:
-    def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns | None = None) -> None:
+    """One batch on one connection. The transaction (REPEATABLE READ) begins with the first
+    read and ends with the session; a batch that read nothing (decided from memory) writes
+    with one statement in autocommit, which is atomic on its own: BEGIN and COMMIT were two
+    of a small batch's three round trips."""
+
+    def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns | None = None,
+                 transaction: AsyncExitStack | None = None) -> None:
         self.conn = conn
         self.committed_runs = committed_runs or CommittedRuns(0)
         self.appended_runs: dict[UUID, StreamHead] = {}
+        self._transaction = transaction
+        self._began = False
+
+    async def _begin(self) -> None:
+        if not self._began and self._transaction is not None:
+            await self._transaction.enter_async_context(self.conn.transaction())
+            self._began = True
 
     async def read(self, request: SnapshotRequest, into: StoreSnapshot) -> None:
         """Every row the request names, in one round trip."""
+        await self._begin()
         queries: dict[str, Statement] = {}
         if request.sources:
             queries["by_source"] = source_lookup(request)
