@@ -4,7 +4,7 @@ event log and the projections kept beside it.
 A batch is one session, one transaction: read what the batch's decisions need
 (tag rows with FOR UPDATE, because slots are shared by every partition), then
 write every event with one multi-row INSERT and every projection with one
-upsert. The primary key (stream_id, seq) makes a second writer of the same
+upsert, all in one statement (in autocommit when the batch read nothing). The primary key (stream_id, seq) makes a second writer of the same
 history fail instead of forking it. psycopg's errors are translated into the
 port's: whose fault a refusal is decides whether the batch is retried, split
 or waited out.
