@@ -114,6 +114,22 @@ def _trace(service: OrchestrationService, provider: TracerProvider) -> None:
     service.metrics = tracer.metrics(service.metrics)
 
 
+# The cyclic GC's young generation. Deciding allocates many short-lived objects (freed by
+# their reference counts) and almost no cycles; what survives a collection is mostly the
+# run heads this process remembers, so it is frozen at once (`freeze_survivors`) and never
+# scanned again. At 50,000 a collection stalled the event loop 17-57 ms every ~7 s while
+# those caches filled; at 10,000 with the survivors frozen, 7-14 ms every ~1.4 s.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_survivors(phase: str, info: dict[str, Any]) -> None:
+    """A gc callback: after each collection, what survived it goes to the permanent
+    generation. A cycle among objects that outlived one collection is then never freed;
+    the consumer's collections find ~no cycles at all (26 objects, at start-up)."""
+    if phase == "stop":
+        gc.freeze()
+
+
 def _build_coalescing_consumers(broker: KafkaBroker, linger_ms: int, on_commit: Any) -> None:
     """The subscribers build their aiokafka consumers through the broker config's
     factory (the hook FastStream's own test broker replaces); ours coalesces
@@ -230,10 +246,14 @@ def build_app(settings: Settings | None = None, *,
         # a batch's CPU. What is imported by now lives as long as the process.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+        if freeze_survivors not in gc.callbacks:
+            gc.callbacks.append(freeze_survivors)
 
     @app.after_shutdown
     async def stop_service() -> None:
+        if freeze_survivors in gc.callbacks:  # a test process goes on collecting as before
+            gc.callbacks.remove(freeze_survivors)
         await bounded_step("the probes", probes.close())
         await disconnect(service)
         if own_provider is not None:  # exports the spans still buffered
