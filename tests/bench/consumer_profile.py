@@ -40,9 +40,12 @@ def metrics_port(pid: int) -> int:
     return int(next(v.split(b"=", 1)[1] for v in env if v.startswith(b"RUNSTATE_METRICS_PORT=")))
 
 
-def phases(port: int) -> dict[str, tuple[float, float]]:
-    """The consumer's batch phases so far: name -> (seconds in all, batches)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def phases(text: str) -> dict[str, tuple[float, float]]:
+    """The consumer's batch phases so far, from its /metrics text: name -> (seconds in all, batches)."""
     out: dict[str, list[float]] = {}
     for kind, name, value in re.findall(
             r'^runstate_batch_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$', text, re.MULTILINE):
@@ -58,7 +61,8 @@ async def measure(bench: Bench, label: str, seconds: float, workers: int, spy: P
                   rate: float | None = None) -> dict:
     bench.reset_database()
     async with bench.consumers(label, 1, 1) as (driver, topics, pids):
-        before = phases(metrics_port(pids[0])) if rate else {}
+        port = metrics_port(pids[0])
+        before = phases(metrics_text(port)) if rate else {}
         recorder = None
         spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
         if spy is not None and spy_bin:
@@ -69,10 +73,10 @@ async def measure(bench: Bench, label: str, seconds: float, workers: int, spy: P
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if rate:
             res = await bench.paced(driver, topics, pids, rate, seconds, workers)
-            after = phases(metrics_port(pids[0]))
+            text = metrics_text(port)
+            after = phases(text)
             if os.environ.get("PROFILE_DUMP_METRICS"):  # the phases' histograms, for their tails
-                Path(os.environ["PROFILE_DUMP_METRICS"], f"{label}.metrics").write_bytes(urllib.request.urlopen(
-                    f"http://127.0.0.1:{metrics_port(pids[0])}/metrics", timeout=5).read())
+                Path(os.environ["PROFILE_DUMP_METRICS"], f"{label}.metrics").write_text(text)
             per = {k: (v[0] - before.get(k, (0, 0))[0], v[1] - before.get(k, (0, 0))[1]) for k, v in after.items()}
             res["phases"] = {k: (s / n if n else 0.0) for k, (s, n) in per.items()}
         else:

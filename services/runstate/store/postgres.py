@@ -4,8 +4,9 @@ event log and the projections kept beside it.
 A batch is one session, one transaction: read what the batch's decisions need
 (tag rows with FOR UPDATE, because slots are shared by every partition), then
 write every event with one multi-row INSERT and every projection with one
-upsert, all in one statement (in autocommit when the batch read nothing). The primary key (stream_id, seq) makes a second writer of the same
-history fail instead of forking it. psycopg's errors are translated into the
+upsert, all in one statement (in autocommit when the batch read nothing). The
+primary key (stream_id, seq) makes a second writer of the same history fail
+instead of forking it. psycopg's errors are translated into the
 port's: whose fault a refusal is decides whether the batch is retried, split
 or waited out.
 """
@@ -238,16 +239,16 @@ class PostgresSession:
     with one statement in autocommit, which is atomic on its own: BEGIN and COMMIT were two
     of a small batch's three round trips."""
 
-    def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns | None = None,
-                 transaction: AsyncExitStack | None = None) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection, committed_runs: CommittedRuns,
+                 transaction: AsyncExitStack) -> None:
         self.conn = conn
-        self.committed_runs = committed_runs or CommittedRuns(0)
+        self.committed_runs = committed_runs
         self.appended_runs: dict[UUID, StreamHead] = {}
-        self._transaction = transaction
+        self._transaction = transaction  # the session's: ends the transaction with it
         self._began = False
 
     async def _begin(self) -> None:
-        if not self._began and self._transaction is not None:
+        if not self._began:
             await self._transaction.enter_async_context(self.conn.transaction())
             self._began = True
 
