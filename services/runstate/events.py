@@ -380,12 +380,11 @@ def event_hash(
 ) -> bytes:
     """SHA-256 over the previous event's hash and every column of this one, each
     length-prefixed, the payload as the very text stored (json keeps it)."""
-    chunks: list[bytes] = []
-    for part in (stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,
-                 state_name, state_id, source_topic, source_partition, source_offset):
-        data = b"" if part is None else str(part).encode()
-        chunks += (len(data).to_bytes(8, "big"), data)  # `framed(part)`, without a call a column
-    return chain_link(previous, chunks, source_digest, payload)
+    texts = [b"" if part is None else str(part).encode()
+             for part in (stream_id, seq, stream_type, event_type, command_id, transition_id, status, state_type,
+                          state_name, state_id, source_topic, source_partition, source_offset)]
+    # Each column `framed` (its length, then its text), without a call a column.
+    return chain_link(previous, [x for text in texts for x in (_length(len(text)), text)], source_digest, payload)
 
 
 # A length prefix (8 bytes, big-endian), made once for the usual lengths.

@@ -45,13 +45,14 @@ from workload import CREATE, SET, lifecycle
 from runstate.domain import OrchestrationSettings
 from runstate.pipeline import ids as ids_module
 from runstate.pipeline.batch import decide_batch
+from runstate.pipeline.owned import OwnedRuns
 from runstate.pipeline.ports import StoreSnapshot
 from runstate.pipeline.records import IncomingRecord, parse_record
 from runstate.pipeline.service import read_snapshot
 from runstate.store.memory import InMemoryEventStore
 
 TOPIC = "bench.commands"
-PHASES = ("records", "parse", "snapshot", "decide", "commit")
+PHASES = ("records", "parse", "snapshot", "decide", "commit", "learn")
 
 
 class Workload:
@@ -89,7 +90,8 @@ def clone(snapshot: StoreSnapshot) -> StoreSnapshot:
     return copy
 
 
-async def drive(batch: int, commands: int, check: bool, repeat: int = 1) -> tuple[dict[str, float], int, str]:
+async def drive(batch: int, commands: int, check: bool, repeat: int = 1,
+                owned_runs: int = 0) -> tuple[dict[str, float], int, str]:
     rng = random.Random(17)
     clock = None
     if check:
@@ -104,6 +106,7 @@ async def drive(batch: int, commands: int, check: bool, repeat: int = 1) -> tupl
 
     work = Workload(batch, rng)
     store = InMemoryEventStore()
+    owned = OwnedRuns(owned_runs)
     settings = OrchestrationSettings()
     spent = dict.fromkeys(PHASES, 0.0)
     digest = hashlib.sha256()
@@ -120,7 +123,11 @@ async def drive(batch: int, commands: int, check: bool, repeat: int = 1) -> tupl
         t2 = time.process_time()
         async with store.session() as session:
             parsed = [i for i in items if not hasattr(i, "error")]
-            snapshot = await read_snapshot(session, parsed, TOPIC, now)  # type: ignore[arg-type]
+            snapshot = owned.snapshot(items)  # None unless --owned-runs and every run is known
+            read = None
+            if snapshot is None:
+                snapshot = await read_snapshot(session, parsed, TOPIC, now)  # type: ignore[arg-type]
+                read = owned.read_seqs(snapshot)
             extra = time.process_time()
             for _ in range(repeat - 1):  # --decide-repeat: decided again, on a copy, dropped, not timed
                 decide_batch(items, clone(snapshot), settings)
@@ -131,8 +138,10 @@ async def drive(batch: int, commands: int, check: bool, repeat: int = 1) -> tupl
             t4 = time.process_time()
             await session.append(outcome)
         t5 = time.process_time()
+        owned.learn(items, outcome, read)
+        t6 = time.process_time()
         store.tables.events.clear()  # keeps the store's scans at a batch's size
-        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2 - extra, t4 - t3, t5 - t4), strict=True):
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2 - extra, t4 - t3, t5 - t4, t6 - t5), strict=True):
             spent[name] += seconds
         if check:
             for e in outcome.events:
@@ -160,14 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decide-repeat", type=int, default=1,
                         help="decide each batch this many times (the extra ones on a copy, not counted in the"
                              " phases): the difference of two runs' instruction counts is the decide phase's")
+    parser.add_argument("--owned-runs", type=int, default=0,
+                        help="decide from the runs this process wrote (RUNSTATE_OWNED_RUNS, as the bench's"
+                             " consumer does) instead of reading the store for every batch")
     args = parser.parse_args(argv)
     # As the consumer does (pipeline/app.py): imports frozen, collections rare.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     for size in args.batch or [1000, 10]:
-        spent, done, digest = asyncio.run(drive(size, args.commands, args.check, args.decide_repeat))
+        spent, done, digest = asyncio.run(drive(size, args.commands, args.check, args.decide_repeat,
+                                                args.owned_runs))
         per = {k: v / done * 1e6 for k, v in spent.items()}
-        consumer = per["records"] + per["parse"] + per["decide"]
+        consumer = per["records"] + per["parse"] + per["decide"] + per["learn"]
+        if args.owned_runs:  # the snapshot is the owned runs' (memory), not the store's read
+            consumer += per["snapshot"]
         print(f"batch={size} commands={done} us_per_command: consumer={consumer:.1f} "
               + " ".join(f"{k}={v:.1f}" for k, v in per.items())
               + f" store={per['snapshot'] + per['commit']:.1f}"

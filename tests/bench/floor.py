@@ -8,6 +8,12 @@ projections. The result record carries the command id (found by a byte search) a
 command itself, so the driver matches it exactly as it matches runstate's results.
 
     python tests/bench/floor.py      # settings from the environment (FLOOR_*)
+
+With FLOOR_VALIDATE=1 it also does what any service with runstate's contract must do for each
+command whatever its rules: parse and validate the record as runstate does (`parse_record`: the
+strict I-JSON parse, the pydantic model, the key check) and publish a second message (the state
+change, to FLOOR_CHANGE_TOPIC). Its CPU per command is a lower bound for runstate's consumer on the
+design card's libraries (issue #17).
 """
 
 from __future__ import annotations
@@ -55,12 +61,22 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     sql = INSERT.format(table=table)
     no_db = os.environ.get("FLOOR_NO_DB") == "1"  # Kafka alone: for locating latency
+    validate = os.environ.get("FLOOR_VALIDATE") == "1"
+    if validate:
+        from runstate.pipeline.records import IncomingRecord, ParsedCommand, parse_record
+    change_topic = os.environ.get("FLOOR_CHANGE_TOPIC")
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_batch)
             records = [r for recs in batches.values() for r in recs]
             if not records:
                 continue
+            if validate:
+                parsed = [parse_record(IncomingRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp),
+                                       1 << 20) for r in records]
+                bad = sum(not isinstance(p, ParsedCommand) for p in parsed)
+                if bad:
+                    raise SystemExit(f"{bad} records of the workload did not parse")
             if not no_db:
                 async with db.cursor() as cur:
                     await cur.execute(sql, {
@@ -77,6 +93,8 @@ async def main() -> None:
                 i = v.find(MARK) + len(MARK)
                 out = b'{"command_id":"' + v[i:i + 36] + b'","status":"ACCEPT","command":' + v + b"}"
                 futures.append(await send(result_topic, out, key=r.key))
+                if validate and change_topic:
+                    futures.append(await send(change_topic, out, key=r.key))
             await asyncio.gather(*futures)
             await consumer.commit()
     finally:

@@ -24,6 +24,25 @@ def _cpu(cpu: dict | None) -> str:
     return ", ".join(f"{k} {cpu[k]:.2f}" for k in keys)
 
 
+def _validating_floor(runs: dict, consumer_us: float) -> list[str]:
+    """What the validating floor's CPU per command says about runstate's consumer target."""
+    run = runs.get("floor_validating")
+    if not run:
+        return []
+    floor_us = cpu_us_per_command(runs.get("floor", {}), "consumers")
+    least = cpu_us_per_command(run, "consumers")
+    return [
+        "",
+        f"‡ The validating floor is the floor's consumer doing, for every record, what any service with "
+        f"runstate's contract must do whatever its rules: runstate's own parse (`parse_record`: the strict "
+        f"I-JSON parse, the pydantic model, the key check) and a second message (the state change). Its "
+        f"consumer used **{_f(least, 1)} µs of CPU a command** in this run, against the bare floor's "
+        f"{_f(floor_us, 1)} and runstate's {_f(consumer_us, 1)}: the least a consumer on these libraries "
+        f"(aiokafka, pydantic, psycopg) pays per command on this machine, before any rule is applied, any "
+        f"event hashed or any projection written.",
+    ]
+
+
 def cpu_us_per_command(run: dict, group: str) -> float:
     """CPU microseconds a group of processes spent per decided command in a closed-loop run
     (its cores in use divided by the run's throughput)."""
@@ -161,6 +180,9 @@ def write_report(results: dict, out: Path) -> str:
                      f"{_f(main.get('commands'))} transitions in {_f(main.get('seconds'))} s)", main))
     if "floor" in runs:
         lines.append(row("floor (bare consumer → PostgreSQL → result topic)", floor))
+    if "floor_validating" in runs:
+        lines.append(row("validating floor (the floor + runstate's parse and validation + a state change) ‡",
+                         runs["floor_validating"]))
     if "w16" in runs:
         lines.append(row("runstate, 1 process, 16 workers", runs["w16"]))
     if prefect:
@@ -181,6 +203,7 @@ def write_report(results: dict, out: Path) -> str:
         "The floor's number is bounded by the load driver (see its CPU: one Python process producing and "
         "matching every command), so the floor itself is at least this fast and runstate's fraction of it at "
         "most this large.",
+        *_validating_floor(runs, consumer_us),
         "",
         "Latency is from just before the command is produced to the moment its result record is consumed. In a "
         "closed loop it is set by the number of runs in flight (Little's law: workers ÷ throughput); the "

@@ -366,7 +366,8 @@ class Bench:
         })
 
     @contextlib.asynccontextmanager
-    async def consumers(self, label: str, processes: int, lanes: int, floor: bool = False):
+    async def consumers(self, label: str, processes: int, lanes: int, floor: bool = False,
+                        validate: bool = False):
         topics = topic_names(label)
         await create_topics(self.bootstrap, self.app_url, topics)
         procs: list = []
@@ -375,9 +376,11 @@ class Bench:
                 env = {**os.environ, "FLOOR_BOOTSTRAP": self.bootstrap, "FLOOR_DSN": libpq(self.admin_url),
                        "FLOOR_COMMAND_TOPIC": topics["RUNSTATE_COMMAND_TOPIC"],
                        "FLOOR_RESULT_TOPIC": topics["RUNSTATE_RESULT_TOPIC"],
+                       "FLOOR_CHANGE_TOPIC": topics["RUNSTATE_STATE_CHANGE_TOPIC"],
                        "FLOOR_GROUP": topics["RUNSTATE_CONSUMER_GROUP"],
                        "FLOOR_MAX_BATCH": str(self.args.max_batch),
-                       "FLOOR_BATCH_TIMEOUT_MS": str(self.args.batch_timeout_ms)}
+                       "FLOOR_BATCH_TIMEOUT_MS": str(self.args.batch_timeout_ms),
+                       "FLOOR_VALIDATE": "1" if validate else "0"}
                 fh = open(WORK / f"{label}.log", "ab")  # noqa: SIM115 - the child process keeps writing to it
                 p = subprocess.Popen([sys.executable, str(HERE / "floor.py")], env=env, stdout=fh,
                                      stderr=subprocess.STDOUT, cwd=REPO, stdin=subprocess.DEVNULL)
@@ -530,6 +533,15 @@ class Bench:
                 r = await self.paced(driver, topics, pids, 1000, a.load_seconds, a.load_workers)
                 runs["floor_1000"] = r
                 log(f"  at 1000/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+            # The least runstate's contract costs whatever its rules: the floor plus runstate's parse
+            # and validation of every record and a second message (the state change).
+            self.reset_database()
+            log(f"validating floor: the floor + parse_record + a state change, {a.workers} workers, {a.side_seconds} s")
+            async with self.consumers("floorv", 1, 1, floor=True, validate=True) as (driver, topics, pids):
+                res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
+                runs["floor_validating"] = res
+                log(f"  {res['throughput']:.0f} /s, consumer "
+                    f"{res['cpu']['consumers'] / max(res['throughput'], 1) * 1e6:.1f} µs/command")
 
         # 3a. p99 at 1,000/s: runstate against the floor, in alternating pairs
         if "p99" in a.parts:

@@ -55,3 +55,14 @@ def test_an_overhead_inside_the_rounds_spread_is_called_unresolved() -> None:
     clear = {"metrics_off": _variant(300, 302, 301), "metrics_on": _variant(305, 306, 304),
              "tracing_on": _variant(350, 352, 351)}
     assert _unresolved(clear) == ""
+
+
+def test_the_validating_floor_is_reported_against_the_floor_and_runstate() -> None:
+    from report import _validating_floor
+
+    runs = {"floor": {"throughput": 20_000, "cpu": {"consumers": 0.5}},
+            "floor_validating": {"throughput": 8_000, "cpu": {"consumers": 0.6}}}
+    text = " ".join(_validating_floor(runs, 173.0))
+    assert "**75.0 µs of CPU a command**" in text
+    assert "the bare floor's 25.0 and runstate's 173.0" in text
+    assert _validating_floor({"floor": runs["floor"]}, 173.0) == []

@@ -37,12 +37,13 @@ _RUNNING = StateType.RUNNING
 
 @dataclass(slots=True)
 class OwnedRun:
-    last_seq: int
-    view: TaskRunView
-    last_hash: bytes | None
+    # The run's head as the last batch stored it. The next batch decides on this very
+    # object (the decision moves it on in place): should that batch fail, everything
+    # here is forgotten, so a head is never ahead of what the store holds.
+    head: StreamHead
     # Transitions decided for good (ACCEPT, REJECT, ABORT): sent again, such a command
     # is answered with its stored outcome, which only the store holds.
-    final_transitions: frozenset[UUID]
+    final_transitions: set[UUID]
 
 
 class OwnedRuns:
@@ -82,8 +83,7 @@ class OwnedRuns:
                 owned = self.runs.get(run_id)
                 if owned is None or item.transition_id in owned.final_transitions:
                     return None
-                if run_id not in snap.task_runs:
-                    snap.task_runs[run_id] = StreamHead(owned.view, owned.last_seq, last_hash=owned.last_hash)
+                snap.task_runs[run_id] = owned.head
             else:
                 return None  # flow runs and limits: other kinds of stream, always read
         return snap
@@ -103,7 +103,7 @@ class OwnedRuns:
         if read:
             for run_id, seq in read.items():
                 owned = self.runs.get(run_id)
-                if owned is not None and owned.last_seq != seq:
+                if owned is not None and owned.head.last_seq != seq:
                     del self.runs[run_id]  # written elsewhere since: no longer known whole
         finals: dict[UUID, set[UUID]] = {}
         for event in outcome.events:
@@ -118,10 +118,13 @@ class OwnedRuns:
             if view.flow_run_id is not None or view.tags:
                 self.runs.pop(run_id, None)
                 continue
-            known = owned.final_transitions if owned is not None else frozenset()
-            self.runs[run_id] = OwnedRun(head.last_seq, view, head.last_hash,
-                                         known | finals.get(run_id, set()))
-            self.runs.move_to_end(run_id)
+            if owned is None:
+                self.runs[run_id] = OwnedRun(head, finals.get(run_id, set()))
+            else:
+                owned.head = head  # the same object when the batch was decided from memory
+                if run_id in finals:
+                    owned.final_transitions |= finals[run_id]
+                self.runs.move_to_end(run_id)
         while len(self.runs) > self.size:
             self.runs.popitem(last=False)
 
