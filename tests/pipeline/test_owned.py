@@ -101,6 +101,25 @@ async def test_a_transition_decided_for_good_sent_again_is_answered_from_the_sto
     assert len(store.tables.events) == 2
 
 
+async def test_transitions_decided_for_good_in_later_batches_are_remembered_too(monkeypatch, reads):
+    """A run already known here gains the transitions each later batch decides for good."""
+    svc, store, _ = service(monkeypatch)
+    run_id = uuid.uuid4()
+    await svc.handle_records(records(CreateTaskRunCommand(id=run_id)))
+    head = svc.owned.runs[run_id].head
+    transition = state("RUNNING").model_copy(update={"state_details": StateDetails(transition_id=uuid.uuid4())})
+    running = SetStateCommand(task_run_id=run_id, state=transition)
+    first = await svc.handle_records(records(running, start=1))
+    assert reads[0] == 0 and svc.owned.runs[run_id].head is head and head.last_seq == 2
+    resent = await svc.handle_records(records(running.model_copy(update={"command_id": uuid.uuid4()}), start=2))
+    assert reads[0] == 1 and resent.duplicates == 1 and resent.events == []
+    assert resent.results[0].value == first.results[0].value
+    # Known as decided: the store was read for its outcome, not after an append that collided
+    # (which would have made this process forget the run).
+    assert run_id in svc.owned.runs
+    assert [e.seq for e in store.tables.events] == [1, 2]
+
+
 async def test_a_write_this_process_did_not_make_is_caught_by_the_key_and_decided_from_the_store(
         monkeypatch, reads):
     """A zombie (or the partition's owner while this process did not hold it) decided
