@@ -38,6 +38,7 @@ import uvloop  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from procs import TICK, Consumer, CpuMeter, cpu_ticks, pids_by_comm, rss_kib, stop_popen  # noqa: E402
+from report import cpu_us_per_command  # noqa: E402
 from workload import Driver, percentile  # noqa: E402
 
 from runstate.database_urls import libpq_dsn as libpq  # noqa: E402
@@ -540,8 +541,7 @@ class Bench:
             async with self.consumers("floorv", 1, 1, floor=True, validate=True) as (driver, topics, pids):
                 res = await self.closed_loop(driver, topics, pids, a.workers, seconds=a.side_seconds)
                 runs["floor_validating"] = res
-                log(f"  {res['throughput']:.0f} /s, consumer "
-                    f"{res['cpu']['consumers'] / max(res['throughput'], 1) * 1e6:.1f} µs/command")
+                log(f"  {res['throughput']:.0f} /s, consumer {cpu_us_per_command(res, 'consumers'):.1f} µs/command")
 
         # 3a. p99 at 1,000/s: runstate against the floor, in alternating pairs
         if "p99" in a.parts:
